@@ -1,0 +1,1 @@
+"""Prefect flows of trainflow, plus the TrainConfig and the CLI generated from it."""

@@ -1,0 +1,117 @@
+"""TrainConfig: the one set of knobs behind the CLI flags and the Prefect UI form."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**63 - 1
+SYNTHETIC = "synthetic"
+
+
+def _split_commas(value: object) -> object:
+    # The CLI and env-style inputs give "64,64"; the UI form gives a JSON list. Accept both.
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+CommaList = BeforeValidator(_split_commas)
+
+
+class TrainConfig(BaseModel):
+    """Defaults reproduce chapter 2 of *Deep Learning with PyTorch Step-by-Step*."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    # --- data -------------------------------------------------------------------------------
+    data: str = Field(
+        SYNTHETIC,
+        min_length=1,
+        description="'synthetic' (the tutorial's y = 1 + 2x + noise) or a .csv/.npz/.pt/.pth "
+        "file: a local path or any fsspec URL.",
+    )
+    target: Annotated[tuple[str, ...], CommaList] = Field(
+        (),
+        description="CSV target column name(s), comma-separated; default: the last column.",
+    )
+    n_samples: int = Field(100, ge=1, le=10**9, description="Rows of synthetic data.")
+    data_seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed of numpy's RandomState for synthetic data."
+    )
+    noise: float = Field(0.1, ge=0, le=1e6, description="Std of the synthetic data's noise.")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Fraction of rows held out for validation."
+    )
+    split_seed: int = Field(13, ge=0, le=MAX_SEED, description="Seed of the train/val split.")
+
+    # --- batching ---------------------------------------------------------------------------
+    batch_size: int = Field(16, ge=1, le=2**31 - 1, description="Rows per mini-batch.")
+    shuffle_seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Seed of the training batches' shuffle order."
+    )
+    loader: Literal["tensor", "dataloader"] = Field(
+        "tensor",
+        description="'tensor': batches are index slices of tensors already on the device "
+        "(fast); 'dataloader': torch DataLoader, for data that does not fit that design.",
+    )
+    num_workers: int = Field(
+        0, ge=0, le=64, description="DataLoader worker processes (loader='dataloader' only)."
+    )
+
+    # --- model ------------------------------------------------------------------------------
+    model: Literal["linear", "mlp"] = Field(
+        "linear", description="'linear': nn.Sequential(nn.Linear(F, T)); 'mlp': hidden layers."
+    )
+    hidden: Annotated[tuple[int, ...], CommaList] = Field(
+        (64, 64), description="MLP hidden layer sizes, comma-separated (model='mlp' only)."
+    )
+    activation: Literal["relu", "tanh", "gelu", "silu"] = Field(
+        "relu", description="MLP activation (model='mlp' only)."
+    )
+    init_seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the initial weights.")
+
+    # --- optimisation -----------------------------------------------------------------------
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.1, gt=0, le=100, description="Learning rate.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay (L2 / decoupled).")
+    loss: Literal["mse", "l1", "huber", "cross_entropy", "bce_with_logits"] = Field(
+        "mse", description="Loss function (mean reduction)."
+    )
+    epochs: int = Field(200, ge=1, le=10**7, description="Training epochs.")
+    device: str = Field(
+        "auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps'."
+    )
+
+    # --- outputs ----------------------------------------------------------------------------
+    runs_dir: str = Field("runs", min_length=1, description="Folder holding one folder per run.")
+    run_name: str | None = Field(
+        None, description="Name of this run's folder under runs_dir; default: generated, unique."
+    )
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_sizes(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if any(size < 1 or size > 2**20 for size in sizes):
+            raise ValueError("hidden sizes must be between 1 and 1048576")
+        return sizes
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return device
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_run_name(cls, name: str | None) -> str | None:
+        # The run name becomes a folder: keep every write inside runs_dir.
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+            raise ValueError(
+                "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return name

@@ -1,0 +1,248 @@
+"""load-tensors: read the data source into float32 tensors x (N×F) and y (N×T)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import IO
+
+import fsspec
+import numpy as np
+import torch
+from prefect import task
+from torch import Tensor
+
+from tasks.errors import InputError
+
+SYNTHETIC = "synthetic"
+EXTENSIONS = (".csv", ".npz", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: Tensor
+    y: Tensor
+    feature_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def n_targets(self) -> int:
+        return self.y.shape[1]
+
+
+def synthetic(n_samples: int = 100, seed: int = 42, noise: float = 0.1) -> Dataset:
+    """The book's data: np.random.seed(42); x = rand(N, 1); y = 1 + 2x + 0.1·randn(N, 1)."""
+    rng = np.random.RandomState(seed)  # legacy RandomState: the stream np.random.seed gives
+    x = rng.rand(n_samples, 1)
+    y = 1 + 2 * x + noise * rng.randn(n_samples, 1)
+    return _checked(torch.as_tensor(x).float(), torch.as_tensor(y).float(), ("x",), ("y",), "")
+
+
+def load_dataset(
+    source: str,
+    target: tuple[str, ...] = (),
+    n_samples: int = 100,
+    data_seed: int = 42,
+    noise: float = 0.1,
+) -> Dataset:
+    """Dispatch on the source: 'synthetic' or a file's extension."""
+    if source == SYNTHETIC:
+        return synthetic(n_samples, data_seed, noise)
+    suffix = PurePosixPath(source.split("?", 1)[0]).suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise InputError(
+            f"data file {source!r}: unknown extension {suffix or '(none)'!r}; "
+            f"expected one of {', '.join(EXTENSIONS)} or 'synthetic'"
+        )
+    if target and suffix != ".csv":
+        raise InputError(f"--target applies to CSV files only, not {suffix} ({source!r})")
+    with _open(source) as f:
+        if suffix == ".csv":
+            return _from_csv(f, target, source)
+        if suffix == ".npz":
+            return _from_npz(f, source)
+        return _from_torch(f, source)
+
+
+@contextmanager
+def _open(source: str) -> Iterator[IO[bytes]]:
+    """Open a local path or fsspec URL, turning OS errors into one-line InputErrors."""
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+        if fs.isdir(path):
+            raise InputError(f"data file {source!r}: is a directory, not a file")
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"data file {source!r}: not found") from None
+    except PermissionError:
+        raise InputError(f"data file {source!r}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"data file {source!r}: cannot read ({exc.strerror or exc})") from None
+    with f:
+        if f.read(1) == b"":
+            raise InputError(f"data file {source!r}: file is empty")
+        f.seek(0)
+        yield f
+
+
+def _from_csv(f: IO[bytes], target: tuple[str, ...], source: str) -> Dataset:
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")
+    header = [name.strip() for name in next(csv.reader([text.readline()]))]
+    if len(header) < 2:
+        raise InputError(f"data file {source!r}: needs a header row and at least 2 columns")
+    targets = target or (header[-1],)
+    for name in targets:
+        if header.count(name) == 0:
+            raise InputError(
+                f"data file {source!r}: target column {name!r} not found "
+                f"(columns: {', '.join(header)})"
+            )
+        if header.count(name) > 1:
+            raise InputError(f"data file {source!r}: target column {name!r} appears twice")
+    target_idx = [header.index(name) for name in targets]
+    feature_idx = [i for i in range(len(header)) if i not in target_idx]
+    if not feature_idx:
+        raise InputError(f"data file {source!r}: no feature columns left besides the target")
+    try:
+        # numpy's C parser is the fast path; on failure, _locate_bad_cell says where and why.
+        with warnings.catch_warnings():
+            # A header-only file: reported below as one InputError, not a numpy warning.
+            warnings.filterwarnings("ignore", "loadtxt: input contained no data", UserWarning)
+            table = np.loadtxt(text, delimiter=",", dtype=np.float32, ndmin=2)
+    except ValueError:
+        text.seek(0)
+        raise InputError(_locate_bad_cell(text, header, source)) from None
+    if table.shape[0] == 0:
+        raise InputError(f"data file {source!r}: has a header but no data rows")
+    if table.shape[1] != len(header):
+        raise InputError(
+            f"data file {source!r}: rows have {table.shape[1]} fields, the header has {len(header)}"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(table[:, feature_idx]))
+    y = torch.from_numpy(np.ascontiguousarray(table[:, target_idx]))
+    names = (tuple(header[i] for i in feature_idx), tuple(targets))
+    return _checked(x, y, *names, source)
+
+
+def _locate_bad_cell(text: IO[str], header: list[str], source: str) -> str:
+    rows = csv.reader(text)
+    next(rows, None)  # the header
+    for line_no, row in enumerate(rows, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            return (
+                f"data file {source!r}: line {line_no} has {len(row)} fields, "
+                f"the header has {len(header)}"
+            )
+        for column, cell in zip(header, row, strict=True):
+            try:
+                float(cell)
+            except ValueError:
+                return (
+                    f"data file {source!r}: line {line_no}, column {column!r}: "
+                    f"{cell.strip()!r} is not a number"
+                )
+    return f"data file {source!r}: not a numeric CSV table"
+
+
+def _from_npz(f: IO[bytes], source: str) -> Dataset:
+    try:
+        with np.load(f, allow_pickle=False) as arrays:
+            missing = [key for key in ("x", "y") if key not in arrays.files]
+            if missing:
+                raise InputError(
+                    f"data file {source!r}: missing array(s) {', '.join(missing)} "
+                    f"(has: {', '.join(arrays.files) or 'none'})"
+                )
+            x, y = arrays["x"], arrays["y"]
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"data file {source!r}: not a readable .npz of numeric arrays") from None
+    return _checked(
+        _as_float_tensor(x, "x", source), _as_float_tensor(y, "y", source), (), (), source
+    )
+
+
+def _from_torch(f: IO[bytes], source: str) -> Dataset:
+    try:
+        # weights_only: tensors and plain containers only, never a pickled object's code.
+        loaded = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"data file {source!r}: holds objects that need unpickling code; "
+            "save a plain dict of tensors {'x': ..., 'y': ...}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile):
+        raise InputError(f"data file {source!r}: not a readable torch.save file") from None
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(loaded.get(key), Tensor) for key in ("x", "y")
+    ):
+        raise InputError(f"data file {source!r}: expected a dict with tensors 'x' and 'y'")
+    return _checked(
+        _as_float_tensor(loaded["x"], "x", source),
+        _as_float_tensor(loaded["y"], "y", source),
+        (),
+        (),
+        source,
+    )
+
+
+def _as_float_tensor(array: np.ndarray | Tensor, name: str, source: str) -> Tensor:
+    try:
+        tensor = torch.as_tensor(array)
+    except TypeError:
+        tensor = None
+    if tensor is None or tensor.is_complex():
+        raise InputError(f"data file {source!r}: array {name!r} is not real-valued numbers")
+    return tensor.to(torch.float32)
+
+
+def _checked(
+    x: Tensor, y: Tensor, features: tuple[str, ...], targets: tuple[str, ...], source: str
+) -> Dataset:
+    where = f"data file {source!r}" if source else "synthetic data"
+    if x.ndim == 1:
+        x = x.unsqueeze(1)
+    if y.ndim == 1:
+        y = y.unsqueeze(1)
+    for name, tensor in (("x", x), ("y", y)):
+        if tensor.ndim != 2:
+            raise InputError(f"{where}: {name} must be 1- or 2-dimensional, got {tensor.ndim}")
+    if x.shape[0] != y.shape[0]:
+        raise InputError(f"{where}: x has {x.shape[0]} rows but y has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise InputError(f"{where}: the data set is empty")
+    for name, tensor in (("x", x), ("y", y)):
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise InputError(
+                f"{where}: {int(bad.sum())} NaN/Inf value(s) in {name}, "
+                f"first at row {row}, column {col}"
+            )
+    features = features or tuple(f"x{i}" for i in range(x.shape[1]))
+    targets = targets or tuple(f"y{i}" for i in range(y.shape[1]))
+    return Dataset(x.contiguous(), y.contiguous(), features, targets)
+
+
+@task(name="load-tensors")
+def load_tensors(
+    source: str, target: tuple[str, ...], n_samples: int, data_seed: int, noise: float
+) -> Dataset:
+    return load_dataset(source, target, n_samples, data_seed, noise)

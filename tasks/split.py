@@ -1,0 +1,43 @@
+"""split: reproducible train/validation indices."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from prefect import task
+from torch import Tensor
+
+from tasks.errors import InputError
+
+
+@dataclass(frozen=True)
+class Split:
+    train: Tensor  # int64 row indices
+    val: Tensor
+
+
+def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    """(n_train, n_val) as the seed computes them: n_train = int(n * ratio)."""
+    # The epsilon absorbs float error such as 10 * 0.7 == 6.999…, which int() would floor.
+    n_train = math.floor(n * (1 - val_fraction) + 1e-9)
+    n_train = min(n_train, n)
+    if n_train == 0 or n_train == n:
+        empty = "train" if n_train == 0 else "validation"
+        raise InputError(
+            f"--val-fraction {val_fraction} leaves the {empty} split empty for {n} rows"
+        )
+    return n_train, n - n_train
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> Split:
+    """Same indices as torch.manual_seed(seed); random_split(range(n), [n_train, n_val])."""
+    n_train, _ = split_sizes(n, val_fraction)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return Split(train=perm[:n_train].clone(), val=perm[n_train:].clone())
+
+
+@task(name="split")
+def split(n_rows: int, val_fraction: float, seed: int) -> Split:
+    return split_indices(n_rows, val_fraction, seed)

@@ -1,0 +1,34 @@
+"""One Prefect API server for the whole session, with PREFECT_HOME and storage isolated."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before Prefect is imported anywhere: keep the suite off the user's ~/.prefect.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="trainflow-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "prefect" / "storage")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """URL of a Prefect server shared by every test that runs a flow (started once: ~20 s)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def subprocess_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for `python flows/train_flow.py` subprocesses: the shared server, no start-up."""
+    return {**os.environ, "PREFECT_API_URL": prefect_api}

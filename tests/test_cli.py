@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from flows.cli import build_parser, parse_config
+from flows.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PROG = "train_flow.py"
+
+REQUIRED_FLAGS = [
+    "--data",
+    "--target",
+    "--val-fraction",
+    "--batch-size",
+    "--model",
+    "--hidden",
+    "--optimizer",
+    "--lr",
+    "--loss",
+    "--epochs",
+    "--device",
+    "--split-seed",
+    "--init-seed",
+    "--shuffle-seed",
+    "--runs-dir",
+    "--run-name",
+]
+
+
+def parser_flags() -> set[str]:
+    parser = build_parser(TrainConfig, PROG, "")
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def exit_and_stderr(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        parse_config(TrainConfig, argv, prog=PROG)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", list(TrainConfig.model_fields))
+def test_every_field_has_flag_and_description(field):
+    assert "--" + field.replace("_", "-") in parser_flags()
+    assert TrainConfig.model_fields[field].description
+
+
+@pytest.mark.parametrize("flag", REQUIRED_FLAGS)
+def test_required_flag_exists(flag):
+    assert flag in parser_flags()
+
+
+def test_no_arguments_give_defaults():
+    config = parse_config(TrainConfig, [], prog=PROG)
+    assert config == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("val_fraction", 0.2),
+        ("split_seed", 13),
+        ("batch_size", 16),
+        ("init_seed", 42),
+        ("optimizer", "sgd"),
+        ("lr", 0.1),
+        ("loss", "mse"),
+        ("epochs", 200),
+        ("model", "linear"),
+        ("data", "synthetic"),
+    ],
+)
+def test_defaults_match_tutorial(field, value):
+    assert getattr(TrainConfig(), field) == value
+
+
+def test_values_convert_to_field_types():
+    argv = ["--lr", "0.05", "--epochs", "3", "--hidden", "8,4", "--target", "a,b", "--model", "mlp"]
+    config = parse_config(TrainConfig, argv, prog=PROG)
+    assert config.lr == 0.05
+    assert config.epochs == 3
+    assert config.hidden == (8, 4)
+    assert config.target == ("a", "b")
+    assert config.model == "mlp"
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "abc"], "--batch-size"),
+        (["--model", "nope"], "--model"),
+        (["--val-fraction", "1.5"], "--val-fraction"),
+        (["--hidden", "0,3"], "--hidden"),
+        (["--device", "tpu"], "--device"),
+        (["--run-name", "../evil"], "--run-name"),
+        (["--run-name", "a/b"], "--run-name"),
+        (["--nope"], "--nope"),
+    ],
+)
+def test_bad_value_exits_2_with_one_line(argv, named, capsys):
+    code, err = exit_and_stderr(argv, capsys)
+    assert code == 2
+    assert err.endswith("\n")
+    assert err.count("\n") == 1
+    assert err.startswith(f"{PROG}: error: ")
+    assert named in err
+
+
+def test_invalid_choice_message(capsys):
+    _, err = exit_and_stderr(["--model", "nope"], capsys)
+    assert "invalid choice" in err
+
+
+def test_config_is_frozen():
+    config = TrainConfig()
+    with pytest.raises(ValidationError):
+        config.lr = 1.0
+
+
+def test_config_rejects_unknown_fields():
+    with pytest.raises(ValidationError):
+        TrainConfig(learning_rate=0.1)
+
+
+def test_help_exits_0_and_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(TrainConfig, ["--help"], prog=PROG)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for field in TrainConfig.model_fields:
+        assert "--" + field.replace("_", "-") in out
+
+
+def test_script_rejects_bad_flag_before_flow_starts():
+    result = subprocess.run(
+        [sys.executable, "flows/train_flow.py", "--lr", "-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    err = result.stderr.strip()
+    assert result.returncode == 2
+    assert "Traceback" not in err
+    assert "\n" not in err
+    assert err.startswith(f"{PROG}: error: --lr")

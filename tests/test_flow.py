@@ -1,0 +1,110 @@
+"""End to end: the Prefect flow on a shared test server, checking every file of a run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from flows.config import TrainConfig
+from flows.train_flow import train_flow
+from tasks.data import synthetic
+from tasks.errors import InputError
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _scalars(path, tag="loss"):
+    events = EventAccumulator(str(path)).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_default_run_writes_the_whole_run_directory_and_converges(tmp_path):
+    config = TrainConfig(runs_dir=str(tmp_path), run_name="seed")
+    summary = train_flow(config)
+    run = tmp_path / "seed"
+    assert summary.run_dir == str(run)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == metrics["epochs_trained"] == 200
+    assert len(metrics["train_loss"]) == len(metrics["val_loss"]) == 200
+    assert metrics["final_val_loss"] == metrics["val_loss"][-1] == summary.final_val_loss
+
+    saved = json.loads((run / "config.json").read_text())
+    assert TrainConfig(**saved) == config
+
+    split = load_file(run / "split.safetensors")
+    assert split["train"].dtype == torch.int64 and len(split["train"]) == 80
+    assert sorted(torch.cat([split["train"], split["val"]]).tolist()) == list(range(100))
+
+    # TensorBoard: one training and one validation value per epoch, a graph, hparams.
+    for curve in ("loss_training", "loss_validation"):
+        assert [step for step, _ in _scalars(run / curve)] == list(range(200))
+    np.testing.assert_allclose([v for _, v in _scalars(run / "loss_validation")],
+                               metrics["val_loss"], rtol=1e-6)  # fmt: skip
+    top = EventAccumulator(str(run)).Reload()
+    assert top.Graph() is not None
+    assert "_hparams_/session_start_info" in top.PluginTagToContent("hparams")
+
+    # The weights solve the training split's least squares, and the program predicts with them.
+    weights = load_file(run / "model.safetensors")
+    data = synthetic()
+    xt = torch.cat([data.x[split["train"]], torch.ones(80, 1)], 1).double().numpy()
+    (w, b), *_ = np.linalg.lstsq(xt, data.y[split["train"]].double().numpy(), rcond=None)
+    assert weights["0.weight"].item() == pytest.approx(w.item(), abs=5e-3)
+    assert weights["0.bias"].item() == pytest.approx(b.item(), abs=5e-3)
+    program = torch.export.load(run / "model.pt2").module()
+    expected = data.x @ weights["0.weight"].T + weights["0.bias"]
+    torch.testing.assert_close(program(data.x), expected)
+
+
+def test_mlp_on_a_csv_file(tmp_path):
+    rng = np.random.RandomState(0)
+    table = rng.rand(60, 3)
+    table[:, 2] = table[:, 0] - 2 * table[:, 1]
+    np.savetxt(tmp_path / "data.csv", table, delimiter=",", header="a,b,target", comments="")
+    config = TrainConfig(
+        data=str(tmp_path / "data.csv"), model="mlp", hidden=(8,), epochs=5, optimizer="adam",
+        lr=0.01, runs_dir=str(tmp_path / "runs"), run_name="csv",
+    )  # fmt: skip
+    summary = train_flow(config)
+    assert summary.epochs == 5
+    weights = load_file(tmp_path / "runs" / "csv" / "model.safetensors")
+    assert weights["0.weight"].shape == (8, 2)
+
+
+def test_bad_data_fails_before_training_and_leaves_no_run_directory(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n3,x\n")
+    with pytest.raises(InputError, match=r"line 3, column 'b'"):
+        train_flow(TrainConfig(data=str(bad), runs_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_command_line_run_against_a_server(tmp_path, subprocess_env):
+    result = subprocess.run(
+        [sys.executable, "flows/train_flow.py", "--epochs", "3",
+         "--runs-dir", str(tmp_path), "--run-name", "cli"],
+        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "run directory:" in result.stdout
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_command_line_reports_bad_data_in_one_line(tmp_path, subprocess_env):
+    result = subprocess.run(
+        [sys.executable, "flows/train_flow.py", "--data", str(tmp_path / "missing.npz"),
+         "--runs-dir", str(tmp_path / "runs")],
+        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"train_flow.py: error: data file {str(tmp_path / 'missing.npz')!r}: not found"
+    assert not (tmp_path / "runs").exists()

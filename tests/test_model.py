@@ -1,0 +1,47 @@
+import pytest
+import torch
+from torch import nn
+
+from tasks.model import ModelSpec, initial_model, instantiate
+
+
+def test_linear_is_the_seed_model_with_the_seed_weights():
+    torch.manual_seed(42)
+    reference = nn.Sequential(nn.Linear(1, 1))
+    model = initial_model(ModelSpec("linear", 1, 1), seed=42)
+    assert list(model.state) == ["0.weight", "0.bias"]
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state[key], value)
+    assert model.state["0.weight"].item() == pytest.approx(0.7645, abs=1e-4)
+    assert model.state["0.bias"].item() == pytest.approx(0.8300, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("activation", "module"),
+    [("relu", nn.ReLU), ("tanh", nn.Tanh), ("gelu", nn.GELU), ("silu", nn.SiLU)],
+)
+def test_mlp_init_equals_torch_default_init_under_manual_seed(activation, module):
+    torch.manual_seed(5)
+    reference = nn.Sequential(nn.Linear(3, 8), module(), nn.Linear(8, 4), module(), nn.Linear(4, 2))
+    model = initial_model(ModelSpec("mlp", 3, 2, (8, 4), activation), seed=5)
+    assert model.state.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state[key], value), key
+
+
+def test_building_a_model_leaves_global_rng_alone():
+    before = torch.get_rng_state()
+    initial_model(ModelSpec("mlp", 4, 1, (16,)), seed=1)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_instantiate_loads_state_and_predicts():
+    initial = initial_model(ModelSpec("mlp", 2, 1, (4,), "tanh"), seed=3)
+    module = instantiate(initial.spec, initial.state)
+    assert module(torch.ones(5, 2)).shape == (5, 1)
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in initial.state.items())
+
+
+def test_unknown_model_is_rejected():
+    with pytest.raises(ValueError, match="unknown model"):
+        initial_model(ModelSpec("resnet", 1, 1), seed=0)
