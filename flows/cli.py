@@ -36,7 +36,10 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
             "help": f"{field.description} (default: {_show(field.default)})",
         }
         if field.annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # A switch that is off by default reads best as a bare flag: --no-cache.
+            kwargs["action"] = (
+                "store_true" if field.default is False else argparse.BooleanOptionalAction
+            )
         elif get_origin(field.annotation) is Literal:
             kwargs["choices"] = get_args(field.annotation)
         else:

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from tasks.cache import DEFAULT_CACHE_DIR
+
 MAX_SEED = 2**63 - 1
 SYNTHETIC = "synthetic"
 
@@ -91,6 +93,18 @@ class TrainConfig(BaseModel):
     run_name: str | None = Field(
         None, description="Name of this run's folder under runs_dir; default: generated, unique."
     )
+
+    # --- cache ------------------------------------------------------------------------------
+    cache_dir: str = Field(
+        DEFAULT_CACHE_DIR,
+        min_length=1,
+        description="Stage cache: a local folder or any fsspec URL (e.g. s3://bucket/cache) "
+        "that several workers can share.",
+    )
+    refresh_cache: bool = Field(
+        False, description="Recompute every cached stage and overwrite its entry."
+    )
+    no_cache: bool = Field(False, description="Bypass the cache: neither read nor write it.")
 
     @field_validator("hidden")
     @classmethod

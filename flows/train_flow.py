@@ -10,10 +10,10 @@ from flows.cli import parse_config
 from flows.config import TrainConfig
 from tasks.data import load_tensors
 from tasks.errors import InputError, quiet_input_errors
-from tasks.export import RunSummary, export_graph
+from tasks.export import export_graph
 from tasks.loaders import build_loaders
 from tasks.model import build_model
-from tasks.rundir import plan_run
+from tasks.rundir import RunSummary, start_run
 from tasks.split import split
 from tasks.train import output_width, train_epochs
 
@@ -21,21 +21,18 @@ from tasks.train import output_width, train_epochs
 @flow(name="train")
 def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
     cfg = config
-    run = plan_run(cfg.runs_dir, cfg.run_name, cfg.model_dump(mode="json"))
-    data = load_tensors(cfg.data, cfg.target, cfg.n_samples, cfg.data_seed, cfg.noise)
-    parts = split(len(data), cfg.val_fraction, cfg.split_seed)
-    loaders = build_loaders(
-        data, parts, cfg.batch_size, cfg.shuffle_seed, cfg.loader, cfg.num_workers, cfg.device
-    )
-    initial = build_model(
-        cfg.model, data.n_features, output_width(cfg.loss, data.y),
-        cfg.hidden, cfg.activation, cfg.init_seed,
-    )  # fmt: skip
-    trained = train_epochs(
-        initial, loaders, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
-        cfg.loss, cfg.epochs, cfg.device, run,
-    )  # fmt: skip
-    return export_graph(trained, parts, loaders.sample, run)
+    run = start_run(cfg.runs_dir, cfg.run_name, cfg.model_dump(mode="json"),
+                    cfg.cache_dir, cfg.refresh_cache, cfg.no_cache)  # fmt: skip
+    data = run.call(load_tensors, cfg.data, cfg.target, cfg.n_samples, cfg.data_seed, cfg.noise)
+    parts = run.call(split, len(data), cfg.val_fraction, cfg.split_seed)
+    loaders = run.call(build_loaders, data, parts, cfg.batch_size, cfg.shuffle_seed,
+                       cfg.loader, cfg.num_workers, cfg.device)  # fmt: skip
+    initial = run.call(build_model, cfg.model, data.n_features, output_width(cfg.loss, data.y),
+                       cfg.hidden, cfg.activation, cfg.init_seed)  # fmt: skip
+    trained = run.call(train_epochs, initial, loaders, cfg.optimizer, cfg.lr, cfg.momentum,
+                       cfg.weight_decay, cfg.loss, cfg.epochs, cfg.device, run.path)  # fmt: skip
+    run.call(export_graph, trained, parts, loaders.sample, run.path, run.config)
+    return run.summary()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_flow.py: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"done: {summary.epochs} epochs, training loss {summary.final_train_loss:.6f}, "
+        f"{summary.stage_table()}\n\n"
+        f"done: {summary.epochs} epochs ({summary.epochs_trained} trained in this run), "
+        f"training loss {summary.final_train_loss:.6f}, "
         f"validation loss {summary.final_val_loss:.6f}\n"
         f"run directory: {summary.run_dir}\n"
         f"tensorboard --logdir {summary.run_dir}"

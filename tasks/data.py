@@ -9,9 +9,9 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 import numpy as np
@@ -19,18 +19,32 @@ import torch
 from prefect import task
 from torch import Tensor
 
+from tasks.cache import StageCache, cacheable, content_digest
 from tasks.errors import InputError
 
 SYNTHETIC = "synthetic"
 EXTENSIONS = (".csv", ".npz", ".pt", ".pth")
 
 
+@cacheable
 @dataclass(frozen=True)
 class Dataset:
     x: Tensor
     y: Tensor
     feature_names: tuple[str, ...]
     target_names: tuple[str, ...]
+    cache_key: str = field(default="", compare=False)
+
+    def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"x": self.x, "y": self.y}, {
+            "feature_names": list(self.feature_names),
+            "target_names": list(self.target_names),
+        }
+
+    @classmethod
+    def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Dataset:
+        return cls(tensors["x"], tensors["y"], tuple(meta["feature_names"]),
+                   tuple(meta["target_names"]))  # fmt: skip
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -241,7 +255,16 @@ def _checked(
     return Dataset(x.contiguous(), y.contiguous(), features, targets)
 
 
-@task(name="load-tensors")
+def data_identity(inputs: dict[str, Any]) -> dict[str, Any]:
+    """What the loaded tensors depend on: the file's bytes (not its name), or the recipe."""
+    source = inputs["source"]
+    if source == SYNTHETIC:
+        return {k: inputs[k] for k in ("source", "n_samples", "data_seed", "noise")}
+    suffix = PurePosixPath(source.split("?", 1)[0]).suffix.lower()
+    return {"content": content_digest(source), "format": suffix, "target": inputs["target"]}
+
+
+@task(name="load-tensors", cache_policy=StageCache(identity=data_identity))
 def load_tensors(
     source: str, target: tuple[str, ...], n_samples: int, data_seed: int, noise: float
 ) -> Dataset:

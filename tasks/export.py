@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import tempfile
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,20 +17,34 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from tasks import rundir
+from tasks.cache import StageCache, cacheable
 from tasks.model import instantiate
-from tasks.rundir import RunDir
+from tasks.rundir import on_cache_hit
 from tasks.split import Split
 from tasks.train import Trained
 
 MAX_TABLE_ROWS = 200
 
 
+@cacheable
 @dataclass(frozen=True)
-class RunSummary:
-    run_dir: str
-    epochs: int
-    final_train_loss: float
-    final_val_loss: float
+class Exported:
+    """The expensive part of export-graph, kept as the files' bytes."""
+
+    program: bytes  # torch.export.save of the trained model
+    graph_events: bytes  # a TensorBoard event file holding add_graph's graph
+    cache_key: str = field(default="", compare=False)
+
+    def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        as_tensor = lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8)  # noqa: E731
+        return {
+            "program": as_tensor(self.program),
+            "graph_events": as_tensor(self.graph_events),
+        }, {}
+
+    @classmethod
+    def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Exported:
+        return cls(tensors["program"].numpy().tobytes(), tensors["graph_events"].numpy().tobytes())
 
 
 def export_program(model: nn.Module, sample: Tensor) -> torch.export.ExportedProgram:
@@ -35,6 +53,25 @@ def export_program(model: nn.Module, sample: Tensor) -> torch.export.ExportedPro
         sample = sample.expand(2, *sample.shape[1:])  # export specialises a batch of 1
     batch = torch.export.Dim("batch", min=1)
     return torch.export.export(model.eval(), (sample,), dynamic_shapes=({0: batch},))
+
+
+def graph_event_file(model: nn.Module, sample: Tensor) -> bytes:
+    """add_graph into a scratch folder; the event file's bytes can go into any run folder."""
+    with tempfile.TemporaryDirectory() as scratch:
+        with SummaryWriter(scratch) as writer, warnings.catch_warnings():
+            # add_graph traces with torch.jit, which warns it is deprecated; nothing to act on.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            writer.add_graph(model, sample)
+        (event_file,) = Path(scratch).glob("events.out.tfevents.*")
+        return event_file.read_bytes()
+
+
+def export_model(trained: Trained, sample: Tensor) -> Exported:
+    model = instantiate(trained.spec, trained.state).eval()
+    program = export_program(model, sample)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return Exported(buffer.getvalue(), graph_event_file(model, sample))
 
 
 def metrics_record(trained: Trained) -> dict[str, Any]:
@@ -57,30 +94,22 @@ def hparams(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_outputs(trained: Trained, parts: Split, sample: Tensor, run: RunDir) -> RunSummary:
-    model = instantiate(trained.spec, trained.state).eval()
-    with SummaryWriter(str(run.path)) as writer:
-        with warnings.catch_warnings():
-            # add_graph traces with torch.jit, which warns it is deprecated; nothing to act on.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            writer.add_graph(model, sample)
-        metrics = metrics_record(trained)
-        writer.add_hparams(
-            hparams(run.config),
-            {
-                "final/train_loss": metrics["final_train_loss"],
-                "final/val_loss": metrics["final_val_loss"],
-            },
-            run_name=".",  # same run folder, not a timestamped sub-run
-        )
-    rundir.write_safetensors(run.path / rundir.MODEL, trained.state)
-    program = export_program(model, sample)
-    rundir.write_with(run.path / rundir.PROGRAM, lambda f: torch.export.save(program, f))
-    rundir.write_safetensors(run.path / rundir.SPLIT, {"train": parts.train, "val": parts.val})
-    rundir.write_json(run.path / rundir.METRICS, metrics)
-    return RunSummary(
-        str(run.path), metrics["epochs"], metrics["final_train_loss"], metrics["final_val_loss"]
+def write_outputs(
+    exported: Exported, trained: Trained, parts: Split, run_dir: Path, config: dict[str, Any]
+) -> None:
+    """Every file of the run folder that export-graph owns, on a miss and on a hit alike."""
+    metrics = metrics_record(trained)
+    rundir.atomic_write(
+        run_dir / f"events.out.tfevents.{time.time():.0f}.graph", exported.graph_events
     )
+    with SummaryWriter(str(run_dir)) as writer:
+        final = {"final/train_loss": metrics["final_train_loss"],
+                 "final/val_loss": metrics["final_val_loss"]}  # fmt: skip
+        writer.add_hparams(hparams(config), final, run_name=".")  # ".": this run, no sub-run
+    rundir.write_safetensors(run_dir / rundir.MODEL, trained.state)
+    rundir.atomic_write(run_dir / rundir.PROGRAM, exported.program)
+    rundir.write_safetensors(run_dir / rundir.SPLIT, {"train": parts.train, "val": parts.val})
+    rundir.write_json(run_dir / rundir.METRICS, metrics)
 
 
 def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:
@@ -92,7 +121,7 @@ def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:
     return sorted({round(i * step) for i in range(max_rows)})
 
 
-def publish(summary: RunSummary, trained: Trained) -> None:
+def publish(trained: Trained, run_dir: Path) -> None:
     """The run as Prefect UI artifacts: a summary card and a table of the losses."""
     create_markdown_artifact(
         key="train-summary",
@@ -100,11 +129,12 @@ def publish(summary: RunSummary, trained: Trained) -> None:
         markdown=(
             f"## Training run\n\n"
             f"| | |\n|---|---|\n"
-            f"| epochs | {summary.epochs} |\n"
-            f"| final training loss | {summary.final_train_loss:.6g} |\n"
-            f"| final validation loss | {summary.final_val_loss:.6g} |\n"
-            f"| run directory | `{summary.run_dir}` |\n\n"
-            f"Open TensorBoard: `tensorboard --logdir {summary.run_dir}`\n"
+            f"| epochs | {len(trained.train_loss)} "
+            f"({trained.epochs_trained} trained in this run) |\n"
+            f"| final training loss | {trained.train_loss[-1]:.6g} |\n"
+            f"| final validation loss | {trained.val_loss[-1]:.6g} |\n"
+            f"| run directory | `{run_dir}` |\n\n"
+            f"Open TensorBoard: `tensorboard --logdir {run_dir}`\n"
         ),
     )
     create_table_artifact(
@@ -117,8 +147,28 @@ def publish(summary: RunSummary, trained: Trained) -> None:
     )
 
 
-@task(name="export-graph")
-def export_graph(trained: Trained, parts: Split, sample: Tensor, run: RunDir) -> RunSummary:
-    summary = write_outputs(trained, parts, sample, run)
-    publish(summary, trained)
-    return summary
+def export_identity(inputs: dict[str, Any]) -> dict[str, Any]:
+    # The exported files depend on the weights and the sample batch, not on where they go.
+    return {"trained": inputs["trained"], "sample": inputs["sample"]}
+
+
+@task(name="export-graph", cache_policy=StageCache(identity=export_identity))
+def export_graph(
+    trained: Trained, parts: Split, sample: Tensor, run_dir: Path, config: dict[str, Any]
+) -> Exported:
+    return deliver(export_model(trained, sample), trained, parts, run_dir, config)
+
+
+@on_cache_hit(export_graph)
+def deliver(
+    exported: Exported,
+    trained: Trained,
+    parts: Split,
+    run_dir: Path,
+    config: dict[str, Any],
+    **_: Any,
+) -> Exported:
+    """Write the run folder's files and the UI artifacts: after an export, or a cache hit."""
+    write_outputs(exported, trained, parts, run_dir, config)
+    publish(trained, run_dir)
+    return exported

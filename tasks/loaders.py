@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
@@ -124,9 +125,12 @@ class DataLoaderBatches(_GeneratorState):
 
 @dataclass
 class Loaders:
+    """A cheap view of tensors already cached upstream: built every run, never stored."""
+
     train: Batches
     val: Batches
     sample: Tensor  # a real input batch (CPU) for add_graph and torch.export
+    cache_key: str = ""
 
 
 def make_loaders(
@@ -151,7 +155,7 @@ def make_loaders(
     return Loaders(train=train, val=val, sample=sample)
 
 
-@task(name="build-loaders")
+@task(name="build-loaders", cache_policy=NO_CACHE, persist_result=False)
 def build_loaders(
     data: Dataset,
     parts: Split,

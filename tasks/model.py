@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from prefect import task
 from torch import Tensor, nn
+
+from tasks.cache import StageCache, cacheable
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -73,10 +77,23 @@ def init_weights_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     return module
 
 
+@cacheable
 @dataclass(frozen=True)
 class InitialModel:
     spec: ModelSpec
     state: dict[str, Tensor]
+    cache_key: str = field(default="", compare=False)
+
+    def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self.state, {"spec": dataclasses.asdict(self.spec)}
+
+    @classmethod
+    def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> InitialModel:
+        return cls(spec_from_json(meta["spec"]), tensors)
+
+
+def spec_from_json(spec: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(**{**spec, "hidden": tuple(spec["hidden"])})
 
 
 def initial_model(spec: ModelSpec, seed: int) -> InitialModel:
@@ -86,10 +103,22 @@ def initial_model(spec: ModelSpec, seed: int) -> InitialModel:
     return InitialModel(spec, {k: v.detach().clone() for k, v in module.state_dict().items()})
 
 
-@task(name="build-model")
+def model_identity(inputs: dict[str, Any]) -> dict[str, Any]:
+    return dataclasses.asdict(_spec(**{k: v for k, v in inputs.items() if k != "seed"})) | {
+        "seed": inputs["seed"]
+    }
+
+
+def _spec(
+    name: str, n_inputs: int, n_outputs: int, hidden: tuple[int, ...], activation: str
+) -> ModelSpec:
+    if name != "mlp":  # unused knobs stay out of the spec, and out of the cache key
+        hidden, activation = (), "relu"
+    return ModelSpec(name, n_inputs, n_outputs, tuple(hidden), activation)
+
+
+@task(name="build-model", cache_policy=StageCache(identity=model_identity))
 def build_model(
     name: str, n_inputs: int, n_outputs: int, hidden: tuple[int, ...], activation: str, seed: int
 ) -> InitialModel:
-    hidden = tuple(hidden) if name == "mlp" else ()  # unused knobs stay out of the spec
-    activation = activation if name == "mlp" else "relu"
-    return initial_model(ModelSpec(name, n_inputs, n_outputs, hidden, activation), seed)
+    return initial_model(_spec(name, n_inputs, n_outputs, hidden, activation), seed)

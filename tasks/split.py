@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from prefect import task
 from torch import Tensor
 
+from tasks.cache import StageCache, cacheable
 from tasks.errors import InputError
 
 
+@cacheable
 @dataclass(frozen=True)
 class Split:
     train: Tensor  # int64 row indices
     val: Tensor
+    cache_key: str = field(default="", compare=False)
+
+    def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"train": self.train, "val": self.val}, {}
+
+    @classmethod
+    def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Split:
+        return cls(tensors["train"], tensors["val"])
 
 
 def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
@@ -38,6 +49,6 @@ def split_indices(n: int, val_fraction: float, seed: int) -> Split:
     return Split(train=perm[:n_train].clone(), val=perm[n_train:].clone())
 
 
-@task(name="split")
+@task(name="split", cache_policy=StageCache())
 def split(n_rows: int, val_fraction: float, seed: int) -> Split:
     return split_indices(n_rows, val_fraction, seed)

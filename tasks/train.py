@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import get_run_logger, task
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
+from tasks.cache import StageCache, cacheable
 from tasks.device import resolve_device
 from tasks.errors import InputError
 from tasks.loaders import Batches, Loaders
-from tasks.model import InitialModel, ModelSpec, instantiate
-from tasks.rundir import RunDir
+from tasks.model import InitialModel, ModelSpec, instantiate, spec_from_json
+from tasks.rundir import on_cache_hit
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 EpochHook = Callable[[int, float, float], None]
@@ -130,13 +134,25 @@ def fit(
     return history
 
 
+@cacheable
 @dataclass(frozen=True)
 class Trained:
     spec: ModelSpec
     state: dict[str, Tensor]  # final weights, on the CPU
     train_loss: list[float]
     val_loss: list[float]
-    epochs_trained: int  # epochs computed in this run (vs. restored)
+    epochs_trained: int  # epochs computed in this run (0 when served from the cache)
+    cache_key: str = field(default="", compare=False)
+
+    def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        meta = {"spec": dataclasses.asdict(self.spec), "train_loss": self.train_loss,
+                "val_loss": self.val_loss, "epochs_trained": self.epochs_trained}  # fmt: skip
+        return self.state, meta
+
+    @classmethod
+    def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Trained:
+        return cls(spec_from_json(meta["spec"]), tensors, meta["train_loss"], meta["val_loss"],
+                   meta["epochs_trained"])  # fmt: skip
 
 
 class Progress:
@@ -177,7 +193,22 @@ def train_model(
     return Trained(initial.spec, state, history.train, history.val, epochs_trained=epochs)
 
 
-@task(name="train-epochs")
+def train_identity(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The result depends on the device type (CPU and CUDA kernels round differently),
+    not on the run folder; momentum only matters to SGD."""
+    key = {k: v for k, v in inputs.items() if k != "run_dir"}
+    key["device"] = resolve_device(inputs["device"]).type
+    if inputs["optimizer"] != "sgd":
+        key.pop("momentum")
+    return key
+
+
+def log_losses(writer: SummaryWriter, epoch: int, train_loss: float, val_loss: float) -> None:
+    # The seed's call: one 'loss' chart with a training and a validation curve.
+    writer.add_scalars("loss", {"training": train_loss, "validation": val_loss}, epoch)
+
+
+@task(name="train-epochs", cache_policy=StageCache(identity=train_identity))
 def train_epochs(
     initial: InitialModel,
     loaders: Loaders,
@@ -188,26 +219,27 @@ def train_epochs(
     loss: str,
     epochs: int,
     device: str,
-    run: RunDir,
+    run_dir: Path,
 ) -> Trained:
-    run.create()
     progress = Progress(get_run_logger().info, epochs, len(loaders.train))
-    with SummaryWriter(str(run.path)) as writer:
+    with SummaryWriter(str(run_dir)) as writer:
 
         def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
-            # The seed's call: one 'loss' chart with a training and a validation curve.
-            writer.add_scalars("loss", {"training": train_loss, "validation": val_loss}, epoch)
+            log_losses(writer, epoch, train_loss, val_loss)
             progress(epoch, train_loss, val_loss)
 
         return train_model(
-            initial,
-            loaders,
-            optimizer,
-            lr,
-            momentum,
-            weight_decay,
-            loss,
-            epochs,
-            resolve_device(device),
-            on_epoch,
-        )
+            initial, loaders, optimizer, lr, momentum, weight_decay, loss, epochs,
+            resolve_device(device), on_epoch,
+        )  # fmt: skip
+
+
+@on_cache_hit(train_epochs)
+def _replay_losses(trained: Trained, run_dir: Path, **_: Any) -> Trained:
+    """A cached training run still gets its loss curves in this run's TensorBoard."""
+    with SummaryWriter(str(run_dir)) as writer:
+        for epoch, (train_loss, val_loss) in enumerate(
+            zip(trained.train_loss, trained.val_loss, strict=True)
+        ):
+            log_losses(writer, epoch, train_loss, val_loss)
+    return dataclasses.replace(trained, epochs_trained=0)

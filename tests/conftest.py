@@ -32,3 +32,9 @@ def prefect_api() -> str:
 def subprocess_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
     """Environment for `python flows/train_flow.py` subprocesses: the shared server, no start-up."""
     return {**os.environ, "PREFECT_API_URL": prefect_api}
+
+
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative defaults (runs/, .trainflow/cache) land in the test's own folder."""
+    monkeypatch.chdir(tmp_path)
