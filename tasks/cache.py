@@ -22,6 +22,7 @@ import re
 import tempfile
 import time
 import types
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -42,6 +43,8 @@ from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file as safetensors_save_file
 from torch import Tensor
+
+from tasks.files import FILE_MODE, atomic_write
 
 log = logging.getLogger("trainflow.cache")
 
@@ -301,16 +304,7 @@ class CacheStore:
             self.fs.pipe_file(path, data)  # object stores replace a key in one PUT
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data)
 
     def read(self, path: str) -> bytes:
         return self.fs.cat_file(path)
@@ -321,6 +315,7 @@ class CacheStore:
         if self.local:
             os.makedirs(self.path("blobs"), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path("blobs"), prefix=".tmp-")
+            os.fchmod(fd, FILE_MODE)  # readable by the other users of a shared cache
             os.close(fd)
             try:
                 safetensors_save_file(tensors, tmp)  # streamed to disk: no second copy in memory
@@ -352,16 +347,18 @@ class CacheStore:
         return safetensors_load(data)
 
 
-def _stat(path: str) -> tuple[int, int]:
+def _stat(path: str) -> tuple[int, int, int]:
     st = os.stat(path)
-    return st.st_mtime_ns, st.st_ino
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 @lru_cache(maxsize=1024)
-def _verify_local_blob(path: str, xxh3: str, size: int, mtime_ns: int, inode: int) -> None:
+def _verify_local_blob(
+    path: str, xxh3: str, size: int, actual_size: int, mtime_ns: int, inode: int
+) -> None:
     # Prefect reads a record twice per hit (exists, then read): verify each blob once.
-    if os.path.getsize(path) != size:
-        raise CorruptEntry(f"blob {xxh3} is truncated ({os.path.getsize(path)} of {size} bytes)")
+    if actual_size != size:
+        raise CorruptEntry(f"blob {xxh3} is truncated ({actual_size} of {size} bytes)")
     with open(path, "rb") as f:
         if _digest_stream(_file_chunks(f)) != xxh3:
             raise CorruptEntry(f"blob {xxh3} is corrupted (checksum mismatch)")
@@ -386,7 +383,11 @@ class ArtifactSerializer(Serializer):
     def loads(self, blob: bytes) -> Any:
         try:
             manifest = json.loads(blob)
-            if manifest.get("format") != FORMAT or manifest.get("artifact") not in ARTIFACTS:
+            if (
+                not isinstance(manifest, dict)
+                or manifest.get("format") != FORMAT
+                or (manifest.get("artifact") not in ARTIFACTS)
+            ):
                 raise CorruptEntry("not a trainflow cache manifest")
             tensors = CacheStore(self.root).get_blob(**manifest["blob"])
         except (CorruptEntry, OSError, ValueError, KeyError, TypeError) as exc:
@@ -445,14 +446,21 @@ class CacheStorage(WritableFileSystem):
 class Entry:
     key: str
     created: float
-    size: int  # bytes of the record and its blob
+    record_size: int
     blob: str | None
+    blob_size: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.record_size + self.blob_size
 
 
 def list_entries(url: str) -> list[Entry]:
     store = CacheStore(url)
+    if not store.fs.exists(store.path("records")):
+        return []
     entries = []
-    for info in store.fs.ls(store.path("records"), detail=True) if _exists(store) else []:
+    for info in store.fs.ls(store.path("records"), detail=True):
         key = os.path.basename(info["name"])
         if not KEY_PATTERN.fullmatch(key):
             continue
@@ -460,39 +468,39 @@ def list_entries(url: str) -> list[Entry]:
             record = json.loads(store.read(info["name"]))
             manifest = json.loads(record["result"])
             blob = manifest["blob"]
-            entries.append(Entry(key, float(manifest["created"]), info["size"] + blob["size"],
-                                 blob["xxh3"]))  # fmt: skip
+            entry = Entry(key, float(manifest["created"]), info["size"], blob["xxh3"], blob["size"])
         except (ValueError, KeyError, TypeError, OSError):
-            entries.append(Entry(key, 0.0, info["size"], None))  # unreadable: prune first
+            entry = Entry(key, 0.0, info["size"], None)  # unreadable: oldest, pruned first
+        entries.append(entry)
     return sorted(entries, key=lambda e: e.created)
-
-
-def _exists(store: CacheStore) -> bool:
-    return store.fs.exists(store.path("records"))
 
 
 def prune(url: str, older_than_s: float | None = None, max_bytes: int | None = None) -> list[Entry]:
     """Remove the oldest entries: all older than `older_than_s`, then until ≤ `max_bytes`.
 
     A record goes before its blob, so a concurrent reader sees a miss, never half an entry;
-    a blob still named by a kept record (equal outputs share one) stays.
+    a blob still named by a kept record (equal outputs share one) stays, and counts once.
     """
     store = CacheStore(url)
     entries = list_entries(url)
+    users = Counter(e.blob for e in entries if e.blob)
+    blob_sizes = {e.blob: e.blob_size for e in entries if e.blob}
+    total = sum(e.record_size for e in entries) + sum(blob_sizes.values())
     now = time.time()
-    total = sum(e.size for e in entries)
     doomed = []
     for entry in entries:
         too_old = older_than_s is not None and now - entry.created > older_than_s
         too_big = max_bytes is not None and total > max_bytes
-        if too_old or too_big:
-            doomed.append(entry)
-            total -= entry.size
-    kept_blobs = {e.blob for e in entries if e not in doomed}
-    for entry in doomed:
+        if not (too_old or too_big):
+            continue
+        doomed.append(entry)
         store.fs.rm_file(store.path("records", entry.key))
-        if entry.blob and entry.blob not in kept_blobs:
-            blob = store.path("blobs", f"{entry.blob}.safetensors")
-            if store.fs.exists(blob):
-                store.fs.rm_file(blob)
+        total -= entry.record_size
+        if entry.blob:
+            users[entry.blob] -= 1
+            if users[entry.blob] == 0:
+                total -= entry.blob_size
+                blob = store.path("blobs", f"{entry.blob}.safetensors")
+                if store.fs.exists(blob):
+                    store.fs.rm_file(blob)
     return doomed

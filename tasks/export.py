@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks import rundir
+from tasks import files, rundir
 from tasks.cache import StageCache, cacheable
 from tasks.model import instantiate
 from tasks.rundir import on_cache_hit
@@ -36,7 +36,13 @@ class Exported:
     cache_key: str = field(default="", compare=False)
 
     def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        as_tensor = lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8)  # noqa: E731
+        def as_tensor(data: bytes) -> Tensor:  # frombuffer refuses an empty buffer
+            return (
+                torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if data
+                else torch.empty(0, dtype=torch.uint8)
+            )
+
         return {
             "program": as_tensor(self.program),
             "graph_events": as_tensor(self.graph_events),
@@ -99,17 +105,17 @@ def write_outputs(
 ) -> None:
     """Every file of the run folder that export-graph owns, on a miss and on a hit alike."""
     metrics = metrics_record(trained)
-    rundir.atomic_write(
+    files.atomic_write(
         run_dir / f"events.out.tfevents.{time.time():.0f}.graph", exported.graph_events
     )
     with SummaryWriter(str(run_dir)) as writer:
         final = {"final/train_loss": metrics["final_train_loss"],
                  "final/val_loss": metrics["final_val_loss"]}  # fmt: skip
         writer.add_hparams(hparams(config), final, run_name=".")  # ".": this run, no sub-run
-    rundir.write_safetensors(run_dir / rundir.MODEL, trained.state)
-    rundir.atomic_write(run_dir / rundir.PROGRAM, exported.program)
-    rundir.write_safetensors(run_dir / rundir.SPLIT, {"train": parts.train, "val": parts.val})
-    rundir.write_json(run_dir / rundir.METRICS, metrics)
+    files.write_safetensors(run_dir / rundir.MODEL, trained.state)
+    files.atomic_write(run_dir / rundir.PROGRAM, exported.program)
+    files.write_safetensors(run_dir / rundir.SPLIT, {"train": parts.train, "val": parts.val})
+    files.write_json(run_dir / rundir.METRICS, metrics)
 
 
 def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import io
 import json
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +20,6 @@ from typing import Any, Literal
 
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
-from safetensors.torch import save as safetensors_bytes
-from torch import Tensor
 
 from tasks.cache import (
     ArtifactSerializer,
@@ -35,50 +30,12 @@ from tasks.cache import (
     stage_key,
     with_key,
 )
+from tasks.files import write_json
 
 CONFIG, METRICS, STAGES = "config.json", "metrics.json", "stages.json"
 MODEL, PROGRAM, SPLIT = "model.safetensors", "model.pt2", "split.safetensors"
 
 CacheMode = Literal["use", "refresh", "off"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; give them the usual mode
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    atomic_write(path, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
-
-
-def write_with(path: Path, save: Callable[[io.BytesIO], Any]) -> None:
-    """Atomic write for savers that take a file object, e.g. torch.export.save."""
-    buffer = io.BytesIO()
-    save(buffer)
-    atomic_write(path, buffer.getvalue())
 
 
 def generate_run_name() -> str:

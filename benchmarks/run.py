@@ -1,0 +1,288 @@
+"""trainflow benchmarks: side by side in one run, medians with min–max, ratios as the claims.
+
+    python benchmarks/run.py                      # every section
+    python benchmarks/run.py --sections cache     # one section
+    python benchmarks/run.py --json out.json      # also write the numbers as JSON
+
+Each measurement runs in a fresh child process (so one can't warm the next), against one
+local Prefect server the benchmark starts on 127.0.0.1 and stops at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve()
+
+
+# --- children: each prints one JSON line --------------------------------------------------
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child_flow(args: list[str]) -> dict[str, Any]:
+    """One flow call, timed from flow start to return (imports and interpreter excluded)."""
+    from flows.cli import parse_config
+    from flows.config import TrainConfig
+    from flows.train_flow import train_flow
+
+    config = parse_config(TrainConfig, args)
+    start = time.perf_counter()
+    summary = train_flow(config)
+    return {
+        "seconds": time.perf_counter() - start,
+        "states": {s["name"]: s["state"] for s in summary.stages},
+        "stage_seconds": {s["name"]: s["seconds"] for s in summary.stages},
+        "epochs_trained": summary.epochs_trained,
+    }
+
+
+def child_load(path: str, cache_dir: str) -> dict[str, Any]:
+    """The load-tensors stage alone, through the real cache, in a minimal flow."""
+    from prefect import flow
+
+    from tasks.data import load_tensors
+    from tasks.rundir import start_run
+
+    @flow(name="bench-load")
+    def bench_load() -> dict[str, Any]:
+        run = start_run(tempfile.mkdtemp(), None, {}, cache_dir)
+        base = _rss()
+        data = run.call(load_tensors, path, (), 100, 42, 0.1)
+        after_stage = _peak_rss() - base
+        touched = float(data.x.sum() + data.y.sum())  # page every byte in, as training would
+        record = run.stages[-1]
+        return {"state": record.state, "seconds": record.seconds, "rss_stage": after_stage,
+                "rss_touched": _rss() - base, "bytes": data.x.nbytes + data.y.nbytes,
+                "checksum": touched}  # fmt: skip
+
+    return bench_load()
+
+
+def child_numpy_load(path: str) -> dict[str, Any]:
+    import numpy as np
+
+    base = _rss()
+    start = time.perf_counter()
+    with np.load(path) as arrays:
+        x, y = arrays["x"], arrays["y"]
+    return {"seconds": time.perf_counter() - start, "rss": _peak_rss() - base,
+            "bytes": x.nbytes + y.nbytes}  # fmt: skip
+
+
+def child_digest(path: str) -> dict[str, Any]:
+    from tasks.cache import content_digest
+
+    start = time.perf_counter()
+    content_digest(path)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "gb_per_s": os.path.getsize(path) / seconds / 1e9}
+
+
+CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
+    "flow": lambda *a: child_flow(list(a)),
+    "load": child_load,
+    "numpy-load": child_numpy_load,
+    "digest": child_digest,
+}
+
+
+# --- the parent: orchestration and the table ----------------------------------------------
+
+
+def spawn(env: dict[str, str], kind: str, *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, str(HERE), "--child", kind, *args],
+        cwd=env["BENCH_CWD"], env=env, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"{kind} {args} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def median(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt(stat: dict[str, float], unit: str = "s") -> str:
+    scale = 1e9 if unit == "GB" else 1
+    return (f"{stat['median'] / scale:.3f} {unit} "
+            f"({stat['min'] / scale:.3f}–{stat['max'] / scale:.3f})")  # fmt: skip
+
+
+class Server:
+    """A local Prefect server for the children, so no measurement pays an ephemeral start."""
+
+    def __init__(self, home: Path):
+        self.port = _free_port()
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": f"http://127.0.0.1:{self.port}/api",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(self.port), "--no-ui"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        import urllib.request
+
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("the Prefect server did not start within 180 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_cache(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """Re-running a finished config: every stage Cached, nothing trained, flow time."""
+    out: dict[str, Any] = {}
+    cold, cached = [], []
+    for i in range(repeat):
+        common = ["--cache-dir", f"cache-rerun-{i}", "--runs-dir", "runs"]
+        cold.append(spawn(env, "flow", *common))
+        cached.append(spawn(env, "flow", *common))
+    out["cold_flow"] = median([r["seconds"] for r in cold])
+    out["cached_flow"] = median([r["seconds"] for r in cached])
+    out["cached_states"] = cached[-1]["states"]
+    out["cached_epochs_trained"] = cached[-1]["epochs_trained"]
+    out["cached_over_cold"] = out["cached_flow"]["median"] / out["cold_flow"]["median"]
+    all_cached = all(s == "Cached" for n, s in out["cached_states"].items() if n != "build-loaders")
+    rows += [
+        ("cache: cold flow (200 epochs)", fmt(out["cold_flow"])),
+        ("cache: re-run flow", fmt(out["cached_flow"]) + "   target ≤ 3 s"),
+        ("cache: re-run / cold", f"{out['cached_over_cold']:.2f}×   target ≤ 0.3×"),
+        ("cache: re-run stages", f"all cached: {all_cached}, "
+                                 f"epochs trained: {out['cached_epochs_trained']}"),
+    ]  # fmt: skip
+    return out
+
+
+def bench_data(
+    env: dict[str, str], repeat: int, rows: list[tuple[str, str]], gigabytes: float
+) -> dict[str, Any]:
+    """A ~1 GB .npz: content hashing, a cold load-tensors, a cached one, vs numpy.load."""
+    import numpy as np
+
+    n = int(gigabytes * 1e9 / (11 * 4))  # x: n×10 float32, y: n×1
+    path = Path(env["BENCH_CWD"]) / "big.npz"
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 10), dtype=np.float32)
+    np.savez(path, x=x, y=x[:, :1] * 2 + 1)
+    del x
+    size = path.stat().st_size
+    out: dict[str, Any] = {"file_bytes": size}
+    digests = [spawn(env, "digest", str(path)) for _ in range(repeat)]
+    numpy_loads = [spawn(env, "numpy-load", str(path)) for _ in range(repeat)]
+    colds, hits = [], []
+    for i in range(repeat):
+        cache = f"cache-data-{i}"
+        colds.append(spawn(env, "load", str(path), cache))
+        hits.append(spawn(env, "load", str(path), cache))
+    path.unlink()
+    data_bytes = colds[0]["bytes"]
+    out["hash_gb_per_s"] = median([d["gb_per_s"] * 1e9 for d in digests])
+    out["numpy_load"] = median([r["seconds"] for r in numpy_loads])
+    out["numpy_rss_over_data"] = median([r["rss"] / data_bytes for r in numpy_loads])
+    out["cold"] = median([r["seconds"] for r in colds])
+    out["cold_rss_over_data"] = median([r["rss_stage"] / data_bytes for r in colds])
+    out["hit"] = median([r["seconds"] for r in hits])
+    out["hit_states"] = [r["state"] for r in hits]
+    out["hit_rss_over_data"] = median([r["rss_stage"] / data_bytes for r in hits])
+    out["hit_touched_rss_over_data"] = median([r["rss_touched"] / data_bytes for r in hits])
+    rows += [
+        (f"data: file ({size / 1e9:.2f} GB npz)", f"x {n:,}×10, y {n:,}×1 float32"),
+        ("data: content hash", fmt(out["hash_gb_per_s"], "GB") + "/s   target ≥ 1 GB/s"),
+        ("data: numpy.load", fmt(out["numpy_load"])
+         + f", peak RSS {out['numpy_rss_over_data']['median']:.2f}× data"),
+        ("data: load-tensors cold", fmt(out["cold"])
+         + f", peak RSS {out['cold_rss_over_data']['median']:.2f}× data   target ≤ 2×"),
+        ("data: load-tensors hit", fmt(out["hit"]) + f" {set(out['hit_states'])}   target ≤ 0.3 s"),
+        ("data: hit peak RSS", f"{out['hit_rss_over_data']['median']:.2f}× data (mapped); "
+         f"{out['hit_touched_rss_over_data']['median']:.2f}× after reading every byte"
+         "   target ≤ 1.2×"),
+    ]  # fmt: skip
+    return out
+
+
+SECTIONS = ("cache", "data")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
+    parser.add_argument("--data-gb", type=float, default=1.0, help="size of the data benchmark")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps(CHILDREN[kind](*rest)))
+        return 0
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    rows: list[tuple[str, str]] = []
+    results: dict[str, Any] = {"repeat": args.repeat}
+    with tempfile.TemporaryDirectory(prefix="trainflow-bench-") as scratch:
+        server = Server(Path(scratch) / "prefect")
+        env = {**server.env, "BENCH_CWD": scratch, "PYTHONPATH": str(REPO)}
+        try:
+            if "cache" in sections:
+                results["cache"] = bench_cache(env, args.repeat, rows)
+            if "data" in sections:
+                results["data"] = bench_data(env, args.repeat, rows, args.data_gb)
+        finally:
+            server.stop()
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'measurement':<{width}}  median (min–max) over {args.repeat} runs")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
