@@ -98,7 +98,34 @@ def child_digest(path: str) -> dict[str, Any]:
     return {"seconds": seconds, "gb_per_s": os.path.getsize(path) / seconds / 1e9}
 
 
+def child_checkpoint(every_seconds: str, folder: str) -> dict[str, Any]:
+    """Training time of a ~10 s run with checkpoints every S seconds (0: none at all)."""
+    import torch
+
+    from tasks.checkpoint import Checkpoints
+    from tasks.data import Dataset
+    from tasks.loaders import make_loaders
+    from tasks.model import ModelSpec, initial_model
+    from tasks.split import split_indices
+    from tasks.train import train_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, 16, generator=g)
+    data = Dataset(x, x[:, :1] * 2 + 1, (), ())
+    loaders = make_loaders(data, split_indices(100_000, 0.2, 13), 64, 42, "tensor", 0,
+                           torch.device("cpu"))  # fmt: skip
+    initial = initial_model(ModelSpec("mlp", 16, 1, (64, 64), "relu"), 42)
+    seconds = float(every_seconds)
+    checkpoints = Checkpoints(folder, every_seconds=seconds) if seconds > 0 else None
+    start = time.perf_counter()
+    train_model(initial, loaders, "sgd", 0.01, 0.0, 0.0, "mse", 8, torch.device("cpu"),
+                checkpoints=checkpoints)  # fmt: skip
+    return {"seconds": time.perf_counter() - start,
+            "saved": checkpoints.saved if checkpoints else 0}  # fmt: skip
+
+
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
+    "checkpoint": child_checkpoint,
     "flow": lambda *a: child_flow(list(a)),
     "load": child_load,
     "numpy-load": child_numpy_load,
@@ -244,7 +271,28 @@ def bench_data(
     return out
 
 
-SECTIONS = ("cache", "data")
+def bench_checkpoint(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict:
+    """What checkpointing costs training: none vs the default 30 s cadence vs every second."""
+    out: dict[str, Any] = {}
+    for label, every in (("none", "0"), ("default", "30"), ("every_1s", "1")):
+        runs = [spawn(env, "checkpoint", every, f"ckpt-{label}-{i}") for i in range(repeat)]
+        out[label] = median([r["seconds"] for r in runs])
+        out[f"{label}_saved"] = runs[-1]["saved"]
+    base = out["none"]["median"]
+    for label in ("default", "every_1s"):
+        out[f"{label}_overhead"] = out[label]["median"] / base - 1
+    rows += [
+        ("checkpoint: training, none", fmt(out["none"]) + "  (100k×16, mlp 64×64, batch 64)"),
+        ("checkpoint: default (30 s + end)", fmt(out["default"])
+         + f", {out['default_saved']} saved, overhead {out['default_overhead']:+.1%}"
+         "   target < 5%"),
+        ("checkpoint: every 1 s", fmt(out["every_1s"])
+         + f", {out['every_1s_saved']} saved, overhead {out['every_1s_overhead']:+.1%}"),
+    ]  # fmt: skip
+    return out
+
+
+SECTIONS = ("cache", "data", "checkpoint")
 
 
 def main() -> int:
@@ -271,6 +319,8 @@ def main() -> int:
         try:
             if "cache" in sections:
                 results["cache"] = bench_cache(env, args.repeat, rows)
+            if "checkpoint" in sections:
+                results["checkpoint"] = bench_checkpoint(env, args.repeat, rows)
             if "data" in sections:
                 results["data"] = bench_data(env, args.repeat, rows, args.data_gb)
         finally:

@@ -88,6 +88,19 @@ class TrainConfig(BaseModel):
         "auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps'."
     )
 
+    # --- checkpoints ------------------------------------------------------------------------
+    checkpoint_every_epochs: int = Field(
+        0, ge=0, le=10**7, description="Checkpoint training every N epochs (0: only on time)."
+    )
+    checkpoint_every_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=7 * 86400,
+        description="Checkpoint every S seconds of training, mid-epoch too (0: only by epoch). "
+        "A checkpoint is also written at the end and on SIGINT/SIGTERM.",
+    )
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description="Checkpoints kept per config.")
+
     # --- outputs ----------------------------------------------------------------------------
     runs_dir: str = Field("runs", min_length=1, description="Folder holding one folder per run.")
     run_name: str | None = Field(

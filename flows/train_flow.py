@@ -15,7 +15,7 @@ from tasks.loaders import build_loaders
 from tasks.model import build_model
 from tasks.rundir import RunSummary, start_run
 from tasks.split import split
-from tasks.train import output_width, train_epochs
+from tasks.train import Interrupted, output_width, train_epochs
 
 
 @flow(name="train")
@@ -29,8 +29,11 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
                        cfg.loader, cfg.num_workers, cfg.device)  # fmt: skip
     initial = run.call(build_model, cfg.model, data.n_features, output_width(cfg.loss, data.y),
                        cfg.hidden, cfg.activation, cfg.init_seed)  # fmt: skip
+    checkpointing = run.checkpointing(cfg.checkpoint_every_epochs, cfg.checkpoint_every_seconds,
+                                      cfg.keep_checkpoints)  # fmt: skip
     trained = run.call(train_epochs, initial, loaders, cfg.optimizer, cfg.lr, cfg.momentum,
-                       cfg.weight_decay, cfg.loss, cfg.epochs, cfg.device, run.path)  # fmt: skip
+                       cfg.weight_decay, cfg.loss, cfg.epochs, cfg.device, run.path,
+                       checkpointing)  # fmt: skip
     run.call(export_graph, trained, parts, loaders.sample, run.path, run.config)
     return run.summary()
 
@@ -43,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"train_flow.py: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"train_flow.py: {exc}; run it again to resume", file=sys.stderr)
+        return 128 + exc.signum
     print(
         f"{summary.stage_table()}\n\n"
         f"done: {summary.epochs} epochs ({summary.epochs_trained} trained in this run), "

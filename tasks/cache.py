@@ -279,7 +279,7 @@ class CorruptEntry(ValueError):
     pass
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     """To the task run's log (the terminal and the Prefect UI) when there is one."""
     try:
         get_run_logger().warning(message)
@@ -392,7 +392,7 @@ class ArtifactSerializer(Serializer):
             tensors = CacheStore(self.root).get_blob(**manifest["blob"])
         except (CorruptEntry, OSError, ValueError, KeyError, TypeError) as exc:
             # Prefect turns this into a miss: the stage recomputes and replaces the entry.
-            _warn(f"unusable cache entry, recomputing it: {exc}")
+            warn(f"unusable cache entry, recomputing it: {exc}")
             raise CorruptEntry(str(exc)) from exc
         return ARTIFACTS[manifest["artifact"]].from_cache(tensors, manifest["meta"])
 
@@ -422,7 +422,7 @@ class CacheStorage(WritableFileSystem):
         except (ValueError, KeyError, TypeError):
             serializer = None
         if not KEY_PATTERN.fullmatch(key) or serializer != SERIALIZER_TYPE:
-            _warn(f"cache entry {key} is not a trainflow record; ignoring it")
+            warn(f"cache entry {key} is not a trainflow record; ignoring it")
             raise CorruptEntry(f"cache entry {key} is not a trainflow record")
         return data
 
@@ -455,11 +455,24 @@ class Entry:
         return self.record_size + self.blob_size
 
 
-def list_entries(url: str) -> list[Entry]:
-    store = CacheStore(url)
-    if not store.fs.exists(store.path("records")):
+def _checkpoint_entries(store: CacheStore) -> list[Entry]:
+    """Checkpoint files, as entries keyed by their path under the cache root."""
+    if not store.fs.exists(store.path("checkpoints")):
         return []
     entries = []
+    for path in store.fs.find(store.path("checkpoints")):
+        relative = path[len(store.root) :].lstrip("/")
+        modified = store.fs.modified(path).timestamp()
+        entries.append(Entry(relative, modified, store.fs.size(path), None))
+    return entries
+
+
+def list_entries(url: str) -> list[Entry]:
+    """Cache entries and checkpoint files, oldest first."""
+    store = CacheStore(url)
+    entries = _checkpoint_entries(store)
+    if not store.fs.exists(store.path("records")):
+        return sorted(entries, key=lambda e: e.created)
     for info in store.fs.ls(store.path("records"), detail=True):
         key = os.path.basename(info["name"])
         if not KEY_PATTERN.fullmatch(key):
@@ -494,7 +507,10 @@ def prune(url: str, older_than_s: float | None = None, max_bytes: int | None = N
         if not (too_old or too_big):
             continue
         doomed.append(entry)
-        store.fs.rm_file(store.path("records", entry.key))
+        is_checkpoint = entry.key.startswith("checkpoints/")
+        store.fs.rm_file(
+            store.path(entry.key) if is_checkpoint else store.path("records", entry.key)
+        )
         total -= entry.record_size
         if entry.blob:
             users[entry.blob] -= 1

@@ -84,6 +84,7 @@ def metrics_record(trained: Trained) -> dict[str, Any]:
     return {
         "epochs": len(trained.train_loss),
         "epochs_trained": trained.epochs_trained,
+        "resumed_from": trained.resumed_from,
         "final_train_loss": trained.train_loss[-1],
         "final_val_loss": trained.val_loss[-1],
         "train_loss": trained.train_loss,

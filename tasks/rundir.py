@@ -30,6 +30,7 @@ from tasks.cache import (
     stage_key,
     with_key,
 )
+from tasks.checkpoint import Checkpointing
 from tasks.files import write_json
 
 CONFIG, METRICS, STAGES = "config.json", "metrics.json", "stages.json"
@@ -116,12 +117,22 @@ class Run:
             write_json(self.path / STAGES, [dataclasses.asdict(s) for s in self.stages])
         return with_key(value, key)
 
+    def checkpointing(
+        self, every_epochs: int, every_seconds: float, keep: int
+    ) -> Checkpointing | None:
+        """Checkpoints live in the cache: none with --no-cache, no resume with --refresh-cache."""
+        if self.cache_mode == "off":
+            return None
+        return Checkpointing(self.cache_root, every_epochs, every_seconds, keep,
+                             resume=self.cache_mode == "use")  # fmt: skip
+
     def summary(self) -> RunSummary:
         metrics = json.loads((self.path / METRICS).read_text())
         return RunSummary(
             run_dir=str(self.path),
             epochs=metrics["epochs"],
             epochs_trained=metrics["epochs_trained"],
+            resumed_from=metrics["resumed_from"],
             final_train_loss=metrics["final_train_loss"],
             final_val_loss=metrics["final_val_loss"],
             stages=[dataclasses.asdict(s) for s in self.stages],
@@ -133,6 +144,7 @@ class RunSummary:
     run_dir: str
     epochs: int
     epochs_trained: int
+    resumed_from: dict[str, int] | None
     final_train_loss: float
     final_val_loss: float
     stages: list[dict[str, Any]]

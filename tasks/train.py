@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,7 +17,8 @@ from prefect import get_run_logger, task
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.cache import StageCache, cacheable
+from tasks.cache import StageCache, cacheable, stage_key
+from tasks.checkpoint import Checkpointing, Checkpoints, TrainState
 from tasks.device import resolve_device
 from tasks.errors import InputError
 from tasks.loaders import Batches, Loaders
@@ -71,23 +74,61 @@ class NonFiniteLoss(RuntimeError):
         self.epoch, self.batch = epoch, batch
 
 
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived during training; a checkpoint was written first.
+
+    A BaseException, like KeyboardInterrupt, so Prefect reports a crash and does not retry.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved")
+        self.signum = signum
+
+
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a request the loop honours at the next step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signals reach only it
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 @dataclass
 class History:
     train: list[float] = field(default_factory=list)
     val: list[float] = field(default_factory=list)
 
 
-def _epoch_losses(model: nn.Module, batches: Batches, step: Callable[..., Tensor]) -> Tensor:
-    """One epoch's per-batch losses, kept on the device.
+def _raise_if_non_finite(losses: Tensor, phase: str, epoch: int) -> None:
+    bad = ~torch.isfinite(losses)
+    if bool(bad.any()):
+        raise NonFiniteLoss(phase, epoch, int(bad.nonzero()[0]))
 
-    Each batch's loss is copied into a device buffer instead of `.item()`-ed, so the host
-    waits once per epoch, not once per step; the buffer also says which batch went bad.
-    """
-    device = next(model.parameters()).device
-    losses = torch.empty(len(batches), device=device)
-    for i, (x, y) in enumerate(batches.epoch()):
-        losses[i] = step(x, y)
-    return losses
+
+def rng_states(device: torch.device) -> dict[str, Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def fit(
@@ -98,7 +139,17 @@ def fit(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     on_epoch: EpochHook | None = None,
+    checkpoints: Checkpoints | None = None,
+    resume: TrainState | None = None,
+    stop: StopSignals | None = None,
 ) -> History:
+    """The seed's loop, resumable at any (epoch, batch) and checkpointed on a cadence.
+
+    Per-batch losses go into a device buffer instead of being `.item()`-ed, so the host
+    waits once per epoch, not once per step; the buffer also says which batch went bad.
+    """
+    device = next(model.parameters()).device
+
     def train_step(x: Tensor, y: Tensor) -> Tensor:
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -106,31 +157,53 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def val_step(x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(model(x), y)
+    history = History(list(resume.train_loss), list(resume.val_loss)) if resume else History()
+    start_epoch, start_batch = (resume.epoch, resume.batch) if resume else (0, 0)
+    if resume:
+        train.load_state_dict(resume.loader)
 
-    history = History()
-    for epoch in range(epochs):
+    def snapshot(epoch: int, batch: int, loader: dict[str, Tensor], done: Tensor) -> TrainState:
+        return TrainState(epoch, batch, model.state_dict(), optimizer.state_dict(), loader,
+                          done[:batch], list(history.train), list(history.val),
+                          rng_states(device))  # fmt: skip
+
+    for epoch in range(start_epoch, epochs):
+        loader_state = train.state_dict()  # the shuffle generator before this epoch's draw
+        first = start_batch if epoch == start_epoch else 0
+        train_losses = torch.empty(len(train), device=device)
+        if first:
+            train_losses[:first] = resume.batch_losses.to(device)
         model.train()
-        train_losses = _epoch_losses(model, train, train_step)
+        for i, (x, y) in enumerate(train.epoch(first), start=first):
+            train_losses[i] = train_step(x, y)
+            stopping = stop is not None and stop.signum is not None
+            if checkpoints is not None and (stopping or checkpoints.time_due()):
+                _raise_if_non_finite(train_losses[: i + 1], "training", epoch)  # keep bad out
+                checkpoints.save(snapshot(epoch, i + 1, loader_state, train_losses))
+            if stopping:
+                raise Interrupted(stop.signum)
         model.eval()
+        val_losses = torch.empty(len(val), device=device)
         with torch.no_grad():
-            val_losses = _epoch_losses(model, val, val_step)
+            for i, (x, y) in enumerate(val.epoch()):
+                val_losses[i] = loss_fn(model(x), y)
         # float64 mean, like np.mean over the seed's Python floats; one host sync per epoch.
         train_loss, val_loss = torch.stack(
             [train_losses.double().mean(), val_losses.double().mean()]
         ).tolist()
-        for phase, value, per_batch in (
-            ("training", train_loss, train_losses),
-            ("validation", val_loss, val_losses),
-        ):
-            if not math.isfinite(value):
-                bad = int((~torch.isfinite(per_batch)).nonzero()[0])
-                raise NonFiniteLoss(phase, epoch, bad)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            _raise_if_non_finite(train_losses, "training", epoch)
+            _raise_if_non_finite(val_losses, "validation", epoch)
         history.train.append(train_loss)
         history.val.append(val_loss)
         if on_epoch is not None:
             on_epoch(epoch, train_loss, val_loss)
+        stopping = stop is not None and stop.signum is not None
+        done = epoch + 1
+        if checkpoints is not None and (stopping or done == epochs or checkpoints.epoch_due(done)):
+            checkpoints.save(snapshot(done, 0, train.state_dict(), train_losses))
+        if stopping:
+            raise Interrupted(stop.signum)
     return history
 
 
@@ -142,17 +215,19 @@ class Trained:
     train_loss: list[float]
     val_loss: list[float]
     epochs_trained: int  # epochs computed in this run (0 when served from the cache)
+    resumed_from: dict[str, int] | None = None  # {"epoch": E, "batch": B} of the checkpoint
     cache_key: str = field(default="", compare=False)
 
     def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         meta = {"spec": dataclasses.asdict(self.spec), "train_loss": self.train_loss,
-                "val_loss": self.val_loss, "epochs_trained": self.epochs_trained}  # fmt: skip
+                "val_loss": self.val_loss, "epochs_trained": self.epochs_trained,
+                "resumed_from": self.resumed_from}  # fmt: skip
         return self.state, meta
 
     @classmethod
     def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Trained:
         return cls(spec_from_json(meta["spec"]), tensors, meta["train_loss"], meta["val_loss"],
-                   meta["epochs_trained"])  # fmt: skip
+                   meta["epochs_trained"], meta["resumed_from"])  # fmt: skip
 
 
 class Progress:
@@ -161,13 +236,16 @@ class Progress:
     def __init__(self, log: Callable[[str], None], epochs: int, steps_per_epoch: int):
         self.log, self.epochs, self.steps = log, epochs, steps_per_epoch
         self.start = self.last = time.perf_counter()
+        self.first_epoch: int | None = None  # a resumed run starts past 0
 
     def __call__(self, epoch: int, train_loss: float, val_loss: float) -> None:
         now = time.perf_counter()
-        if now - self.last < 1.0 and epoch + 1 < self.epochs and epoch > 0:
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+        elif now - self.last < 1.0 and epoch + 1 < self.epochs:
             return
         self.last = now
-        rate = (epoch + 1) * self.steps / max(now - self.start, 1e-9)
+        rate = (epoch + 1 - self.first_epoch) * self.steps / max(now - self.start, 1e-9)
         self.log(
             f"epoch {epoch + 1}/{self.epochs}  train {train_loss:.6f}  val {val_loss:.6f}  "
             f"({rate:,.0f} steps/s)"
@@ -185,22 +263,41 @@ def train_model(
     epochs: int,
     device: torch.device,
     on_epoch: EpochHook | None = None,
+    checkpoints: Checkpoints | None = None,
+    resume: TrainState | None = None,
+    stop: StopSignals | None = None,
 ) -> Trained:
     model = instantiate(initial.spec, initial.state).to(device)
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
-    history = fit(model, loaders.train, loaders.val, make_loss(loss), opt, epochs, on_epoch)
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        # Hyperparameters come from this config (equal by the lineage key); state from disk.
+        opt.load_state_dict({**opt.state_dict(), "state": resume.optimizer["state"]})
+        restore_rng_states(resume.rng, device)
+    history = fit(model, loaders.train, loaders.val, make_loss(loss), opt, epochs, on_epoch,
+                  checkpoints, resume, stop)  # fmt: skip
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    return Trained(initial.spec, state, history.train, history.val, epochs_trained=epochs)
+    resumed_from = {"epoch": resume.epoch, "batch": resume.batch} if resume else None
+    epochs_trained = epochs - (resume.epoch if resume else 0)
+    return Trained(initial.spec, state, history.train, history.val, epochs_trained, resumed_from)
 
 
 def train_identity(inputs: dict[str, Any]) -> dict[str, Any]:
     """The result depends on the device type (CPU and CUDA kernels round differently),
     not on the run folder; momentum only matters to SGD."""
-    key = {k: v for k, v in inputs.items() if k != "run_dir"}
+    key = {k: v for k, v in inputs.items() if k not in ("run_dir", "checkpointing")}
     key["device"] = resolve_device(inputs["device"]).type
     if inputs["optimizer"] != "sgd":
         key.pop("momentum")
     return key
+
+
+def lineage_key(inputs: dict[str, Any]) -> str:
+    """train-epochs' key without `epochs`: the first N epochs of a run are the same whatever
+    its length, so a longer run of the same config continues from a shorter one's checkpoint."""
+    key = train_identity(inputs)
+    del key["epochs"]
+    return stage_key("train-epochs", train_epochs.fn, key)
 
 
 def log_losses(writer: SummaryWriter, epoch: int, train_loss: float, val_loss: float) -> None:
@@ -208,7 +305,33 @@ def log_losses(writer: SummaryWriter, epoch: int, train_loss: float, val_loss: f
     writer.add_scalars("loss", {"training": train_loss, "validation": val_loss}, epoch)
 
 
-@task(name="train-epochs", cache_policy=StageCache(identity=train_identity))
+def loss_writer(run_dir: Path, train_loss: list[float], val_loss: list[float]) -> SummaryWriter:
+    """A writer whose loss curves hold exactly the given history: each epoch once.
+
+    A resumed or cached run may reuse a folder that already has curves (a retry, a repeated
+    --run-name): they are rewritten from the history rather than appended to.
+    """
+    for curve in ("loss_training", "loss_validation"):
+        for old in (run_dir / curve).glob("events.out.tfevents.*"):
+            old.unlink()
+    writer = SummaryWriter(str(run_dir))
+    for epoch, losses in enumerate(zip(train_loss, val_loss, strict=True)):
+        log_losses(writer, epoch, *losses)
+    return writer
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    # Bad input and a diverging loss fail the same way every time: don't retry those.
+    return not isinstance(state.result(raise_on_failure=False), InputError | NonFiniteLoss)
+
+
+@task(
+    name="train-epochs",
+    cache_policy=StageCache(identity=train_identity),
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_worth_retrying,
+)
 def train_epochs(
     initial: InitialModel,
     loaders: Loaders,
@@ -220,9 +343,17 @@ def train_epochs(
     epochs: int,
     device: str,
     run_dir: Path,
+    checkpointing: Checkpointing | None = None,
 ) -> Trained:
-    progress = Progress(get_run_logger().info, epochs, len(loaders.train))
-    with SummaryWriter(str(run_dir)) as writer:
+    # locals() here is exactly this call's inputs: the lineage key is computed from them.
+    checkpoints = checkpointing.open(lineage_key(locals())) if checkpointing else None
+    resume = checkpoints.latest(epochs) if checkpoints and checkpointing.resume else None
+    logger = get_run_logger()
+    if resume is not None:
+        logger.info(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
+    progress = Progress(logger.info, epochs, len(loaders.train))
+    history = (resume.train_loss, resume.val_loss) if resume else ([], [])
+    with loss_writer(run_dir, *history) as writer, StopSignals() as stop:
 
         def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
             log_losses(writer, epoch, train_loss, val_loss)
@@ -230,16 +361,12 @@ def train_epochs(
 
         return train_model(
             initial, loaders, optimizer, lr, momentum, weight_decay, loss, epochs,
-            resolve_device(device), on_epoch,
+            resolve_device(device), on_epoch, checkpoints, resume, stop,
         )  # fmt: skip
 
 
 @on_cache_hit(train_epochs)
 def _replay_losses(trained: Trained, run_dir: Path, **_: Any) -> Trained:
     """A cached training run still gets its loss curves in this run's TensorBoard."""
-    with SummaryWriter(str(run_dir)) as writer:
-        for epoch, (train_loss, val_loss) in enumerate(
-            zip(trained.train_loss, trained.val_loss, strict=True)
-        ):
-            log_losses(writer, epoch, train_loss, val_loss)
-    return dataclasses.replace(trained, epochs_trained=0)
+    loss_writer(run_dir, trained.train_loss, trained.val_loss).close()
+    return dataclasses.replace(trained, epochs_trained=0, resumed_from=None)
