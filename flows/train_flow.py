@@ -18,7 +18,10 @@ from tasks.split import split
 from tasks.train import Interrupted, output_width, train_epochs
 
 
-@flow(name="train")
+# Scheduled and UI-started runs retry a failed flow (cached stages and checkpoints make a retry
+# cheap); the CLI turns this off so bad input fails at once. A crashed process is not an
+# exception: deployments/ installs the automations that bring those runs back.
+@flow(name="train", retries=2, retry_delay_seconds=30)
 def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
     cfg = config
     run = start_run(cfg.runs_dir, cfg.run_name, cfg.model_dump(mode="json"),
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, prog="train_flow.py")
     quiet_input_errors()
     try:
-        summary = train_flow(config)
+        summary = train_flow.with_options(retries=0)(config)
     except InputError as exc:
         print(f"train_flow.py: error: {exc}", file=sys.stderr)
         return 2

@@ -83,7 +83,9 @@ def test_bad_data_fails_before_training_and_leaves_no_run_directory(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n3,x\n")
     with pytest.raises(InputError, match=r"line 3, column 'b'"):
-        train_flow(TrainConfig(data=str(bad), runs_dir=str(tmp_path / "runs")))
+        train_flow.with_options(retries=0)(
+            TrainConfig(data=str(bad), runs_dir=str(tmp_path / "runs"))
+        )
     assert not (tmp_path / "runs").exists()
 
 
