@@ -124,7 +124,28 @@ def child_checkpoint(every_seconds: str, folder: str) -> dict[str, Any]:
             "saved": checkpoints.saved if checkpoints else 0}  # fmt: skip
 
 
+def child_loop(kind: str, scale_name: str, epochs: str, device: str) -> dict[str, Any]:
+    """One training loop from benchmarks/loops.py, after a short warm-up of the same loop."""
+    import torch
+
+    sys.path.insert(0, str(HERE.parent))
+    import loops
+
+    scale = {"seed": loops.SEED_SCALE, "large": loops.LARGE_SCALE}[scale_name]
+    dev = torch.device(device)
+    run = {
+        "seed": lambda n: loops.seed_loop(scale, dev, n),
+        "trainflow": lambda n: loops.trainflow_loop(scale, dev, n),
+        "autograd-free": lambda n: loops.autograd_free_loop(dev, n),
+    }[kind]
+    run(max(1, int(epochs) // 20))  # first-call costs (lazy imports, allocator) are not steps
+    result = run(int(epochs))
+    return {"steps_per_s": result.steps_per_s, "seconds": result.seconds,
+            "train_loss": result.train_loss, "val_loss": result.val_loss}  # fmt: skip
+
+
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
+    "loop": child_loop,
     "checkpoint": child_checkpoint,
     "flow": lambda *a: child_flow(list(a)),
     "load": child_load,
@@ -205,7 +226,7 @@ def bench_cache(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -
     out: dict[str, Any] = {}
     cold, cached = [], []
     for i in range(repeat):
-        common = ["--cache-dir", f"cache-rerun-{i}", "--runs-dir", "runs"]
+        common = ["--cache-dir", f"cache-rerun-{i}", "--runs-dir", "runs", "--epochs", "2000"]
         cold.append(spawn(env, "flow", *common))
         cached.append(spawn(env, "flow", *common))
     out["cold_flow"] = median([r["seconds"] for r in cold])
@@ -215,7 +236,7 @@ def bench_cache(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -
     out["cached_over_cold"] = out["cached_flow"]["median"] / out["cold_flow"]["median"]
     all_cached = all(s == "Cached" for n, s in out["cached_states"].items() if n != "build-loaders")
     rows += [
-        ("cache: cold flow (200 epochs)", fmt(out["cold_flow"])),
+        ("cache: cold flow (2000 epochs)", fmt(out["cold_flow"])),
         ("cache: re-run flow", fmt(out["cached_flow"]) + "   target ≤ 3 s"),
         ("cache: re-run / cold", f"{out['cached_over_cold']:.2f}×   target ≤ 0.3×"),
         ("cache: re-run stages", f"all cached: {all_cached}, "
@@ -292,7 +313,80 @@ def bench_checkpoint(env: dict[str, str], repeat: int, rows: list[tuple[str, str
     return out
 
 
-SECTIONS = ("cache", "data", "checkpoint")
+def bench_loop(
+    env: dict[str, str], repeat: int, rows: list[tuple[str, str]], device: str = "cpu"
+) -> dict[str, Any]:
+    """The seed's loop vs trainflow's on the same batches: steps/s and the ratio."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for scale, epochs in (("seed", "300"), ("large", "1")):
+        runs = {kind: [spawn(env, "loop", kind, scale, epochs, device) for _ in range(repeat)]
+                for kind in ("seed", "trainflow")}  # fmt: skip
+        seed, ours = (median([r["steps_per_s"] for r in runs[k]]) for k in ("seed", "trainflow"))
+        ref, got = runs["seed"][0], runs["trainflow"][0]
+        error = max(
+            float(np.max(np.abs(np.subtract(ref[k], got[k])) / np.abs(ref[k])))
+            for k in ("train_loss", "val_loss")
+        )
+        out[scale] = {"seed": seed, "trainflow": ours, "ratio": ours["median"] / seed["median"],
+                      "max_relative_loss_difference": error}  # fmt: skip
+        rows += [
+            (f"loop {scale}: seed loop", f"{seed['median']:,.0f} steps/s "
+             f"({seed['min']:,.0f}–{seed['max']:,.0f})"),
+            (f"loop {scale}: trainflow", f"{ours['median']:,.0f} steps/s "
+             f"({ours['min']:,.0f}–{ours['max']:,.0f})"),
+            (f"loop {scale}: ratio", f"{out[scale]['ratio']:.2f}×   target ≥ 3×; "
+             f"losses differ by ≤ {error:.1e} (relative)"),
+        ]  # fmt: skip
+    free = median([spawn(env, "loop", "autograd-free", "seed", "300", device)["steps_per_s"]
+                   for _ in range(repeat)])  # fmt: skip
+    out["autograd_free"] = free
+    times_seed = free["median"] / out["seed"]["seed"]["median"]
+    rows.append(("loop seed: autograd-free limit",
+                 f"{free['median']:,.0f} steps/s ({times_seed:.1f}× the seed loop)"))  # fmt: skip
+    return out
+
+
+def _timed_process(env: dict[str, str], *command: str) -> float:
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *command], cwd=env["BENCH_CWD"], env=env,
+                            capture_output=True, text=True, timeout=1800)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"{command} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def bench_e2e(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """Whole processes at 2,000 epochs: the seed script vs `python flows/train_flow.py`."""
+    flow = str(REPO / "flows" / "train_flow.py")
+    seed = str(HERE.parent / "seed_script.py")
+    # Prefect's temporary server: its own PREFECT_HOME, migrated by a warm-up run first.
+    ephemeral = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    ephemeral["PREFECT_HOME"] = str(Path(env["BENCH_CWD"]) / "prefect-ephemeral")
+    _timed_process(ephemeral, flow, "--epochs", "2", "--cache-dir", "warm-up")
+    times: dict[str, list[float]] = {k: [] for k in ("seed", "ephemeral", "server", "cached")}
+    for i in range(repeat):
+        times["seed"].append(_timed_process(env, seed, "--epochs", "2000", "--logdir", f"s{i}"))
+        args = ("--epochs", "2000")
+        times["ephemeral"].append(_timed_process(ephemeral, flow, *args, "--cache-dir", f"e{i}"))
+        times["server"].append(_timed_process(env, flow, *args, "--cache-dir", f"c{i}"))
+        times["cached"].append(_timed_process(env, flow, *args, "--cache-dir", f"c{i}"))
+    out = {k: median(v) for k, v in times.items()}
+    base = out["seed"]["median"]
+    rows += [
+        ("e2e 2000 epochs: seed script", fmt(out["seed"])),
+        ("e2e: trainflow, temporary server", fmt(out["ephemeral"])
+         + f"   {out['ephemeral']['median'] / base:.2f}× the seed   target ≤ 1.0×"),
+        ("e2e: trainflow, running server", fmt(out["server"])
+         + f"   {out['server']['median'] / base:.2f}× the seed   target ≤ 1.0×"),
+        ("e2e: trainflow, cached re-run", fmt(out["cached"])
+         + f"   {out['cached']['median'] / out['server']['median']:.2f}× its cold run"),
+    ]  # fmt: skip
+    return out
+
+
+SECTIONS = ("loop", "e2e", "cache", "data", "checkpoint")
 
 
 def main() -> int:
@@ -303,6 +397,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
     parser.add_argument("--data-gb", type=float, default=1.0, help="size of the data benchmark")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="device of the loop section")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -317,6 +412,10 @@ def main() -> int:
         server = Server(Path(scratch) / "prefect")
         env = {**server.env, "BENCH_CWD": scratch, "PYTHONPATH": str(REPO)}
         try:
+            if "loop" in sections:
+                results["loop"] = bench_loop(env, args.repeat, rows, args.device)
+            if "e2e" in sections:
+                results["e2e"] = bench_e2e(env, args.repeat, rows)
             if "cache" in sections:
                 results["cache"] = bench_cache(env, args.repeat, rows)
             if "checkpoint" in sections:

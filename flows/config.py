@@ -7,10 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from tasks.cache import DEFAULT_CACHE_DIR
+from tasks.defaults import DEFAULT_CACHE_DIR
 
 MAX_SEED = 2**63 - 1
 SYNTHETIC = "synthetic"
+# Checked by the validators below and, as JSON-schema patterns, by the Prefect server before a
+# deployment run exists (the UI form rejects a bad value at once).
+DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 def _split_commas(value: object) -> object:
@@ -68,7 +72,9 @@ class TrainConfig(BaseModel):
         "linear", description="'linear': nn.Sequential(nn.Linear(F, T)); 'mlp': hidden layers."
     )
     hidden: Annotated[tuple[int, ...], CommaList] = Field(
-        (64, 64), description="MLP hidden layer sizes, comma-separated (model='mlp' only)."
+        (64, 64),
+        description="MLP hidden layer sizes, comma-separated (model='mlp' only).",
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 2**20}},
     )
     activation: Literal["relu", "tanh", "gelu", "silu"] = Field(
         "relu", description="MLP activation (model='mlp' only)."
@@ -85,7 +91,9 @@ class TrainConfig(BaseModel):
     )
     epochs: int = Field(200, ge=1, le=10**7, description="Training epochs.")
     device: str = Field(
-        "auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps'."
+        "auto",
+        description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps'.",
+        json_schema_extra={"pattern": DEVICE},
     )
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -104,7 +112,9 @@ class TrainConfig(BaseModel):
     # --- outputs ----------------------------------------------------------------------------
     runs_dir: str = Field("runs", min_length=1, description="Folder holding one folder per run.")
     run_name: str | None = Field(
-        None, description="Name of this run's folder under runs_dir; default: generated, unique."
+        None,
+        description="Name of this run's folder under runs_dir; default: generated, unique.",
+        json_schema_extra={"pattern": RUN_NAME},
     )
 
     # --- cache ------------------------------------------------------------------------------
@@ -129,7 +139,7 @@ class TrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        if not re.fullmatch(DEVICE, device):
             raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         return device
 
@@ -137,7 +147,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _plain_run_name(cls, name: str | None) -> str | None:
         # The run name becomes a folder: keep every write inside runs_dir.
-        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        if name is not None and not re.fullmatch(RUN_NAME, name):
             raise ValueError(
                 "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )

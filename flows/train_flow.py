@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import sys
 
+if __name__ == "__main__":
+    # Before the heavy imports below: validate the flags (a bad one exits 2 right away), then
+    # let Prefect's temporary API server boot on the other core while torch loads.
+    from flows import runtime
+    from flows.cli import parse_config
+    from flows.config import TrainConfig
+
+    parse_config(TrainConfig, sys.argv[1:], prog="train_flow.py")
+    runtime.start_early()
+
 from prefect import flow
 
 from flows.cli import parse_config
 from flows.config import TrainConfig
+from flows.runtime import command_line_run
 from tasks.data import load_tensors
 from tasks.errors import InputError, quiet_input_errors
 from tasks.export import export_graph
@@ -45,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, prog="train_flow.py")
     quiet_input_errors()
     try:
-        summary = train_flow.with_options(retries=0)(config)
+        with command_line_run():
+            summary = train_flow.with_options(retries=0)(config)
     except InputError as exc:
         print(f"train_flow.py: error: {exc}", file=sys.stderr)
         return 2

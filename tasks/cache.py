@@ -44,11 +44,11 @@ from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file as safetensors_save_file
 from torch import Tensor
 
+from tasks.defaults import DEFAULT_CACHE_DIR
 from tasks.files import FILE_MODE, atomic_write
 
 log = logging.getLogger("trainflow.cache")
 
-DEFAULT_CACHE_DIR = ".trainflow/cache"
 PROJECT_PACKAGES = ("tasks", "flows")
 SERIALIZER_TYPE = "trainflow-artifact"
 FORMAT = 1
