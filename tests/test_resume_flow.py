@@ -18,11 +18,11 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
-# ~100 batches per epoch and ~1 s of training for 40 epochs on these machines.
-BY_EPOCH = ["--n-samples", "2000", "--epochs", "40", "--checkpoint-every-epochs", "4",
+# 1,000 batches per epoch, a few seconds of training for 40 epochs on these machines.
+BY_EPOCH = ["--n-samples", "20000", "--epochs", "40", "--checkpoint-every-epochs", "4",
             "--checkpoint-every-seconds", "0"]  # fmt: skip
-# ~2,000 batches per epoch: time-based checkpoints land mid-epoch.
-MID_EPOCH = ["--n-samples", "40000", "--epochs", "3", "--checkpoint-every-seconds", "0.3"]
+# 20,000 batches per epoch (about a second each): time-based checkpoints land mid-epoch.
+MID_EPOCH = ["--n-samples", "400000", "--epochs", "3", "--checkpoint-every-seconds", "0.2"]
 
 
 def _start(tmp_path, env, args, cache, name):
