@@ -8,7 +8,7 @@ import sys
 import time
 
 from tasks.cache import list_entries, prune
-from tasks.defaults import DEFAULT_CACHE_DIR
+from tasks.rules import DEFAULT_CACHE_DIR
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
          "t": 1e12, "tb": 1e12}  # fmt: skip

@@ -55,7 +55,9 @@ def describe(error: ValidationError) -> str:
     got = first.get("input")
     message = first["msg"][0].lower() + first["msg"][1:]
     shown = f" (got {got!r})" if isinstance(got, str | int | float) else ""
-    return f"{flag(field) if field else 'arguments'}: {message}{shown}"
+    if not field:  # a rule across fields: its message names the flags itself
+        return message.removeprefix("value error, ")
+    return f"{flag(field)}: {message}{shown}"
 
 
 def parse_config(model: type[M], argv: list[str] | None = None, prog: str | None = None) -> M:

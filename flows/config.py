@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from tasks.defaults import DEFAULT_CACHE_DIR
+from tasks.rules import DEFAULT_CACHE_DIR, SYNTHETIC, model_names, train_size
 
 MAX_SEED = 2**63 - 1
-SYNTHETIC = "synthetic"
 # Checked by the validators below and, as JSON-schema patterns, by the Prefect server before a
 # deployment run exists (the UI form rejects a bad value at once).
 DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
@@ -68,8 +67,10 @@ class TrainConfig(BaseModel):
     )
 
     # --- model ------------------------------------------------------------------------------
-    model: Literal["linear", "mlp"] = Field(
-        "linear", description="'linear': nn.Sequential(nn.Linear(F, T)); 'mlp': hidden layers."
+    model: Literal[model_names()] = Field(  # type: ignore[valid-type]
+        "linear",
+        description="'linear': nn.Sequential(nn.Linear(F, T)); 'mlp': hidden layers; or a "
+        "model another package registers under the 'trainflow.models' entry point.",
     )
     hidden: Annotated[tuple[int, ...], CommaList] = Field(
         (64, 64),
@@ -128,6 +129,24 @@ class TrainConfig(BaseModel):
         False, description="Recompute every cached stage and overwrite its entry."
     )
     no_cache: bool = Field(False, description="Bypass the cache: neither read nor write it.")
+
+    @model_validator(mode="after")
+    def _fits_together(self) -> TrainConfig:
+        # What can be checked without the data; the rest is checked once it is loaded.
+        if self.data == SYNTHETIC:
+            if self.loss in ("cross_entropy", "bce_with_logits"):
+                raise ValueError(
+                    f"--loss {self.loss} needs class targets, but the synthetic data's target "
+                    "is continuous (use mse, l1 or huber)"
+                )
+            n_train = train_size(self.n_samples, self.val_fraction)
+            if n_train in (0, self.n_samples):
+                empty = "training" if n_train == 0 else "validation"
+                raise ValueError(
+                    f"--val-fraction {self.val_fraction} leaves the {empty} split empty "
+                    f"for --n-samples {self.n_samples}"
+                )
+        return self
 
     @field_validator("hidden")
     @classmethod

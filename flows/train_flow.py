@@ -20,7 +20,7 @@ from flows.cli import parse_config
 from flows.config import TrainConfig
 from flows.runtime import command_line_run
 from tasks.data import load_tensors
-from tasks.errors import InputError, quiet_input_errors
+from tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_errors
 from tasks.export import export_graph
 from tasks.loaders import build_loaders
 from tasks.model import build_model
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"train_flow.py: error: {exc}", file=sys.stderr)
         return 2
+    except (StorageError, NonFiniteLoss) as exc:
+        print(f"train_flow.py: error: {exc}", file=sys.stderr)
+        return 1
     except Interrupted as exc:
         print(f"train_flow.py: {exc}; run it again to resume", file=sys.stderr)
         return 128 + exc.signum

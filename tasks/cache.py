@@ -38,14 +38,16 @@ from prefect.cache_policies import CachePolicy
 from prefect.exceptions import MissingContextError
 from prefect.filesystems import WritableFileSystem
 from prefect.serializers import Serializer
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file as safetensors_save_file
 from torch import Tensor
 
-from tasks.defaults import DEFAULT_CACHE_DIR
+from tasks.errors import writing
 from tasks.files import FILE_MODE, atomic_write
+from tasks.rules import DEFAULT_CACHE_DIR
 
 log = logging.getLogger("trainflow.cache")
 
@@ -375,7 +377,8 @@ class ArtifactSerializer(Serializer):
         if ARTIFACTS.get(name) is not type(obj):
             raise TypeError(f"{name} is not a registered cacheable stage output")
         tensors, meta = obj.to_cache()
-        blob = CacheStore(self.root).put_blob(tensors)
+        with writing(f"the cache at {self.root!r} (the run goes on without this entry)"):
+            blob = CacheStore(self.root).put_blob(tensors)
         manifest = {"format": FORMAT, "artifact": name, "meta": meta, "blob": blob,
                     "created": time.time()}  # fmt: skip
         return json.dumps(manifest).encode()
@@ -390,7 +393,7 @@ class ArtifactSerializer(Serializer):
             ):
                 raise CorruptEntry("not a trainflow cache manifest")
             tensors = CacheStore(self.root).get_blob(**manifest["blob"])
-        except (CorruptEntry, OSError, ValueError, KeyError, TypeError) as exc:
+        except (CorruptEntry, OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             # Prefect turns this into a miss: the stage recomputes and replaces the entry.
             warn(f"unusable cache entry, recomputing it: {exc}")
             raise CorruptEntry(str(exc)) from exc
@@ -429,7 +432,8 @@ class CacheStorage(WritableFileSystem):
     def write_path(self, path: str, content: bytes, **_: Any) -> str:
         store = self._store()
         target = store.path("records", os.path.basename(path))
-        store.write(target, content)
+        with writing(f"the cache at {self.root!r} (the run goes on without this entry)"):
+            store.write(target, content)
         return target
 
     async def aread_path(self, path: str) -> bytes:

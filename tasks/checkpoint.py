@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 import xxhash
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from tasks.cache import CacheStore, warn
+from tasks.errors import writing
 
 NAME = re.compile(r"ckpt-(\d{9})-(\d{9})-([0-9a-f]{32})\.safetensors")
 
@@ -133,7 +135,8 @@ class Checkpoints:
         data = encode(state)
         checksum = xxhash.xxh3_128_hexdigest(data)
         path = self.store.path(f"ckpt-{state.epoch:09d}-{state.batch:09d}-{checksum}.safetensors")
-        self.store.write(path, data)
+        with writing(f"a checkpoint to {self.store.url!r}"):  # the older ones stay as they are
+            self.store.write(path, data)
         self.last_save = time.monotonic()
         self.saved += 1
         for *_, old in self._files()[: -self.keep]:
@@ -150,7 +153,7 @@ class Checkpoints:
                 if xxhash.xxh3_128_hexdigest(data) != checksum:
                     raise ValueError("checksum mismatch (truncated or altered)")
                 return decode(data)
-            except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as exc:
                 warn(f"skipping checkpoint {path.rsplit('/', 1)[-1]}: {exc}")
         return None
 

@@ -8,7 +8,7 @@ import pickle
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO, Any
@@ -85,6 +85,7 @@ def load_dataset(
     if target and suffix != ".csv":
         raise InputError(f"--target applies to CSV files only, not {suffix} ({source!r})")
     with _open(source) as f:
+        _check_fits_in_memory(f, suffix, source)
         if suffix == ".csv":
             return _from_csv(f, target, source)
         if suffix == ".npz":
@@ -111,6 +112,36 @@ def _open(source: str) -> Iterator[IO[bytes]]:
             raise InputError(f"data file {source!r}: file is empty")
         f.seek(0)
         yield f
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can get (Linux's MemAvailable), if known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits_in_memory(f: IO[bytes], suffix: str, source: str) -> None:
+    """Say up front that a file can't be loaded, instead of dying of OOM half-way."""
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    if suffix == ".npz":  # compressed members: what counts is their unpacked size
+        with suppress(zipfile.BadZipFile):  # an unreadable file is the loader's to report
+            size = sum(info.file_size for info in zipfile.ZipFile(f).infolist())
+        f.seek(0)
+    elif suffix == ".csv":
+        size //= 2  # text digits are denser than float32 plus parsing buffers; an estimate
+    available = available_memory()
+    if available is not None and size > available:
+        raise InputError(
+            f"data file {source!r}: needs about {size / 1e9:.1f} GB of memory to load, "
+            f"but only {available / 1e9:.1f} GB is available"
+        )
 
 
 def _from_csv(f: IO[bytes], target: tuple[str, ...], source: str) -> Dataset:

@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from tasks import files, rundir
 from tasks.cache import StageCache, cacheable
+from tasks.errors import writing
 from tasks.model import instantiate
 from tasks.rundir import on_cache_hit
 from tasks.split import Split
@@ -105,6 +106,13 @@ def write_outputs(
     exported: Exported, trained: Trained, parts: Split, run_dir: Path, config: dict[str, Any]
 ) -> None:
     """Every file of the run folder that export-graph owns, on a miss and on a hit alike."""
+    with writing(f"the run folder {str(run_dir)!r}"):
+        _write_outputs(exported, trained, parts, run_dir, config)
+
+
+def _write_outputs(
+    exported: Exported, trained: Trained, parts: Split, run_dir: Path, config: dict[str, Any]
+) -> None:
     metrics = metrics_record(trained)
     files.atomic_write(
         run_dir / f"events.out.tfevents.{time.time():.0f}.graph", exported.graph_events

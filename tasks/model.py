@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
 import torch
@@ -14,6 +16,8 @@ from prefect import task
 from torch import Tensor, nn
 
 from tasks.cache import StageCache, cacheable
+from tasks.errors import InputError
+from tasks.rules import MODEL_ENTRY_POINTS
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -48,13 +52,47 @@ def _mlp(spec: ModelSpec) -> nn.Module:
 
 
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {"linear": _linear, "mlp": _mlp}
+_PLUGIN_INIT = threading.Lock()  # fork_rng is process-wide: one plugin model built at a time
+
+
+def plugin_models() -> dict[str, Callable[[ModelSpec], nn.Module]]:
+    """Models other packages register, e.g. in their pyproject.toml:
+
+        [project.entry-points."trainflow.models"]
+        convnet = "mypackage.models:build_convnet"   # build_convnet(spec: ModelSpec) -> nn.Module
+
+    Only installed, named entry points are loaded — never an import path from a parameter.
+    """
+    return {ep.name: ep.load() for ep in entry_points(group=MODEL_ENTRY_POINTS)
+            if ep.name not in MODELS}  # fmt: skip
+
+
+def _builder(name: str) -> Callable[[ModelSpec], nn.Module]:
+    if name in MODELS:
+        return MODELS[name]
+    plugins = plugin_models()
+    if name not in plugins:
+        known = ", ".join((*MODELS, *plugins))
+        raise InputError(f"--model {name!r} is not a known model (known: {known})")
+    return plugins[name]
+
+
+def _seeded_plugin(name: str, spec: ModelSpec, seed: int) -> nn.Module:
+    # A plugin initialises itself with torch's global RNG: seed a fork of it, so the weights
+    # depend on `seed` alone and the caller's RNG is left as it was.
+    with _PLUGIN_INIT, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _builder(name)(spec)
 
 
 def instantiate(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.Module:
     """Build the architecture (no RNG use) and load `state` into it, if given."""
-    with torch.device("meta"):  # skips PyTorch's own init, which would draw from the global RNG
-        module = MODELS[spec.name](spec)
-    module = module.to_empty(device="cpu")
+    if spec.name not in MODELS:  # a plugin may keep buffers that meta tensors would lose
+        module = _seeded_plugin(spec.name, spec, 0)
+    else:
+        with torch.device("meta"):  # skips PyTorch's init, which draws from the global RNG
+            module = MODELS[spec.name](spec)
+        module = module.to_empty(device="cpu")
     if state is not None:
         module.load_state_dict(state)
     return module
@@ -97,9 +135,10 @@ def spec_from_json(spec: dict[str, Any]) -> ModelSpec:
 
 
 def initial_model(spec: ModelSpec, seed: int) -> InitialModel:
-    if spec.name not in MODELS:
-        raise ValueError(f"unknown model {spec.name!r}; known: {', '.join(MODELS)}")
-    module = init_weights_(instantiate(spec), torch.Generator().manual_seed(seed))
+    if spec.name in MODELS:
+        module = init_weights_(instantiate(spec), torch.Generator().manual_seed(seed))
+    else:
+        module = _seeded_plugin(spec.name, spec, seed)
     return InitialModel(spec, {k: v.detach().clone() for k, v in module.state_dict().items()})
 
 
@@ -112,7 +151,7 @@ def model_identity(inputs: dict[str, Any]) -> dict[str, Any]:
 def _spec(
     name: str, n_inputs: int, n_outputs: int, hidden: tuple[int, ...], activation: str
 ) -> ModelSpec:
-    if name != "mlp":  # unused knobs stay out of the spec, and out of the cache key
+    if name == "linear":  # unused knobs stay out of the spec, and out of the cache key
         hidden, activation = (), "relu"
     return ModelSpec(name, n_inputs, n_outputs, tuple(hidden), activation)
 

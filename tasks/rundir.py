@@ -31,6 +31,7 @@ from tasks.cache import (
     with_key,
 )
 from tasks.checkpoint import Checkpointing
+from tasks.errors import writing
 from tasks.files import write_json
 
 CONFIG, METRICS, STAGES = "config.json", "metrics.json", "stages.json"
@@ -75,8 +76,9 @@ class Run:
     def create(self) -> None:
         """Called once input is validated, so bad input never leaves a run folder behind."""
         if not (self.path / CONFIG).exists():
-            self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.path / CONFIG, self.config)
+            with writing(f"the run folder {str(self.path)!r}"):
+                self.path.mkdir(parents=True, exist_ok=True)
+                write_json(self.path / CONFIG, self.config)
 
     def _task_for_this_run(self, task: Task[..., Any]) -> Task[..., Any]:
         if self.cache_mode == "off" or not isinstance(task.cache_policy, StageCache):
@@ -114,7 +116,8 @@ class Run:
             value = ON_CACHE_HIT[task.name](value, **inputs)
         self.stages.append(StageRecord(task.name, state.name or "", round(seconds, 4), key))
         if self.path.exists():
-            write_json(self.path / STAGES, [dataclasses.asdict(s) for s in self.stages])
+            with writing(f"{self.path / STAGES}"):
+                write_json(self.path / STAGES, [dataclasses.asdict(s) for s in self.stages])
         return with_key(value, key)
 
     def checkpointing(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch import Tensor
 
 from tasks.cache import StageCache, cacheable
 from tasks.errors import InputError
+from tasks.rules import train_size
 
 
 @cacheable
@@ -31,9 +31,7 @@ class Split:
 
 def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
     """(n_train, n_val) as the seed computes them: n_train = int(n * ratio)."""
-    # The epsilon absorbs float error such as 10 * 0.7 == 6.999…, which int() would floor.
-    n_train = math.floor(n * (1 - val_fraction) + 1e-9)
-    n_train = min(n_train, n)
+    n_train = train_size(n, val_fraction)
     if n_train == 0 or n_train == n:
         empty = "train" if n_train == 0 else "validation"
         raise InputError(

@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tasks.cache import StageCache, cacheable, stage_key
 from tasks.checkpoint import Checkpointing, Checkpoints, TrainState
 from tasks.device import resolve_device
-from tasks.errors import InputError
+from tasks.errors import InputError, NonFiniteLoss, StorageError
 from tasks.loaders import Batches, Loaders
 from tasks.model import InitialModel, ModelSpec, instantiate, spec_from_json
 from tasks.rundir import on_cache_hit
@@ -66,12 +66,6 @@ def make_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-class NonFiniteLoss(RuntimeError):
-    def __init__(self, phase: str, epoch: int, batch: int):
-        super().__init__(f"non-finite {phase} loss at epoch {epoch}, batch {batch}; stopping")
-        self.epoch, self.batch = epoch, batch
 
 
 class Interrupted(BaseException):
@@ -253,17 +247,16 @@ class Progress:
 
     def __init__(self, log: Callable[[str], None], epochs: int, steps_per_epoch: int):
         self.log, self.epochs, self.steps = log, epochs, steps_per_epoch
-        self.start = self.last = time.perf_counter()
-        self.first_epoch: int | None = None  # a resumed run starts past 0
+        self.last_time, self.last_epoch = time.perf_counter(), None
 
     def __call__(self, epoch: int, train_loss: float, val_loss: float) -> None:
         now = time.perf_counter()
-        if self.first_epoch is None:
-            self.first_epoch = epoch
-        elif now - self.last < 1.0 and epoch + 1 < self.epochs:
+        if self.last_epoch is not None and now - self.last_time < 1.0 and epoch + 1 < self.epochs:
             return
-        self.last = now
-        rate = (epoch + 1 - self.first_epoch) * self.steps / max(now - self.start, 1e-9)
+        # The rate since the previous line: a resumed run, or a slow first epoch, doesn't skew it.
+        epochs_done = epoch + 1 - (self.last_epoch + 1 if self.last_epoch is not None else epoch)
+        rate = epochs_done * self.steps / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_epoch = now, epoch
         self.log(
             f"epoch {epoch + 1}/{self.epochs}  train {train_loss:.6f}  val {val_loss:.6f}  "
             f"({rate:,.0f} steps/s)"
@@ -339,8 +332,9 @@ def loss_writer(run_dir: Path, train_loss: list[float], val_loss: list[float]) -
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    # Bad input and a diverging loss fail the same way every time: don't retry those.
-    return not isinstance(state.result(raise_on_failure=False), InputError | NonFiniteLoss)
+    # Bad input, a diverging loss and a full disk fail the same way again: don't retry those.
+    failure = state.result(raise_on_failure=False)
+    return not isinstance(failure, InputError | NonFiniteLoss | StorageError)
 
 
 @task(

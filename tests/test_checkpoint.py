@@ -7,10 +7,11 @@ import torch
 
 from tasks.checkpoint import Checkpoints, TrainState, decode, encode
 from tasks.data import synthetic
+from tasks.errors import NonFiniteLoss
 from tasks.loaders import make_loaders
 from tasks.model import ModelSpec, initial_model
 from tasks.split import split_indices
-from tasks.train import Interrupted, NonFiniteLoss, StopSignals, train_model
+from tasks.train import Interrupted, StopSignals, train_model
 
 CPU = torch.device("cpu")
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from tasks.errors import InputError
 from tasks.model import ModelSpec, initial_model, instantiate
 
 
@@ -43,5 +44,5 @@ def test_instantiate_loads_state_and_predicts():
 
 
 def test_unknown_model_is_rejected():
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(InputError, match="not a known model"):
         initial_model(ModelSpec("resnet", 1, 1), seed=0)

@@ -5,11 +5,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tasks.data import Dataset, synthetic
-from tasks.errors import InputError
+from tasks.errors import InputError, NonFiniteLoss
 from tasks.loaders import make_loaders
 from tasks.model import ModelSpec, initial_model, instantiate
 from tasks.split import split_indices
-from tasks.train import NonFiniteLoss, make_loss, output_width, train_model
+from tasks.train import make_loss, output_width, train_model
 
 CPU = torch.device("cpu")
 
