@@ -258,8 +258,9 @@ def _as_float_tensor(array: np.ndarray | Tensor, name: str, source: str) -> Tens
     return tensor.to(torch.float32)
 
 
-def _non_finite(tensor: Tensor, rows_per_chunk: int = 1 << 16) -> str | None:
-    """Count and locate NaN/Inf values; in row chunks, so a large set costs no extra copy."""
+def _non_finite(tensor: Tensor, rows_per_chunk: int = 1 << 16) -> tuple[int, int, int] | None:
+    """(count, first row, first column) of NaN/Inf values; in row chunks, so a large data
+    set costs no extra copy."""
     count, first = 0, None
     for start in range(0, tensor.shape[0], rows_per_chunk):
         chunk = tensor[start : start + rows_per_chunk]
@@ -270,9 +271,7 @@ def _non_finite(tensor: Tensor, rows_per_chunk: int = 1 << 16) -> str | None:
         if first is None:
             row, col = (int(i) for i in bad.nonzero()[0])
             first = (start + row, col)
-    if first is None:
-        return None
-    return f"{count} NaN/Inf value(s), first at row {first[0]}, column {first[1]}"
+    return None if first is None else (count, *first)
 
 
 def _checked(
@@ -290,9 +289,13 @@ def _checked(
         raise InputError(f"{where}: x has {x.shape[0]} rows but y has {y.shape[0]}")
     if x.shape[0] == 0:
         raise InputError(f"{where}: the data set is empty")
-    for name, tensor in (("x", x), ("y", y)):
-        if problem := _non_finite(tensor):
-            raise InputError(f"{where}: {problem} in {name}")
+    for name, tensor, columns in (("x", x, features), ("y", y, targets)):
+        if found := _non_finite(tensor):
+            count, row, col = found
+            column = repr(columns[col]) if columns else str(col)
+            raise InputError(
+                f"{where}: {count} NaN/Inf value(s) in {name}, first at row {row}, column {column}"
+            )
     features = features or tuple(f"x{i}" for i in range(x.shape[1]))
     targets = targets or tuple(f"y{i}" for i in range(y.shape[1]))
     return Dataset(x.contiguous(), y.contiguous(), features, targets)

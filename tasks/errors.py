@@ -44,7 +44,9 @@ def writing(what: str) -> Iterator[None]:
     except StorageError:
         raise
     except OSError as exc:
-        raise StorageError(exc.errno, f"cannot write {what}: {_reason(exc)}") from exc
+        error = StorageError(f"cannot write {what}: {_reason(exc)}")
+        error.errno = exc.errno
+        raise error from exc
 
 
 def written(what: str, write: Callable[[], T]) -> T:

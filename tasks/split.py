@@ -33,7 +33,7 @@ def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
     """(n_train, n_val) as the seed computes them: n_train = int(n * ratio)."""
     n_train = train_size(n, val_fraction)
     if n_train == 0 or n_train == n:
-        empty = "train" if n_train == 0 else "validation"
+        empty = "training" if n_train == 0 else "validation"
         raise InputError(
             f"--val-fraction {val_fraction} leaves the {empty} split empty for {n} rows"
         )

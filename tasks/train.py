@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tasks.cache import StageCache, cacheable, stage_key
 from tasks.checkpoint import Checkpointing, Checkpoints, TrainState
 from tasks.device import resolve_device
-from tasks.errors import InputError, NonFiniteLoss, StorageError
+from tasks.errors import InputError, NonFiniteLoss, StorageError, writing
 from tasks.loaders import Batches, Loaders
 from tasks.model import InitialModel, ModelSpec, instantiate, spec_from_json
 from tasks.rundir import on_cache_hit
@@ -365,7 +365,13 @@ def train_epochs(
         logger.info(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
     progress = Progress(logger.info, epochs, len(loaders.train))
     history = (resume.train_loss, resume.val_loss) if resume else ([], [])
-    with loss_writer(run_dir, *history) as writer, StopSignals() as stop:
+    # TensorBoard writes in a background thread and re-raises its errors at a later call;
+    # whichever call that is, a full or read-only run folder is reported as such.
+    with (
+        writing(f"the run folder {str(run_dir)!r}"),
+        loss_writer(run_dir, *history) as writer,
+        StopSignals() as stop,
+    ):
 
         def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
             log_losses(writer, epoch, train_loss, val_loss)
