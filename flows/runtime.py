@@ -54,3 +54,17 @@ def command_line_run() -> Iterator[None]:
         _early_start.join()  # one server: let the early start finish before the client looks
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+def share_with_worker_processes() -> None:
+    """Dask or Ray workers are other processes: point them at this run's API server too, so
+    their flow runs land in the same place instead of each starting a temporary server."""
+    if not _uses_temporary_server():
+        return
+    if _early_start is not None:
+        _early_start.join()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # read by processes started from now on

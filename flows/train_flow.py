@@ -1,6 +1,7 @@
 """The training pipeline as one Prefect flow: six stages, top to bottom."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` in flow modules: a flow shipped to a Dask or Ray
+# worker is pickled by value, and its parameter types must travel as objects, not names.
 
 import sys
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -175,7 +176,22 @@ def code_fingerprint(fn: Callable[..., Any], packages: tuple[str, ...] = PROJECT
     Editing a helper in tasks/ changes the fingerprint of exactly the stages that call it,
     directly or through other helpers; library code is covered by the torch version instead.
     """
-    return _code_fingerprint(inspect.unwrap(getattr(fn, "fn", fn)), packages)
+    return _code_fingerprint(_canonical(inspect.unwrap(getattr(fn, "fn", fn))), packages)
+
+
+def _canonical(obj: Any) -> Any:
+    """The object its module defines under its name.
+
+    A function shipped to a Dask or Ray worker can arrive rebuilt, with no source file to
+    read (`<dynamic-code>`); the module's own copy, imported there, has one.
+    """
+    try:
+        target: Any = importlib.import_module(obj.__module__)
+        for part in obj.__qualname__.split("."):
+            target = getattr(target, part)
+    except (AttributeError, ImportError, TypeError):
+        return obj  # e.g. a function defined inside another: keep what we were given
+    return inspect.unwrap(getattr(target, "fn", target))  # a Task stands for its function
 
 
 @cache
@@ -192,7 +208,7 @@ def _code_fingerprint(fn: Callable[..., Any], packages: tuple[str, ...]) -> str:
             sources[name] = inspect.getsource(obj)
         except (OSError, TypeError):
             sources[name] = ""  # built at run time (e.g. a dataclass __init__): no source
-        for function in _functions_of(obj):
+        for function in map(_canonical, _functions_of(obj)):
             names = tuple(n for c in _code_objects(function.__code__) for n in c.co_names)
             for global_name in dict.fromkeys(names):
                 if global_name not in function.__globals__:

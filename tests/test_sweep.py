@@ -1,0 +1,114 @@
+"""Sweeps: grids, seeded samples, shared stages computed once, threads and Dask."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.config import TrainConfig
+from flows.sweep_flow import (
+    main,
+    parse_grid,
+    plan_points,
+    rank,
+    sweep_flow,
+    task_runner,
+    torch_threads_per_trial,
+    trial_configs,
+)
+from tasks.errors import InputError
+
+
+def test_a_grid_parses_fields_and_list_values():
+    assert parse_grid(["lr=0.01,0.1", "batch-size=16", "hidden=8;16,16"]) == {
+        "lr": ["0.01", "0.1"], "batch_size": ["16"], "hidden": ["8", "16,16"],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", ["nope=1", "lr", "lr=", "run_name=a,b", "cache_dir=x"])
+def test_a_bad_grid_names_itself(spec):
+    with pytest.raises(InputError, match="--grid"):
+        parse_grid([spec])
+
+
+def test_points_are_the_product_or_a_seeded_sample_in_grid_order():
+    grid = {"lr": ["1", "2", "3"], "batch_size": ["8", "16"]}
+    every = plan_points(grid, None, 0)
+    assert len(every) == 6 and every[0] == {"lr": "1", "batch_size": "8"}
+    sample = plan_points(grid, 3, seed=7)
+    assert sample == plan_points(grid, 3, seed=7) and len(sample) == 3
+    assert sample == sorted(sample, key=every.index)
+    assert plan_points(grid, 3, seed=8) != sample or plan_points(grid, 3, seed=9) != sample
+
+
+def test_each_point_is_a_validated_config_in_the_sweep_folder(tmp_path):
+    configs = trial_configs(TrainConfig(), [{"lr": "0.5"}, {"lr": "0.25"}], tmp_path)
+    assert [c.lr for c in configs] == [0.5, 0.25]
+    assert {c.runs_dir for c in configs} == {str(tmp_path)}
+    assert configs[0].run_name != configs[1].run_name
+    with pytest.raises(InputError, match=r"--lr: input should be greater than 0"):
+        trial_configs(TrainConfig(), [{"lr": "-1"}], tmp_path)
+
+
+def test_trials_share_the_cores():
+    assert torch_threads_per_trial(1) == (os.cpu_count() or 1)
+    assert torch_threads_per_trial(10**6) == 1
+
+
+def test_ranking_puts_failures_last():
+    rows = [{"status": "completed", "final_val_loss": 0.3, "run_name": "a"},
+            {"status": "failed", "error": "boom", "run_name": "b"},
+            {"status": "completed", "final_val_loss": 0.1, "run_name": "c"}]  # fmt: skip
+    assert [(r["rank"], r["run_name"]) for r in rank(rows)] == [(1, "c"), (2, "a"), (None, "b")]
+
+
+def test_the_command_line_rejects_a_bad_grid_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--grid", "nope=1"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("sweep_flow.py: error: --grid 'nope=1'")
+
+
+def _sweep(tmp_path, runner):
+    base = TrainConfig(epochs=8, runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "c"))
+    grid = {"lr": ["0.05", "0.1", "100"], "batch_size": ["16", "32"]}
+    return sweep_flow.with_options(task_runner=runner)(
+        base, grid, random_points=4, seed=1, max_concurrency=2, sweep_name="s"
+    )
+
+
+def _check(tmp_path, ranked):
+    assert len(ranked) == 4
+    completed = [r for r in ranked if r["status"] == "completed"]
+    failed = [r for r in ranked if r["status"] == "failed"]
+    assert completed and all("NonFiniteLoss" in r["error"] for r in failed)  # lr=100 diverges
+    losses = [r["final_val_loss"] for r in completed]
+    assert (
+        losses == sorted(losses)
+        and [r["rank"] for r in completed] == list(range(1, 5))[: len(completed)]
+    )
+    states = [r["stages"]["load-tensors"] for r in completed]
+    assert states.count("Completed") <= 1 and states.count("Cached") >= len(completed) - 1
+    record = json.loads((tmp_path / "runs" / "s" / "sweep.json").read_text())
+    assert [t["run_name"] for t in record["trials"]] == [r["run_name"] for r in ranked]
+    for row in completed:  # each trial is a full run folder, compared in one TensorBoard view
+        assert (Path(row["run_dir"]) / "model.safetensors").is_file()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_sweep_on_threads(tmp_path):
+    _check(tmp_path, _sweep(tmp_path, ThreadPoolTaskRunner(max_workers=2)))
+
+
+def test_a_sweep_on_a_local_dask_cluster(tmp_path, prefect_api, monkeypatch):
+    pytest.importorskip("prefect_dask")
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the workers are other processes
+    _check(tmp_path, _sweep(tmp_path, task_runner("dask", 2, None)))
+
+
+def test_a_sweep_on_ray(tmp_path, prefect_api, monkeypatch):
+    pytest.importorskip("prefect_ray", reason="the optional ray extra is not installed")
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    _check(tmp_path, _sweep(tmp_path, task_runner("ray", 2, None)))
