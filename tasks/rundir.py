@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 
 from tasks.cache import (
     ArtifactSerializer,
@@ -41,6 +42,13 @@ CacheMode = Literal["use", "refresh", "off"]
 
 
 def generate_run_name() -> str:
+    """Unique, sortable; inside a flow run, named after it, so a retried or re-run flow run
+    (a crash automation re-runs the same one) keeps writing the same run folder."""
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None:
+        run = context.flow_run
+        created = run.created or datetime.now()
+        return f"{created:%Y%m%d-%H%M%S}-{run.name}-{str(run.id)[:8]}"
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 

@@ -1,0 +1,361 @@
+"""Issue #5 end to end: deployments/ on a real server and real workers, with real crashes.
+
+One `prefect server start` (SQLite, 127.0.0.1, its own PREFECT_HOME) for the module, set up
+by deployments/up.sh as a user would; workers are `prefect worker start` processes. Every
+process is killed, with its children, when the module ends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .prefect_stack import POOL, REPO, Stack, kill_tree, start, wait_for
+
+_spec = importlib.util.spec_from_file_location("recovery", REPO / "deployments" / "recovery.py")
+recovery = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recovery)
+
+# ~2,000 batches an epoch, ~0.2 s an epoch here: long enough to kill mid-training, short
+# enough for CI. The same config (in another cache) gives the reference weights.
+LONG = {"n_samples": 40000, "epochs": 20, "checkpoint_every_seconds": 0.3}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("prefect-stack"))
+    try:
+        stack.start_server()
+        stack.up()
+        stack.worker = stack.start_worker("default")
+        yield stack
+    finally:
+        stack.stop()
+        print(f"\nserver and worker logs: {stack.home}")
+
+
+def _params(root: Path, **config) -> dict:
+    return {"config": {"runs_dir": str(root / "runs"), "cache_dir": str(root / "cache"), **config}}
+
+
+def _checkpoints(root: Path) -> list[tuple[int, int]]:
+    names = (p.name.split("-") for p in (root / "cache").glob("checkpoints/*/ckpt-*.safetensors"))
+    return sorted((int(epoch), int(batch)) for _, epoch, batch, _ in names)
+
+
+def _wait_for_epoch(root: Path, epoch: int) -> None:
+    wait_for(f"a checkpoint at epoch {epoch}+", lambda: any(e >= epoch for e, _ in
+             _checkpoints(root)), timeout=120, every=0.05)  # fmt: skip
+
+
+def _finished_run_dir(root: Path) -> Path:
+    """The attempt that finished: crashed attempts leave folders without metrics.json."""
+    [metrics] = (root / "runs").glob("*/metrics.json")
+    return metrics.parent
+
+
+class Reference:
+    """An uninterrupted run of LONG, started once and left running while the tests go on."""
+
+    def __init__(self, stack: Stack, root: Path):
+        self.stack, self.root = stack, root
+        self.run_id = stack.create_run("train/manual", _params(root, **LONG))
+
+    def weights(self) -> bytes:
+        self.stack.wait_for_state(self.run_id, {"Completed"}, timeout=180)
+        return (_finished_run_dir(self.root) / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference(stack, tmp_path_factory):
+    return Reference(stack, tmp_path_factory.mktemp("reference"))
+
+
+# --- deploying ----------------------------------------------------------------------------
+
+
+def test_up_deploys_both_deployments_with_schedule_schema_and_automations(stack):
+    nightly, manual = stack.deployment("train/nightly"), stack.deployment("train/manual")
+    for deployment in (nightly, manual):
+        assert deployment["work_pool_name"] == POOL
+        assert deployment["enforce_parameter_schema"] is True
+        assert "auto-recover" in deployment["tags"]
+        assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
+                                             {"directory": str(REPO)}}]  # fmt: skip
+        assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        config = deployment["parameter_openapi_schema"]["definitions"]["TrainConfig"]
+        assert config["properties"]["lr"]["exclusiveMinimum"] == 0
+        assert config["additionalProperties"] is False
+    [schedule] = nightly["schedules"]
+    assert schedule["schedule"]["cron"] == "0 2 * * *"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    assert schedule["active"] is True
+    assert manual["schedules"] == []
+
+    automations = {a["name"]: a for a in stack.api("POST", "/automations/filter").json()}
+    silent, rerun, give_up, loop = (automations[n]["trigger"] for n in recovery.NAMES)
+    assert silent["within"] == 40 and silent["after"] == ["prefect.flow-run.heartbeat"]
+    assert rerun["match"]["prefect.run-count"] == ["1", "2"] and rerun["within"] == 15
+    assert give_up["match"]["prefect.run-count"] == ["3"]
+    assert loop["threshold"] == 4
+
+
+def test_up_again_changes_nothing_but_restores_the_cron_and_keeps_the_switches(stack):
+    before = stack.deployment("train/nightly")
+    [schedule] = before["schedules"]
+    edit = {"active": False, "schedule": {"cron": "0 3 * * *", "timezone": "UTC"}}
+    deployment, path = f"/deployments/{before['id']}", f"/deployments/{before['id']}/schedules/"
+    automations = {a["name"]: a["id"] for a in stack.api("POST", "/automations/filter").json()}
+    # What the UI sends: a schedule switched off and edited, the whole deployment paused.
+    stack.api("PATCH", path + schedule["id"], json=edit).raise_for_status()
+    stack.api("PATCH", deployment, json={"paused": True}).raise_for_status()
+    try:
+        stack.up()
+        after = stack.deployment("train/nightly")
+        [kept] = after["schedules"]
+        assert after["id"] == before["id"] and kept["id"] == schedule["id"]
+        assert kept["schedule"]["cron"] == "0 2 * * *"  # the file's cron is back
+        assert kept["active"] is False and after["paused"] is True  # the switches are not
+        assert stack.deployment("train/manual")["paused"] is False
+        # Untouched, not re-created: a re-created automation forgets the runs it watches.
+        after_ids = {a["name"]: a["id"] for a in stack.api("POST", "/automations/filter").json()}
+        assert after_ids == automations and sorted(automations) == sorted(recovery.NAMES)
+    finally:
+        stack.api("PATCH", path + schedule["id"], json={"active": True}).raise_for_status()
+        stack.api("PATCH", deployment, json={"paused": False}).raise_for_status()
+
+
+def test_serve_py_registers_its_own_deployment_and_leaves_nightly_alone(stack):
+    nightly = stack.deployment("train/nightly")
+    server = start([sys.executable, "deployments/serve.py"], stack.env, stack.log("serve"))
+    try:
+        wait_for("train/nightly-served", lambda: stack.api(
+            "GET", "/deployments/name/train/nightly-served").is_success, timeout=90)  # fmt: skip
+    finally:
+        kill_tree(server)
+    served = stack.deployment("train/nightly-served")
+    assert served["id"] != nightly["id"]
+    [schedule] = served["schedules"]
+    assert schedule["schedule"] == nightly["schedules"][0]["schedule"]
+    assert (served["parameters"], served["tags"]) == (nightly["parameters"], nightly["tags"])
+    after = stack.deployment("train/nightly")
+    assert after["schedules"] == nightly["schedules"]
+    assert after["parameters"] == nightly["parameters"]
+
+
+# --- parameters ---------------------------------------------------------------------------
+
+
+def test_a_run_with_custom_parameters_completes_with_them(stack, tmp_path):
+    params = _params(tmp_path, epochs=3, lr=0.05, n_samples=64, run_name="custom")
+    run_id = stack.create_run("train/manual", params)
+    stack.wait_for_state(run_id, {"Completed"}, timeout=120)
+    config = json.loads((tmp_path / "runs" / "custom" / "config.json").read_text())
+    assert (config["epochs"], config["lr"], config["n_samples"]) == (3, 0.05, 64)
+    assert json.loads((tmp_path / "runs" / "custom" / "metrics.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [({"lr": -1}, "config.lr"), ({"epochs": "many"}, "config.epochs"),
+     ({"device": "gpu"}, "config.device"), ({"run_name": "../escape"}, "config.run_name"),
+     ({"loss": "hinge"}, "config.loss"), ({"bogus": 1}, "config")],
+)  # fmt: skip
+def test_an_invalid_parameter_is_rejected_before_a_run_exists(stack, config, field):
+    deployment_id = stack.deployment("train/manual")["id"]
+    count = {"deployments": {"id": {"any_": [deployment_id]}}}
+    runs_before = stack.api("POST", "/flow_runs/count", json=count).json()
+    with pytest.raises(httpx.HTTPStatusError) as error:
+        stack.create_run("train/manual", {"config": config})
+    assert error.value.response.status_code == 409
+    assert f"Validation failed for field '{field}'" in error.value.response.text
+    assert stack.api("POST", "/flow_runs/count", json=count).json() == runs_before
+
+
+# --- crashes ------------------------------------------------------------------------------
+
+
+def _assert_resumed_and_identical(root: Path, reference: Reference, killed_at: int) -> None:
+    metrics = json.loads((_finished_run_dir(root) / "metrics.json").read_text())
+    assert metrics["resumed_from"]["epoch"] >= killed_at
+    assert metrics["epochs_trained"] <= LONG["epochs"] - killed_at  # done epochs not redone
+    assert (_finished_run_dir(root) / "model.safetensors").read_bytes() == reference.weights()
+
+
+def test_a_killed_flow_run_process_is_rerun_and_resumes_from_its_checkpoint(
+    stack, reference, tmp_path
+):
+    run_id = stack.create_run("train/manual", _params(tmp_path, **LONG))
+    _wait_for_epoch(tmp_path, 3)
+    stack.flow_run_process(stack.worker, run_id).kill()  # SIGKILL: no last words
+    killed = time.monotonic()
+
+    run = stack.wait_for_state(run_id, {"Completed"}, timeout=120)
+    print(f"\ncrash recovery: Completed {time.monotonic() - killed:.0f} s after the kill")
+    assert run["run_count"] == 2
+    names = [s["name"] for s in stack.states(run_id)]
+    assert names.index("Crashed") < names.index("AwaitingRetry") < len(names) - 1
+    _assert_resumed_and_identical(tmp_path, reference, killed_at=3)
+
+
+@pytest.fixture(scope="module")
+def crashing_runs(stack, tmp_path_factory):
+    """Runs of a flow that always dies, started early: their crashes overlap the next test."""
+    args = [sys.executable, "-m", "prefect", "--no-prompt", "deploy",
+            "tests/crash_flow.py:always_crashes", "-n", "always-crashes", "-p", POOL,
+            "-q", "default", "-t", "auto-recover"]  # fmt: skip
+    done = subprocess.run(args, cwd=REPO, env=stack.env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    marker = tmp_path_factory.mktemp("crash-marker") / "crashed-once"
+    cannot_start = {"env": {"TRAINFLOW_TEST_CRASH_MARKER": str(marker)}}
+    return {
+        "in every attempt": stack.create_run("always-crashes/always-crashes", {}),
+        "before it starts": stack.create_run(
+            "always-crashes/always-crashes", {}, job_variables=cannot_start
+        ),
+    }
+
+
+def test_a_run_whose_worker_died_is_rerun_by_a_new_worker(
+    stack, reference, crashing_runs, tmp_path
+):
+    stack.api("POST", f"/work_pools/{POOL}/queues/", json={"name": "worker-loss"})
+    doomed = stack.start_worker("worker-loss")
+    run_id = stack.create_run("train/manual", _params(tmp_path, **LONG),
+                              work_queue_name="worker-loss")  # fmt: skip
+    _wait_for_epoch(tmp_path, 3)
+    kill_tree(doomed)  # the worker and its flow-run process, at once: nobody reports anything
+    killed = time.monotonic()
+    assert stack.run(run_id)["state"]["name"] == "Running"
+    stack.start_worker("worker-loss")
+
+    run = stack.wait_for_state(run_id, {"Completed"}, timeout=180)
+    print(f"\nworker loss: Completed {time.monotonic() - killed:.0f} s after the kill")
+    assert run["run_count"] == 2
+    messages = [s["message"] or "" for s in stack.states(run_id) if s["name"] == "Crashed"]
+    assert messages and messages[0].startswith("No heartbeat for 40 s")
+    _assert_resumed_and_identical(tmp_path, reference, killed_at=3)
+
+
+def test_a_run_that_always_crashes_stops_after_three_attempts_and_says_why(stack, crashing_runs):
+    run_id = crashing_runs["in every attempt"]
+    run = stack.wait_for_state(run_id, {"Failed"}, timeout=180)
+    assert run["run_count"] == 3
+    assert run["state"]["message"].startswith("Crashed on attempt 3 of 3")
+    names = [s["name"] for s in stack.states(run_id)]
+    assert names.count("Running") == 3 and names.count("AwaitingRetry") == 2
+    time.sleep(3)
+    assert stack.run(run_id)["state"]["name"] == "Failed"  # and it stays so
+
+
+def test_a_rerun_that_cannot_even_start_is_stopped_too(stack, crashing_runs):
+    run_id = crashing_runs["before it starts"]
+    run = stack.wait_for_state(run_id, {"Failed"}, timeout=180)
+    assert run["run_count"] == 1  # its re-runs never got as far as Running
+    assert run["state"]["message"].startswith("Crashed 4 times, some before it could start")
+    assert [s["name"] for s in stack.states(run_id)].count("Crashed") == 4
+
+
+def test_a_run_cancelled_from_the_ui_stays_cancelled(stack, tmp_path):
+    run_id = stack.create_run("train/manual", _params(tmp_path, **LONG))
+    _wait_for_epoch(tmp_path, 2)
+    cancel = {"state": {"type": "CANCELLING", "message": "cancelled in the UI"}}
+    stack.api("POST", f"/flow_runs/{run_id}/set_state", json=cancel).raise_for_status()
+    stack.wait_for_state(run_id, {"Cancelled"}, timeout=60)
+    # Past the moment the re-run automation would act on the Crashed state on the way.
+    time.sleep(float(stack.env["TRAINFLOW_CRASH_SETTLE"]) + 3)
+    run = stack.run(run_id)
+    assert run["state"]["name"] == "Cancelled" and run["run_count"] == 1
+    assert "AwaitingRetry" not in [s["name"] for s in stack.states(run_id)]
+
+
+# --- the UI -------------------------------------------------------------------------------
+
+
+def _browser():
+    missing = [b for b in ("chromium", "chromedriver") if not shutil.which(b)]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium (pip)")
+    if missing:
+        reason = f"the UI check needs {', '.join(missing)}: .ci/run installs them"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=1400,1000"):  # fmt: skip
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+
+
+def test_the_ui_shows_the_nightly_schedule_and_the_parameter_form(
+    stack, tmp_path_factory, record_property
+):
+    browser = _browser()  # skips (or fails on CI) before importing selenium's parts
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shots = tmp_path_factory.mktemp("ui-screenshots")
+    page = f"{stack.url}/deployments/deployment/{stack.deployment('train/nightly')['id']}"
+    try:
+        wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+        browser.get(page)
+
+        def schedule_card(browser):  # rendered empty first, filled in when the API answers
+            cards = browser.find_elements(By.CSS_SELECTOR, ".deployment-schedule-card__content")
+            return next((card for card in cards if card.text == "nightly-cron"), None)
+
+        # The card shows the schedule's slug; hovering spells out its cron, as a person would see.
+        ActionChains(browser).move_to_element(wait.until(schedule_card)).perform()
+        body = browser.find_element(By.TAG_NAME, "body")
+        wait.until(lambda _: "At 02:00 AM every day (UTC)" in body.text)
+        browser.save_screenshot(str(shots / "nightly.png"))
+
+        browser.get(f"{page}/run")  # Run > Custom run: the form generated from TrainConfig
+        body = wait.until(lambda b: b.find_element(By.TAG_NAME, "body"))
+        wait.until(lambda _: "Learning rate." in body.text)
+        form = body.text
+        for label in ("N Samples", "Lr", "Epochs", "Optimizer", "Checkpoint Every Seconds"):
+            assert label in form
+        browser.save_screenshot(str(shots / "nightly-run-form.png"))
+
+        # A bad value is refused when submitted, with the field named, and no run appears.
+        lr = browser.find_element(By.XPATH, "//*[normalize-space()='Lr (Optional)']"
+                                            "/following::input[1]")  # fmt: skip
+        lr.send_keys(Keys.CONTROL, "a", Keys.NULL, "-1")
+        next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Submit").click()
+        wait.until(lambda _: "Validation failed for field 'config.lr'" in body.text)
+        browser.save_screenshot(str(shots / "nightly-run-form-refused.png"))
+    finally:
+        browser.quit()
+    runs = stack.api("POST", "/flow_runs/filter", json={"deployments": {"id": {"any_": [
+        stack.deployment("train/nightly")["id"]]}}}).json()  # fmt: skip
+    assert all("auto-scheduled" in run["tags"] for run in runs)  # only the scheduler's
+    record_property("screenshots", str(shots))  # in --junitxml reports
+    print(f"\nUI screenshots: {shots}")
+
+
+def test_recovery_settings_are_checked(monkeypatch):
+    one_attempt = [a.name for a in recovery.automations(1, 90, 20)]
+    assert "trainflow-rerun-crashed" not in one_attempt and len(one_attempt) == 3
+    for bad in ((0, 90, 20), (3, 35, 20), (3, 90, 1)):
+        with pytest.raises(ValueError):
+            recovery.automations(*bad)
+    monkeypatch.setenv("TRAINFLOW_MAX_ATTEMPTS", "0")
+    assert recovery.main() == 2
