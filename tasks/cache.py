@@ -388,7 +388,7 @@ class ArtifactSerializer(Serializer):
     type: Literal["trainflow-artifact"] = SERIALIZER_TYPE
     root: str = DEFAULT_CACHE_DIR
 
-    def dumps(self, obj: Any) -> bytes:
+    def dumps(self, obj: Cacheable) -> bytes:  # type: ignore[override]
         name = type(obj).__qualname__
         if ARTIFACTS.get(name) is not type(obj):
             raise TypeError(f"{name} is not a registered cacheable stage output")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +43,3 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     atomic_write(path, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
-
-
-def write_with(path: Path, save: Callable[[io.BytesIO], Any]) -> None:
-    """Atomic write for savers that take a file object, e.g. torch.export.save."""
-    buffer = io.BytesIO()
-    save(buffer)
-    atomic_write(path, buffer.getvalue())
