@@ -110,3 +110,22 @@ def test_command_line_reports_bad_data_in_one_line(tmp_path, subprocess_env):
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"train_flow.py: error: data file {str(tmp_path / 'missing.npz')!r}: not found"
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_run_shows_in_the_prefect_ui_as_a_summary_and_a_loss_table(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    state = train_flow(TrainConfig(epochs=300, runs_dir=str(tmp_path), run_name="ui"),
+                       return_state=True)  # fmt: skip
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    summary, table = by_key["train-summary"], by_key["train-losses"]
+    assert str(tmp_path / "ui") in summary.data and "tensorboard --logdir" in summary.data
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert len(rows) == 200  # 300 epochs, thinned
+    assert rows[0]["epoch"] == 0 and rows[-1]["epoch"] == 299
