@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from seed_script import make_train_step_fn, make_val_step_fn, mini_batch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from tasks.data import Dataset, synthetic
-from tasks.loaders import make_loaders
+from tasks.loaders import EpochSampler, make_loaders
 from tasks.model import ModelSpec, initial_model, instantiate
 from tasks.split import Split, split_indices
 from tasks.train import train_model
@@ -67,19 +67,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _SamePermutation(Sampler[int]):
-    """RandomSampler's draw, once per epoch: the order trainflow's loaders use."""
-
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n, self.generator = n, generator
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=self.generator).tolist())
-
-
 def _steps(scale: Scale, parts: Split, epochs: int) -> int:
     return -(-len(parts.train) // scale.batch_size) * epochs
 
@@ -94,32 +81,20 @@ def seed_loop(
     loss_fn = nn.MSELoss(reduction="mean")
     train_data = TensorDataset(data.x[parts.train], data.y[parts.train])
     val_data = TensorDataset(data.x[parts.val], data.y[parts.val])
-    sampler = _SamePermutation(len(train_data), torch.Generator().manual_seed(shuffle_seed))
+    # RandomSampler's draw once per epoch: the batches trainflow's loaders see.
+    sampler = EpochSampler(len(train_data), torch.Generator().manual_seed(shuffle_seed))
     train_loader = DataLoader(train_data, batch_size=scale.batch_size, sampler=sampler)
     val_loader = DataLoader(val_data, batch_size=scale.batch_size)
 
-    def train_step(x: Tensor, y: Tensor) -> float:
-        model.train()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss.item()
-
-    def val_step(x: Tensor, y: Tensor) -> float:
-        model.eval()
-        return loss_fn(model(x), y).item()
-
-    def mini_batch(loader: DataLoader, step) -> float:
-        return float(np.mean([step(x.to(device), y.to(device)) for x, y in loader]))
-
+    train_step = make_train_step_fn(model, loss_fn, optimizer)
+    val_step = make_val_step_fn(model, loss_fn)
     losses, val_losses = [], []
     _sync(device)
     start = time.perf_counter()
     for _ in range(epochs):
-        losses.append(mini_batch(train_loader, train_step))
+        losses.append(float(mini_batch(device, train_loader, train_step)))
         with torch.no_grad():
-            val_losses.append(mini_batch(val_loader, val_step))
+            val_losses.append(float(mini_batch(device, val_loader, val_step)))
     _sync(device)
     return LoopResult(time.perf_counter() - start, _steps(scale, parts, epochs), losses, val_losses)
 

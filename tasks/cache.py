@@ -258,6 +258,19 @@ class StageCache(CachePolicy):
         return self.key_for(task_ctx.task, inputs)
 
 
+@dataclass
+class KnownKey(CachePolicy):
+    """A key computed already (by Run.call, which needs it too): hashing a large remote data
+    file once per stage call is enough."""
+
+    key: str = ""
+
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        return self.key
+
+
 # --- what an entry holds ------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -47,11 +47,6 @@ def writing(what: str) -> Iterator[None]:
         error = StorageError(f"cannot write {what}: {_reason(exc)}")
         error.errno = exc.errno
         raise error from exc
-
-
-def written(what: str, write: Callable[[], T]) -> T:
-    with writing(what):
-        return write()
 
 
 class _OneLineForUserErrors(logging.Filter):

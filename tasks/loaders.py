@@ -76,7 +76,7 @@ class TensorBatches(_GeneratorState):
             yield x[start : start + self.batch_size], y[start : start + self.batch_size]
 
 
-class _EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[int]):
     """Yields epoch_order's indices from a start offset, so a resumed epoch skips cheaply."""
 
     def __init__(self, n: int, generator: torch.Generator | None):
@@ -104,7 +104,7 @@ class DataLoaderBatches(_GeneratorState):
         num_workers: int,
     ):
         self.batch_size, self.generator, self.device = batch_size, generator, device
-        self.sampler = _EpochSampler(x.shape[0], generator)
+        self.sampler = EpochSampler(x.shape[0], generator)
         self.loader = DataLoader(
             TensorDataset(x, y),
             batch_size=batch_size,

@@ -26,6 +26,7 @@ from tasks.cache import (
     ArtifactSerializer,
     CacheStorage,
     CacheStore,
+    KnownKey,
     NoCacheKey,
     StageCache,
     stage_key,
@@ -88,10 +89,12 @@ class Run:
                 self.path.mkdir(parents=True, exist_ok=True)
                 write_json(self.path / CONFIG, self.config)
 
-    def _task_for_this_run(self, task: Task[..., Any]) -> Task[..., Any]:
-        if self.cache_mode == "off" or not isinstance(task.cache_policy, StageCache):
+    def _task_for_this_run(self, task: Task[..., Any], key: str | None) -> Task[..., Any]:
+        cached = isinstance(task.cache_policy, StageCache) and key is not None
+        if self.cache_mode == "off" or not cached:
             return task.with_options(cache_policy=NO_CACHE, persist_result=False)
         configured = task.with_options(
+            cache_policy=KnownKey(key=key),  # the StageCache key, computed once in `call`
             result_serializer=ArtifactSerializer(root=self.cache_root),
             refresh_cache=self.cache_mode == "refresh",
             cache_result_in_memory=False,  # the flow holds the value; no second copy
@@ -117,7 +120,7 @@ class Run:
             self.create()
         key = self.key_for(task, inputs)
         start = time.perf_counter()
-        state = self._task_for_this_run(task)(*args, return_state=True, **kwargs)
+        state = self._task_for_this_run(task, key)(*args, return_state=True, **kwargs)
         seconds = time.perf_counter() - start
         value = state.result()  # re-raises the task's exception if it failed
         if state.name == "Cached" and task.name in ON_CACHE_HIT:

@@ -211,3 +211,18 @@ def test_hits_across_processes_and_concurrent_runs_leave_valid_entries(tmp_path,
     weights = {load_file(tmp_path / "runs" / n / "model.safetensors")["0.weight"].item()
                for n in ("one", "two", "three")}  # fmt: skip
     assert len(weights) == 1
+
+
+def test_a_data_file_is_hashed_once_per_run(tmp_path, monkeypatch):
+    import tasks.data
+
+    calls = []
+    real = tasks.data.content_digest
+
+    def counting(url):
+        calls.append(url)
+        return real(url)
+
+    monkeypatch.setattr(tasks.data, "content_digest", counting)  # a remote file is not memoised
+    _train(tmp_path, "once", data=str(_csv(tmp_path / "data.csv")))
+    assert len(calls) == 1

@@ -64,11 +64,18 @@ def test_ranking_puts_failures_last():
     assert [(r["rank"], r["run_name"]) for r in rank(rows)] == [(1, "c"), (2, "a"), (None, "b")]
 
 
-def test_the_command_line_rejects_a_bad_grid_in_one_line(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--grid", "nope=1"], "--grid 'nope=1'"),
+     (["--grid", "lr=0.1", "--random", "0"], "--random must be at least 1"),
+     (["--grid", "lr=0.1", "--max-concurrency", "0"], "--max-concurrency")],
+)  # fmt: skip
+def test_the_command_line_rejects_bad_sweep_options_in_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
-        main(["--grid", "nope=1"])
+        main(argv)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().startswith("sweep_flow.py: error: --grid 'nope=1'")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sweep_flow.py: error: ") and message in err and "\n" not in err
 
 
 def _sweep(tmp_path, runner):

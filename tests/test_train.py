@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tasks.data import Dataset, synthetic
 from tasks.errors import InputError, NonFiniteLoss
-from tasks.loaders import make_loaders
+from tasks.loaders import EpochSampler, make_loaders
 from tasks.model import ModelSpec, initial_model, instantiate
 from tasks.split import split_indices
 from tasks.train import make_loss, output_width, train_model
@@ -24,19 +24,6 @@ def _train(data: Dataset, epochs=200, optimizer="sgd", loss="mse", lr=0.1, model
     return trained, parts
 
 
-class _SameOrder(torch.utils.data.Sampler):
-    """The seed's shuffled DataLoader, drawing one permutation per epoch as trainflow does."""
-
-    def __init__(self, n, generator):
-        self.n, self.generator = n, generator
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=self.generator).tolist())
-
-
 def _seed_loop(data: Dataset, parts, epochs):
     """The book's chapter-2 loop, written as the seed writes it (.item() per step, np.mean)."""
     model = instantiate(initial_model(ModelSpec("linear", 1, 1), 42).spec,
@@ -45,7 +32,7 @@ def _seed_loop(data: Dataset, parts, epochs):
     loss_fn = nn.MSELoss(reduction="mean")
     train_data = TensorDataset(data.x[parts.train], data.y[parts.train])
     val_data = TensorDataset(data.x[parts.val], data.y[parts.val])
-    sampler = _SameOrder(len(train_data), torch.Generator().manual_seed(42))
+    sampler = EpochSampler(len(train_data), torch.Generator().manual_seed(42))
     train_loader = DataLoader(train_data, batch_size=16, sampler=sampler)
     val_loader = DataLoader(val_data, batch_size=16)
 
