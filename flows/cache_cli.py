@@ -7,7 +7,7 @@ import re
 import sys
 import time
 
-from tasks.cache import list_entries, prune
+from tasks.prune import list_entries, prune
 from tasks.rules import DEFAULT_CACHE_DIR
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,

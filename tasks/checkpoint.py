@@ -25,8 +25,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from tasks.cache import CacheStore, warn
 from tasks.errors import writing
+from tasks.stage import warn
+from tasks.store import CacheStore
 
 NAME = re.compile(r"ckpt-(\d{9})-(\d{9})-([0-9a-f]{32})\.safetensors")
 

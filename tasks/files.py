@@ -43,3 +43,17 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     atomic_write(path, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
+
+
+def fsync_dir(folder: Path | str) -> None:
+    """Make a rename inside `folder` survive a power loss (where the filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. some network filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from tasks.data import Dataset
 from tasks.device import resolve_device
 from tasks.split import Split
+from tasks.stage import cache_entry, stage, with_key
 
 Batch = tuple[Tensor, Tensor]
 
@@ -155,7 +154,7 @@ def make_loaders(
     return Loaders(train=train, val=val, sample=sample)
 
 
-@task(name="build-loaders", cache_policy=NO_CACHE, persist_result=False)
+@stage(name="build-loaders")
 def build_loaders(
     data: Dataset,
     parts: Split,
@@ -165,6 +164,18 @@ def build_loaders(
     num_workers: int,
     device: str,
 ) -> Loaders:
-    return make_loaders(
+    """Not cached: a cheap view of tensors cached upstream. Its key says which batches these
+    are (data, split, batch size, shuffle), not how they arrive (device, loader kind,
+    workers), so those settings don't split the training cache."""
+    entry = cache_entry(
+        "build-loaders",
+        make_loaders,
+        data=data,
+        parts=parts,
+        batch_size=batch_size,
+        shuffle_seed=shuffle_seed,
+    )
+    loaders = make_loaders(
         data, parts, batch_size, shuffle_seed, kind, num_workers, resolve_device(device)
     )
+    return with_key(loaders, entry.key)

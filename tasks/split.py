@@ -6,15 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from prefect import task
 from torch import Tensor
 
-from tasks.cache import StageCache, cacheable
 from tasks.errors import InputError
 from tasks.rules import train_size
+from tasks.stage import cache_entry, stage
 
 
-@cacheable
 @dataclass(frozen=True)
 class Split:
     train: Tensor  # int64 row indices
@@ -47,6 +45,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> Split:
     return Split(train=perm[:n_train].clone(), val=perm[n_train:].clone())
 
 
-@task(name="split", cache_policy=StageCache())
+@stage(name="split")
 def split(n_rows: int, val_fraction: float, seed: int) -> Split:
-    return split_indices(n_rows, val_fraction, seed)
+    entry = cache_entry("split", split_indices, n=n_rows, val_fraction=val_fraction, seed=seed)
+    return entry.resolve(Split, lambda: split_indices(n_rows, val_fraction, seed))

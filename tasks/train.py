@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.cache import StageCache, cacheable, stage_key
 from tasks.checkpoint import Checkpointing, Checkpoints, TrainState
 from tasks.device import resolve_device
 from tasks.errors import InputError, NonFiniteLoss, StorageError, writing
 from tasks.loaders import Batches, Loaders
 from tasks.model import InitialModel, ModelSpec, instantiate, spec_from_json
-from tasks.rundir import on_cache_hit
+from tasks.stage import cache_entry, stage
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 EpochHook = Callable[[int, float, float], None]
@@ -130,8 +129,13 @@ def _plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float | None:
     if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
         return None
     group = optimizer.param_groups[0]
-    plain = not (group["momentum"] or group["weight_decay"] or group["nesterov"]
-                 or group["maximize"] or isinstance(group["lr"], Tensor))  # fmt: skip
+    plain = not (
+        group["momentum"]
+        or group["weight_decay"]
+        or group["nesterov"]
+        or group["maximize"]
+        or isinstance(group["lr"], Tensor)
+    )
     return float(group["lr"]) if plain else None
 
 
@@ -176,9 +180,17 @@ def fit(
         train.load_state_dict(resume.loader)
 
     def snapshot(epoch: int, batch: int, loader: dict[str, Tensor], done: Tensor) -> TrainState:
-        return TrainState(epoch, batch, model.state_dict(), optimizer.state_dict(), loader,
-                          done, list(history.train), list(history.val),
-                          rng_states(device))  # fmt: skip
+        return TrainState(
+            epoch,
+            batch,
+            model.state_dict(),
+            optimizer.state_dict(),
+            loader,
+            done,
+            list(history.train),
+            list(history.val),
+            rng_states(device),
+        )
 
     for epoch in range(start_epoch, epochs):
         loader_state = train.state_dict()  # the shuffle generator before this epoch's draw
@@ -219,7 +231,6 @@ def fit(
     return history
 
 
-@cacheable
 @dataclass(frozen=True)
 class Trained:
     spec: ModelSpec
@@ -231,15 +242,25 @@ class Trained:
     cache_key: str = field(default="", compare=False)
 
     def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        meta = {"spec": dataclasses.asdict(self.spec), "train_loss": self.train_loss,
-                "val_loss": self.val_loss, "epochs_trained": self.epochs_trained,
-                "resumed_from": self.resumed_from}  # fmt: skip
+        meta = {
+            "spec": dataclasses.asdict(self.spec),
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "epochs_trained": self.epochs_trained,
+            "resumed_from": self.resumed_from,
+        }
         return self.state, meta
 
     @classmethod
     def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Trained:
-        return cls(spec_from_json(meta["spec"]), tensors, meta["train_loss"], meta["val_loss"],
-                   meta["epochs_trained"], meta["resumed_from"])  # fmt: skip
+        return cls(
+            spec_from_json(meta["spec"]),
+            tensors,
+            meta["train_loss"],
+            meta["val_loss"],
+            meta["epochs_trained"],
+            meta["resumed_from"],
+        )
 
 
 class Progress:
@@ -285,30 +306,22 @@ def train_model(
         # Hyperparameters come from this config (equal by the lineage key); state from disk.
         opt.load_state_dict({**opt.state_dict(), "state": resume.optimizer["state"]})
         restore_rng_states(resume.rng, device)
-    history = fit(model, loaders.train, loaders.val, make_loss(loss), opt, epochs, on_epoch,
-                  checkpoints, resume, stop)  # fmt: skip
+    history = fit(
+        model,
+        loaders.train,
+        loaders.val,
+        make_loss(loss),
+        opt,
+        epochs,
+        on_epoch,
+        checkpoints,
+        resume,
+        stop,
+    )
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     resumed_from = {"epoch": resume.epoch, "batch": resume.batch} if resume else None
     epochs_trained = epochs - (resume.epoch if resume else 0)
     return Trained(initial.spec, state, history.train, history.val, epochs_trained, resumed_from)
-
-
-def train_identity(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The result depends on the device type (CPU and CUDA kernels round differently),
-    not on the run folder; momentum only matters to SGD."""
-    key = {k: v for k, v in inputs.items() if k not in ("run_dir", "checkpointing")}
-    key["device"] = resolve_device(inputs["device"]).type
-    if inputs["optimizer"] != "sgd":
-        key.pop("momentum")
-    return key
-
-
-def lineage_key(inputs: dict[str, Any]) -> str:
-    """train-epochs' key without `epochs`: the first N epochs of a run are the same whatever
-    its length, so a longer run of the same config continues from a shorter one's checkpoint."""
-    key = train_identity(inputs)
-    del key["epochs"]
-    return stage_key("train-epochs", train_epochs.fn, key)
 
 
 def log_losses(writer: SummaryWriter, epoch: int, train_loss: float, val_loss: float) -> None:
@@ -337,9 +350,8 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(failure, InputError | NonFiniteLoss | StorageError)
 
 
-@task(
+@stage(
     name="train-epochs",
-    cache_policy=StageCache(identity=train_identity),
     retries=2,
     retry_delay_seconds=[2, 10],
     retry_condition_fn=_worth_retrying,
@@ -357,8 +369,26 @@ def train_epochs(
     run_dir: Path,
     checkpointing: Checkpointing | None = None,
 ) -> Trained:
-    # locals() here is exactly this call's inputs: the lineage key is computed from them.
-    checkpoints = checkpointing.open(lineage_key(locals())) if checkpointing else None
+    # What the weights depend on: the device's type (CPU and CUDA kernels round differently),
+    # not its name or index; momentum only where SGD uses it; never the run folder.
+    recipe = {
+        "initial": initial,
+        "loaders": loaders,
+        "optimizer": optimizer,
+        "lr": lr,
+        "momentum": momentum if optimizer == "sgd" else None,
+        "weight_decay": weight_decay,
+        "loss": loss,
+        "device": resolve_device(device).type,
+    }
+    entry = cache_entry("train-epochs", train_model, epochs=epochs, **recipe)
+    if (hit := entry.load(Trained)) is not None:
+        loss_writer(run_dir, hit.train_loss, hit.val_loss).close()  # a hit still gets its curves
+        return entry.cached(dataclasses.replace(hit, epochs_trained=0, resumed_from=None))
+    # The first N epochs are the same whatever a run's length, so checkpoints are filed under
+    # the key without `epochs` (the lineage): a longer run of the config continues a shorter.
+    lineage = cache_entry("train-epochs", train_model, **recipe).key
+    checkpoints = checkpointing.open(lineage) if checkpointing and lineage else None
     resume = checkpoints.latest(epochs) if checkpoints and checkpointing.resume else None
     logger = get_run_logger()
     if resume is not None:
@@ -377,14 +407,19 @@ def train_epochs(
             log_losses(writer, epoch, train_loss, val_loss)
             progress(epoch, train_loss, val_loss)
 
-        return train_model(
-            initial, loaders, optimizer, lr, momentum, weight_decay, loss, epochs,
-            resolve_device(device), on_epoch, checkpoints, resume, stop,
-        )  # fmt: skip
-
-
-@on_cache_hit(train_epochs)
-def _replay_losses(trained: Trained, run_dir: Path, **_: Any) -> Trained:
-    """A cached training run still gets its loss curves in this run's TensorBoard."""
-    loss_writer(run_dir, trained.train_loss, trained.val_loss).close()
-    return dataclasses.replace(trained, epochs_trained=0, resumed_from=None)
+        trained = train_model(
+            initial,
+            loaders,
+            optimizer,
+            lr,
+            momentum,
+            weight_decay,
+            loss,
+            epochs,
+            resolve_device(device),
+            on_epoch,
+            checkpoints,
+            resume,
+            stop,
+        )
+    return entry.keep(trained)

@@ -129,7 +129,7 @@ def test_a_stop_request_checkpoints_then_interrupts(tmp_path):
 
 
 def test_the_cache_command_lists_and_prunes_checkpoints(tmp_path):
-    from tasks.cache import list_entries, prune
+    from tasks.prune import list_entries, prune
 
     _train(Checkpoints(str(tmp_path / "checkpoints" / "lineage"), every_epochs=2, every_seconds=0))
     listed = [e.key for e in list_entries(str(tmp_path))]

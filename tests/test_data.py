@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import tasks.sources
 from tasks.data import Dataset, load_dataset, synthetic
 from tasks.errors import InputError
 
@@ -267,5 +268,5 @@ def test_permission_denied(tmp_path, monkeypatch):
         def deny(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "_open", deny)
+        monkeypatch.setattr(tasks.sources, "open", deny, raising=False)
     assert_one_line_error(str(path), "permission denied")
