@@ -35,6 +35,7 @@ from tasks.cache import (
 from tasks.checkpoint import Checkpointing
 from tasks.errors import writing
 from tasks.files import write_json
+from tasks.rules import safe_run_name
 
 CONFIG, METRICS, STAGES = "config.json", "metrics.json", "stages.json"
 MODEL, PROGRAM, SPLIT = "model.safetensors", "model.pt2", "split.safetensors"
@@ -49,7 +50,7 @@ def generate_run_name() -> str:
     if context is not None and context.flow_run is not None:
         run = context.flow_run
         created = run.created or datetime.now()
-        return f"{created:%Y%m%d-%H%M%S}-{run.name}-{str(run.id)[:8]}"
+        return f"{created:%Y%m%d-%H%M%S}-{safe_run_name(run.name)}-{str(run.id)[:8]}"
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
