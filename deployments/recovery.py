@@ -46,11 +46,12 @@ _ANY_RUN = "prefect.flow-run.*"
 def _stays_crashed(run_counts: list[str], settle: float) -> EventTrigger:
     """A run that crashed on one of these attempts, then saw no other state for `settle` s.
 
-    The wait matters: the process worker reports one crash twice, seconds apart (its runner,
-    then itself). Acting on the first report let the second one crash the re-run it had just
+    The wait matters: a worker may report one crash twice, seconds apart (its runner, then
+    itself). Acting on the first report let the second one crash the re-run it had just
     started; after the wait the second report finds the run Crashed already, and Prefect drops
-    it. And a run cancelled from the UI passes through Crashed (train-epochs turns SIGTERM into
-    a checkpoint and an exit) on its way to Cancelled, about 5 s later: that must not re-run.
+    it. A run cancelled from the UI never gets here: train-epochs reports a SIGTERM that
+    carries out a cancellation as Prefect's own cancellation, never as a crash
+    (tasks/fence.py), so keeping a cancelled run cancelled does not depend on this wait.
     """
     # Never "0": a run that crashed before it ever started (a broken pull step, say) has no
     # progress to resume and most likely crashes the same way again.

@@ -130,7 +130,15 @@ class Stack:
     # --- the REST API ---------------------------------------------------------------------
 
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(method, f"{self.url}/api{path}", timeout=30, **kwargs)
+        # A busy SQLite server answers 503 while its database is locked; Prefect's own client
+        # retries those, and so do we, rather than fail a test on the machine's load.
+        response = httpx.request(method, f"{self.url}/api{path}", timeout=30, **kwargs)
+        for delay in (0.5, 1, 2, 4, 8):
+            if response.status_code != 503:
+                break
+            time.sleep(delay)
+            response = httpx.request(method, f"{self.url}/api{path}", timeout=30, **kwargs)
+        return response
 
     def deployment(self, name: str) -> dict[str, Any]:
         response = self.api("GET", f"/deployments/name/{name}")
