@@ -18,7 +18,7 @@ def train_size(n: int, val_fraction: float) -> int:
     training share as the seed writes it (val_fraction 0.2: ratio = 0.8)."""
     # In binary floats 1 - 0.71 is 0.29000000000000004, not the 0.29 the seed would write,
     # and int(100 * 0.29) is 28 but int(100 * 0.29000000000000004) is 29: subtract in decimal.
-    ratio = float(1 - Decimal(repr(val_fraction)))
+    ratio = float(1 - Decimal(repr(float(val_fraction))))  # repr: the shortest exact digits
     return int(n * ratio)
 
 
