@@ -88,7 +88,9 @@ class Stack:
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             # The smallest windows recovery.py accepts: CI waits seconds, not minutes.
             "TRAINFLOW_HEARTBEAT_WINDOW": "40",
-            "TRAINFLOW_CRASH_SETTLE": "15",
+            # 45 s: on a loaded machine a worker's second report of one crash came 25 s after
+            # its first (recovery.py, _stays_crashed).
+            "TRAINFLOW_CRASH_SETTLE": "45",
         }
 
     def log(self, name: str) -> Path:
