@@ -38,11 +38,12 @@ def _human(size: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cache_cli.py", description=__doc__)
+    # No abbreviations (`--older 7d`): a flag added later would silently change their meaning.
+    parser = argparse.ArgumentParser(prog="cache_cli.py", description=__doc__, allow_abbrev=False)
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="folder or fsspec URL")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="one line per entry, oldest first")
-    pruning = commands.add_parser("prune", help="remove the oldest entries")
+    commands.add_parser("list", help="one line per entry, oldest first", allow_abbrev=False)
+    pruning = commands.add_parser("prune", help="remove the oldest entries", allow_abbrev=False)
     pruning.add_argument("--older-than", type=parse_age, help="e.g. 7d: remove entries older")
     pruning.add_argument("--max-size", type=parse_size, help="e.g. 10GB: then shrink to this")
     args = parser.parse_args(argv)

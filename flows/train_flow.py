@@ -48,7 +48,12 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
                 noise=cfg.noise,
                 identity=cfg.data_identity,
             )
-            parts = split(n_rows=len(data), val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+            parts = split(
+                n_rows=len(data),
+                val_fraction=cfg.val_fraction,
+                seed=cfg.split_seed,
+                source=cfg.data,
+            )
             loaders = build_loaders(
                 data=data,
                 parts=parts,

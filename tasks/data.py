@@ -157,7 +157,8 @@ def _from_csv(f: IO[bytes], target: tuple[str, ...], source: str) -> Dataset:
         with warnings.catch_warnings():
             # A header-only file: reported below as one InputError, not a numpy warning.
             warnings.filterwarnings("ignore", "loadtxt: input contained no data", UserWarning)
-            table = np.loadtxt(text, delimiter=",", dtype=np.float32, ndmin=2)
+            # quotechar: pandas and spreadsheets may quote numbers ("1.5"); that is valid CSV.
+            table = np.loadtxt(text, delimiter=",", quotechar='"', dtype=np.float32, ndmin=2)
     except ValueError:
         text.seek(0)
         raise InputError(_locate_bad_cell(text, header, source)) from None

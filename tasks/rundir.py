@@ -23,6 +23,7 @@ from tasks.checkpoint import Checkpointing
 from tasks.errors import InputError, writing
 from tasks.export import METRICS
 from tasks.files import write_json
+from tasks.rules import safe_run_name
 from tasks.stage import CacheMode, recording_stages, using_cache
 from tasks.store import CacheStore
 
@@ -50,7 +51,7 @@ def generate_run_name() -> str:
     if context is not None and context.flow_run is not None:
         run = context.flow_run
         created = run.created or datetime.now()
-        return f"{created:%Y%m%d-%H%M%S}-{run.name}-{str(run.id)[:8]}"
+        return f"{created:%Y%m%d-%H%M%S}-{safe_run_name(run.name)}-{str(run.id)[:8]}"
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 

@@ -17,6 +17,7 @@ from prefect import get_run_logger
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
+from tasks import fence
 from tasks.checkpoint import Checkpointing, Checkpoints, TrainState
 from tasks.device import resolve_device
 from tasks.errors import InputError, NonFiniteLoss, StorageError, writing
@@ -204,9 +205,10 @@ def fit(
             if checkpoints is not None and (stopping or checkpoints.time_due()):
                 done = torch.stack(batch_losses)
                 _raise_if_non_finite(done, "training", epoch)  # keep a bad state out
-                checkpoints.save(snapshot(epoch, len(batch_losses), loader_state, done))
+                if fence.hold():  # split-brain: exits if a re-run took this flow run over
+                    checkpoints.save(snapshot(epoch, len(batch_losses), loader_state, done))
             if stopping:
-                raise Interrupted(stop.signum)
+                raise fence.cancellation(stop.signum) or Interrupted(stop.signum)
         train_losses = torch.stack(batch_losses)
         model.eval()
         with torch.no_grad():
@@ -224,10 +226,12 @@ def fit(
             on_epoch(epoch, train_loss, val_loss)
         stopping = stop is not None and stop.signum is not None
         done = epoch + 1
-        if checkpoints is not None and (stopping or done == epochs or checkpoints.epoch_due(done)):
+        last = stopping or done == epochs
+        due = checkpoints is not None and (last or checkpoints.epoch_due(done))
+        if due and fence.hold():  # split-brain: exits if a re-run took this flow run over
             checkpoints.save(snapshot(done, 0, train.state_dict(), train_losses[:0]))
         if stopping:
-            raise Interrupted(stop.signum)
+            raise fence.cancellation(stop.signum) or Interrupted(stop.signum)
     return history
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import tasks.data
 from flows.train_flow import main
 from tasks.data import Dataset
+from tasks.errors import InputError
 from tasks.loaders import make_loaders
 from tasks.split import split_indices
 
@@ -58,13 +59,16 @@ CASES = [
     ("unknown-model", lambda d: ["--model", "nope"], 2, "--model: invalid choice"),
     ("val-above-1", lambda d: ["--val-fraction", "1.5"], 2, "--val-fraction: input should be less"),
     ("val-zero", lambda d: ["--val-fraction", "0"], 2, "--val-fraction: input should be greater"),
-    ("zero-hidden", lambda d: ["--hidden", "0,3"], 2, "--hidden: value error, hidden sizes"),
-    ("negative-hidden", lambda d: ["--hidden", "-4"], 2, "--hidden: value error, hidden sizes"),
-    ("bad-device", lambda d: ["--device", "tpu"], 2, "--device: value error"),
-    ("run-name-dotdot", lambda d: ["--run-name", "../evil"], 2, "--run-name: value error"),
-    ("run-name-slash", lambda d: ["--run-name", "a/b"], 2, "--run-name: value error"),
-    ("run-name-absolute", lambda d: ["--run-name", "/tmp/x"], 2, "--run-name: value error"),
+    ("zero-hidden", lambda d: ["--hidden", "0,3"], 2,
+     "--hidden: hidden sizes must be between 1 and 1048576 (got '0,3')"),
+    ("negative-hidden", lambda d: ["--hidden", "-4"], 2, "--hidden: hidden sizes must be between"),
+    ("bad-device", lambda d: ["--device", "tpu"], 2,
+     "--device: must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (got 'tpu')"),
+    ("run-name-dotdot", lambda d: ["--run-name", "../evil"], 2, "--run-name: must be 1-128"),
+    ("run-name-slash", lambda d: ["--run-name", "a/b"], 2, "--run-name: must be 1-128"),
+    ("run-name-absolute", lambda d: ["--run-name", "/tmp/x"], 2, "--run-name: must be 1-128"),
     ("unknown-flag", lambda d: ["--nope", "1"], 2, "unrecognized arguments: --nope"),
+    ("abbreviated-flag", lambda d: ["--ep", "3"], 2, "unrecognized arguments: --ep 3"),
     ("ce-on-synthetic", lambda d: ["--loss", "cross_entropy"], 2, "synthetic data's target is"),
     ("one-synthetic-row", lambda d: ["--n-samples", "1"], 2, "leaves the training split empty"),
     ("momentum-1", lambda d: ["--momentum", "1.5"], 2, "--momentum: input should be less"),
@@ -103,7 +107,7 @@ CASES = [
     ("loss-vs-targets", lambda d: ["--data", _csv(d / "c.csv", GOOD), "--loss", "cross_entropy"],
      2, "needs one target column of class ids"),
     ("split-leaves-val-empty", lambda d: ["--data", _csv(d / "s.csv", "a,y\n1,2\n")], 2,
-     "leaves the training split empty for 1 rows"),
+     "leaves the training split empty for 1 row"),
     ("no-cuda", lambda d: ["--device", "cuda"], 2, "CUDA is not available"),
 ]  # fmt: skip
 
@@ -269,11 +273,15 @@ def test_a_model_from_an_entry_point_trains(tmp_path):
 def test_split_covers_every_row_once_and_is_seeded(n, val, seed):
     try:
         parts = split_indices(n, val, seed)
-    except ValueError:
-        return  # a split that leaves one side empty is refused, never returned
+    except InputError as refused:
+        # Refused only when plain arithmetic leaves a side with less than one row.
+        assert min(n * (1 - val), n * val) < 1 + 1e-6, (n, val)
+        assert str(refused).startswith(f"--val-fraction {val} leaves the ")
+        return
     rows = parts.train.tolist() + parts.val.tolist()
     assert sorted(rows) == list(range(n))
     assert parts.train.numel() > 0 and parts.val.numel() > 0
+    assert abs(parts.train.numel() - n * (1 - val)) < 1  # the seed's int(n * ratio), give or take
     again = split_indices(n, val, seed)
     assert torch.equal(parts.train, again.train) and torch.equal(parts.val, again.val)
 
