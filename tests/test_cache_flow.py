@@ -237,9 +237,9 @@ def test_upgrading_or_editing_a_plugin_model_misses(tmp_path, subprocess_env):
         ("a,y\n1,2\n", {}),  # one row: the split leaves training empty
         ("a,y\n1,0.5\n2,1.5\n3,2\n4,1\n5,0\n", {"loss": "cross_entropy"}),  # not class ids
         ("a,y\n1,0.5\n2,1.5\n3,2\n4,1\n5,0\n", {"loss": "bce_with_logits"}),  # outside [0, 1]
-        ("a,y\n1,1\n2,0\n3,1\n", {"val_fraction": 1e-10}),  # validation empty
+        ("a,y\n1,1\n2,0\n3,1\n", {"val_fraction": 0.9}),  # training empty: int(3 * 0.1) = 0
     ],
-    ids=["one-row", "ce-float-targets", "bce-out-of-range", "empty-validation"],
+    ids=["one-row", "ce-float-targets", "bce-out-of-range", "empty-training"],
 )
 def test_bad_input_leaves_the_cache_and_the_runs_folder_as_they_were(tmp_path, csv, options):
     _train(tmp_path, "earlier")  # a cache and a runs folder with something in them
