@@ -200,17 +200,32 @@ def test_a_full_disk_for_the_run_folder_fails_clearly_and_keeps_the_cache(warm, 
     assert not list(tiny_disk.rglob(".*.tmp"))  # no half-written file under any name
 
 
-def test_a_full_cache_disk_fails_clearly_and_keeps_what_was_there(warm, tiny_disk, capsys):
+def test_a_full_cache_disk_is_a_warning_and_the_run_ends_as_it_would_have(
+    tmp_path, warm, tiny_disk, caplog
+):
+    """Checkpoints are a safety net: one that can't be written is a warning, training goes
+    on, and the result is the one a run with room to spare gets."""
     _, common = warm
-    cache = tiny_disk / "cache"
+    cache, args = tiny_disk / "cache", [*common, "--epochs", "3", "--n-samples", "30"]
     assert main([*common, "--cache-dir", str(cache), "--epochs", "2", "--n-samples", "30"]) == 0
     _fill(tiny_disk, leave=2048)  # less than a checkpoint needs
     before = _snapshot(cache)
-    code = main([*common, "--cache-dir", str(cache), "--epochs", "3", "--n-samples", "30"])
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and "cannot write a checkpoint" in line, line
-    assert "no space left on the device" in line
-    assert _snapshot(cache) == before  # every existing entry and checkpoint as it was
+    caplog.clear()
+    code = main(
+        [*args, "--cache-dir", str(cache), "--run-name", "full", "--checkpoint-every-epochs", "1"]
+    )
+    assert code == 0
+    assert f"cannot write a checkpoint to '{cache}/checkpoints/" in caplog.text
+    assert "no space left on the device; training goes on" in caplog.text
+    after = _snapshot(cache)
+    assert {k: after[k] for k in before} == before  # every existing entry as it was
+    assert not [p for p in tiny_disk.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+    assert main([*args, "--cache-dir", str(tmp_path / "roomy"), "--run-name", "roomy"]) == 0
+    full, roomy = Path(common[1]) / "full", Path(common[1]) / "roomy"
+    assert (full / "model.safetensors").read_bytes() == (roomy / "model.safetensors").read_bytes()
+    losses = [json.loads((run / "metrics.json").read_text()) for run in (full, roomy)]
+    assert [m["train_loss"] for m in losses] == [losses[1]["train_loss"]] * 2
+    assert [m["val_loss"] for m in losses] == [losses[1]["val_loss"]] * 2
 
 
 def _fill(disk: Path, leave: int) -> None:
@@ -288,7 +303,8 @@ def test_batches_cover_the_training_rows_once_per_epoch_in_a_seeded_order(n, bat
 
     def epochs(count):
         loaders = make_loaders(data, parts, batch, seed, kind, 0, torch.device("cpu"))
-        return [[int(v) for xb, _ in loaders.train.epoch() for v in xb[:, 0]]
+        shuffle = loaders.train.shuffle()
+        return [[int(v) for xb, _ in loaders.train.epoch(shuffle) for v in xb[:, 0]]
                 for _ in range(count)]  # fmt: skip
 
     first = epochs(2)

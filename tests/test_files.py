@@ -6,7 +6,10 @@ import stat
 import pytest
 
 import tasks.files
+from tasks.checkpoint import Checkpoints
 from tasks.files import atomic_write, make_dirs
+
+from .test_checkpoint import _some_state
 
 
 @pytest.fixture
@@ -70,3 +73,16 @@ def test_a_folder_that_cannot_be_synced_is_left_to_its_filesystem(tmp_path, monk
     monkeypatch.setattr(os, "fsync", refuse)
     tasks.files.fsync_dir(tmp_path)  # no error
     tasks.files.fsync_dir(tmp_path / "missing")
+
+
+def test_a_checkpoint_and_its_new_lineage_folder_survive_a_power_loss(tmp_path, syncs):
+    """The folder the checkpoint is renamed into is synced after the rename, and the lineage
+    folder, new on a first save, is synced into checkpoints/."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    checkpoints = Checkpoints(str(root / "lineage"), every_seconds=0)
+    assert checkpoints.save(_some_state())
+    (saved,) = (root / "lineage").iterdir()
+    replaced = syncs.index(("replace", str(saved)))
+    assert ("fsync", str(root), True) in syncs[:replaced]
+    assert ("fsync", str(root / "lineage"), True) in syncs[replaced:]
