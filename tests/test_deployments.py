@@ -49,7 +49,7 @@ def _params(root: Path, **config) -> dict:
 
 def _checkpoints(root: Path) -> list[tuple[int, int]]:
     names = (p.name.split("-") for p in (root / "cache").glob("checkpoints/*/ckpt-*.safetensors"))
-    return sorted((int(epoch), int(batch)) for _, epoch, batch, _ in names)
+    return sorted((int(epoch), int(batch)) for _, epoch, batch, *_ in names)
 
 
 def _wait_for_epoch(root: Path, epoch: int) -> None:

@@ -44,7 +44,8 @@ def log(event: str, **fields: object) -> None:
 
 def strike(signame: str, **where: object) -> None:
     log("strike", signal=signame, **where)
-    os.kill(os.getpid(), getattr(signal, f"SIG{signame}"))
+    # To this thread, and Python's handler (for TERM and INT) has run when this returns.
+    signal.raise_signal(getattr(signal, f"SIG{signame}"))
 
 
 def kind_of(path: str) -> str | None:
