@@ -89,12 +89,23 @@ def plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float | None:
 
     That is: SGD itself (not a subclass), one parameter group on the CPU (elsewhere SGD runs
     foreach kernels), every option but `lr` at its default, `lr` a number, and no hook or
-    wrapper around `step` (an LR scheduler wraps it, and hooks must run). Checked at every
-    step, so a schedule that changes `lr`, or anything else, between steps is followed.
+    wrapper around `step` (an LR scheduler wraps it, and hooks must run).
     tests/test_train.py compares this path with `SGD.step` bit for bit.
     """
-    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
-        return None
+    return _plain_lr(optimizer) if _sgd_on_the_cpu(optimizer) else None
+
+
+def _sgd_on_the_cpu(optimizer: torch.optim.Optimizer) -> bool:
+    # What a loop can't change: the optimizer's class, its groups and where the parameters are.
+    return (
+        type(optimizer) is torch.optim.SGD
+        and len(optimizer.param_groups) == 1
+        and all(p.device.type == "cpu" for p in optimizer.param_groups[0]["params"])
+    )
+
+
+def _plain_lr(optimizer: torch.optim.Optimizer) -> float | None:
+    # What may change between steps (a schedule sets `lr`, anyone can add a hook): per step.
     group = optimizer.param_groups[0]
     if (
         group["momentum"] != 0
@@ -112,7 +123,6 @@ def plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float | None:
         or _global_optimizer_pre_hooks
         or _global_optimizer_post_hooks
         or getattr(optimizer, "grad_scale", None) is not None  # set by a GradScaler
-        or any(p.device.type != "cpu" for p in group["params"])
     ):
         return None
     return group["lr"]
@@ -124,11 +134,12 @@ def make_train_step(
     """The seed's train step (forward, backward, step, zero_grad), returning the loss on the
     device instead of `.item()`."""
     params = [p for p in model.parameters() if p.requires_grad]
+    sgd_on_the_cpu = _sgd_on_the_cpu(optimizer)
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         loss = loss_fn(model(x), y)
         loss.backward()
-        lr = plain_sgd_lr(optimizer)
+        lr = _plain_lr(optimizer) if sgd_on_the_cpu else None  # = plain_sgd_lr(optimizer)
         if lr is None:
             optimizer.step()
         else:  # SGD.step's own arithmetic, without its ~10 µs of Python per call
