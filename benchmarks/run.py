@@ -92,8 +92,11 @@ def child_numpy_load(path: str) -> dict[str, Any]:
     start = time.perf_counter()
     with np.load(path) as arrays:
         x, y = arrays["x"], arrays["y"]
-    return {"seconds": time.perf_counter() - start, "rss": _peak_rss() - base,
-            "bytes": x.nbytes + y.nbytes}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "rss": _peak_rss() - base,
+        "bytes": x.nbytes + y.nbytes,
+    }
 
 
 def child_digest(path: str) -> dict[str, Any]:
@@ -119,16 +122,29 @@ def child_checkpoint(every_seconds: str, folder: str) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100_000, 16, generator=g)
     data = Dataset(x, x[:, :1] * 2 + 1, (), ())
-    loaders = make_loaders(data, split_indices(100_000, 0.2, 13), 64, 42, "tensor", 0,
-                           torch.device("cpu"))  # fmt: skip
+    loaders = make_loaders(
+        data, split_indices(100_000, 0.2, 13), 64, 42, "tensor", 0, torch.device("cpu")
+    )
     initial = initial_model(ModelSpec("mlp", 16, 1, (64, 64), "relu"), 42)
     seconds = float(every_seconds)
     checkpoints = Checkpoints(folder, every_seconds=seconds) if seconds > 0 else None
     start = time.perf_counter()
-    train_model(initial, loaders, "sgd", 0.01, 0.0, 0.0, "mse", 8, torch.device("cpu"),
-                checkpoints=checkpoints)  # fmt: skip
-    return {"seconds": time.perf_counter() - start,
-            "saved": checkpoints.saved if checkpoints else 0}  # fmt: skip
+    train_model(
+        initial,
+        loaders,
+        "sgd",
+        0.01,
+        0.0,
+        0.0,
+        "mse",
+        8,
+        torch.device("cpu"),
+        checkpoints=checkpoints,
+    )
+    return {
+        "seconds": time.perf_counter() - start,
+        "saved": checkpoints.saved if checkpoints else 0,
+    }
 
 
 def child_loop(kind: str, scale_name: str, epochs: str, device: str) -> dict[str, Any]:
@@ -147,8 +163,12 @@ def child_loop(kind: str, scale_name: str, epochs: str, device: str) -> dict[str
     }[kind]
     run(max(1, int(epochs) // 20))  # first-call costs (lazy imports, allocator) are not steps
     result = run(int(epochs))
-    return {"steps_per_s": result.steps_per_s, "seconds": result.seconds,
-            "train_loss": result.train_loss, "val_loss": result.val_loss}  # fmt: skip
+    return {
+        "steps_per_s": result.steps_per_s,
+        "seconds": result.seconds,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+    }
 
 
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
@@ -167,8 +187,12 @@ CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
 def spawn(env: dict[str, str], kind: str, *args: str) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, str(HERE), "--child", kind, *args],
-        cwd=env["BENCH_CWD"], env=env, capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
+        cwd=env["BENCH_CWD"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{kind} {args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -180,8 +204,9 @@ def median(values: list[float]) -> dict[str, float]:
 
 def fmt(stat: dict[str, float], unit: str = "s") -> str:
     scale = 1e9 if unit == "GB" else 1
-    return (f"{stat['median'] / scale:.3f} {unit} "
-            f"({stat['min'] / scale:.3f}–{stat['max'] / scale:.3f})")  # fmt: skip
+    return (
+        f"{stat['median'] / scale:.3f} {unit} ({stat['min'] / scale:.3f}–{stat['max'] / scale:.3f})"
+    )
 
 
 class Server:
@@ -196,10 +221,22 @@ class Server:
             "PREFECT_API_URL": f"http://127.0.0.1:{self.port}/api",
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-ui"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-ui",
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         import urllib.request
 
         deadline = time.time() + 180
@@ -246,9 +283,11 @@ def bench_cache(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -
         ("cache: cold flow (2000 epochs)", fmt(out["cold_flow"])),
         ("cache: re-run flow", fmt(out["cached_flow"]) + "   target ≤ 3 s"),
         ("cache: re-run / cold", f"{out['cached_over_cold']:.2f}×   target ≤ 0.3×"),
-        ("cache: re-run stages", f"all cached: {all_cached}, "
-                                 f"epochs trained: {out['cached_epochs_trained']}"),
-    ]  # fmt: skip
+        (
+            "cache: re-run stages",
+            f"all cached: {all_cached}, epochs trained: {out['cached_epochs_trained']}",
+        ),
+    ]
     return out
 
 
@@ -287,15 +326,23 @@ def bench_data(
     rows += [
         (f"data: file ({size / 1e9:.2f} GB npz)", f"x {n:,}×10, y {n:,}×1 float32"),
         ("data: content hash", fmt(out["hash_gb_per_s"], "GB") + "/s   target ≥ 1 GB/s"),
-        ("data: numpy.load", fmt(out["numpy_load"])
-         + f", peak RSS {out['numpy_rss_over_data']['median']:.2f}× data"),
-        ("data: load-tensors cold", fmt(out["cold"])
-         + f", peak RSS {out['cold_rss_over_data']['median']:.2f}× data   target ≤ 2×"),
+        (
+            "data: numpy.load",
+            fmt(out["numpy_load"]) + f", peak RSS {out['numpy_rss_over_data']['median']:.2f}× data",
+        ),
+        (
+            "data: load-tensors cold",
+            fmt(out["cold"])
+            + f", peak RSS {out['cold_rss_over_data']['median']:.2f}× data   target ≤ 2×",
+        ),
         ("data: load-tensors hit", fmt(out["hit"]) + f" {set(out['hit_states'])}   target ≤ 0.3 s"),
-        ("data: hit peak RSS", f"{out['hit_rss_over_data']['median']:.2f}× data (mapped); "
-         f"{out['hit_touched_rss_over_data']['median']:.2f}× after reading every byte"
-         "   target ≤ 1.2×"),
-    ]  # fmt: skip
+        (
+            "data: hit peak RSS",
+            f"{out['hit_rss_over_data']['median']:.2f}× data (mapped); "
+            f"{out['hit_touched_rss_over_data']['median']:.2f}× after reading every byte"
+            "   target ≤ 1.2×",
+        ),
+    ]
     return out
 
 
@@ -311,12 +358,18 @@ def bench_checkpoint(env: dict[str, str], repeat: int, rows: list[tuple[str, str
         out[f"{label}_overhead"] = out[label]["median"] / base - 1
     rows += [
         ("checkpoint: training, none", fmt(out["none"]) + "  (100k×16, mlp 64×64, batch 64)"),
-        ("checkpoint: default (30 s + end)", fmt(out["default"])
-         + f", {out['default_saved']} saved, overhead {out['default_overhead']:+.1%}"
-         "   target < 5%"),
-        ("checkpoint: every 1 s", fmt(out["every_1s"])
-         + f", {out['every_1s_saved']} saved, overhead {out['every_1s_overhead']:+.1%}"),
-    ]  # fmt: skip
+        (
+            "checkpoint: default (30 s + end)",
+            fmt(out["default"])
+            + f", {out['default_saved']} saved, overhead {out['default_overhead']:+.1%}"
+            "   target < 5%",
+        ),
+        (
+            "checkpoint: every 1 s",
+            fmt(out["every_1s"])
+            + f", {out['every_1s_saved']} saved, overhead {out['every_1s_overhead']:+.1%}",
+        ),
+    ]
     return out
 
 
@@ -328,37 +381,64 @@ def bench_loop(
 
     out: dict[str, Any] = {}
     for scale, epochs in (("seed", "300"), ("large", "1")):
-        runs = {kind: [spawn(env, "loop", kind, scale, epochs, device) for _ in range(repeat)]
-                for kind in ("seed", "trainflow")}  # fmt: skip
+        runs = {
+            kind: [spawn(env, "loop", kind, scale, epochs, device) for _ in range(repeat)]
+            for kind in ("seed", "trainflow")
+        }
         seed, ours = (median([r["steps_per_s"] for r in runs[k]]) for k in ("seed", "trainflow"))
         ref, got = runs["seed"][0], runs["trainflow"][0]
         error = max(
             float(np.max(np.abs(np.subtract(ref[k], got[k])) / np.abs(ref[k])))
             for k in ("train_loss", "val_loss")
         )
-        out[scale] = {"seed": seed, "trainflow": ours, "ratio": ours["median"] / seed["median"],
-                      "max_relative_loss_difference": error}  # fmt: skip
+        out[scale] = {
+            "seed": seed,
+            "trainflow": ours,
+            "ratio": ours["median"] / seed["median"],
+            "max_relative_loss_difference": error,
+        }
         rows += [
-            (f"loop {scale}: seed loop", f"{seed['median']:,.0f} steps/s "
-             f"({seed['min']:,.0f}–{seed['max']:,.0f})"),
-            (f"loop {scale}: trainflow", f"{ours['median']:,.0f} steps/s "
-             f"({ours['min']:,.0f}–{ours['max']:,.0f})"),
-            (f"loop {scale}: ratio", f"{out[scale]['ratio']:.2f}×   target ≥ 3×; "
-             f"losses differ by ≤ {error:.1e} (relative)"),
-        ]  # fmt: skip
-    free = median([spawn(env, "loop", "autograd-free", "seed", "300", device)["steps_per_s"]
-                   for _ in range(repeat)])  # fmt: skip
+            (
+                f"loop {scale}: seed loop",
+                f"{seed['median']:,.0f} steps/s ({seed['min']:,.0f}–{seed['max']:,.0f})",
+            ),
+            (
+                f"loop {scale}: trainflow",
+                f"{ours['median']:,.0f} steps/s ({ours['min']:,.0f}–{ours['max']:,.0f})",
+            ),
+            (
+                f"loop {scale}: ratio",
+                f"{out[scale]['ratio']:.2f}×   target ≥ 3×; "
+                f"losses differ by ≤ {error:.1e} (relative)",
+            ),
+        ]
+    free = median(
+        [
+            spawn(env, "loop", "autograd-free", "seed", "300", device)["steps_per_s"]
+            for _ in range(repeat)
+        ]
+    )
     out["autograd_free"] = free
     times_seed = free["median"] / out["seed"]["seed"]["median"]
-    rows.append(("loop seed: autograd-free limit",
-                 f"{free['median']:,.0f} steps/s ({times_seed:.1f}× the seed loop)"))  # fmt: skip
+    rows.append(
+        (
+            "loop seed: autograd-free limit",
+            f"{free['median']:,.0f} steps/s ({times_seed:.1f}× the seed loop)",
+        )
+    )
     return out
 
 
 def _timed_process(env: dict[str, str], *command: str) -> float:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, *command], cwd=env["BENCH_CWD"], env=env,
-                            capture_output=True, text=True, timeout=1800)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *command],
+        cwd=env["BENCH_CWD"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{command} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -383,13 +463,22 @@ def bench_e2e(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> 
     base = out["seed"]["median"]
     rows += [
         ("e2e 2000 epochs: seed script", fmt(out["seed"])),
-        ("e2e: trainflow, temporary server", fmt(out["ephemeral"])
-         + f"   {out['ephemeral']['median'] / base:.2f}× the seed   target ≤ 1.0×"),
-        ("e2e: trainflow, running server", fmt(out["server"])
-         + f"   {out['server']['median'] / base:.2f}× the seed   target ≤ 1.0×"),
-        ("e2e: trainflow, cached re-run", fmt(out["cached"])
-         + f"   {out['cached']['median'] / out['server']['median']:.2f}× its cold run"),
-    ]  # fmt: skip
+        (
+            "e2e: trainflow, temporary server",
+            fmt(out["ephemeral"])
+            + f"   {out['ephemeral']['median'] / base:.2f}× the seed   target ≤ 1.0×",
+        ),
+        (
+            "e2e: trainflow, running server",
+            fmt(out["server"])
+            + f"   {out['server']['median'] / base:.2f}× the seed   target ≤ 1.0×",
+        ),
+        (
+            "e2e: trainflow, cached re-run",
+            fmt(out["cached"])
+            + f"   {out['cached']['median'] / out['server']['median']:.2f}× its cold run",
+        ),
+    ]
     return out
 
 

@@ -175,8 +175,9 @@ def install(wanted: list[Automation]) -> None:
 
 
 def _definition(automation: AutomationCore) -> str:
-    fields = automation.model_dump(mode="json", include={"name", "description", "enabled",
-                                                         "trigger", "actions"})  # fmt: skip
+    fields = automation.model_dump(
+        mode="json", include={"name", "description", "enabled", "trigger", "actions"}
+    )
     fields["trigger"].pop("id", None)  # a new id per trigger object, even for equal ones
     return json.dumps(_canonical(fields), sort_keys=True)
 

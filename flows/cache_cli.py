@@ -10,8 +10,18 @@ import time
 from tasks.prune import list_entries, prune
 from tasks.rules import DEFAULT_CACHE_DIR
 
-UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-         "t": 1e12, "tb": 1e12}  # fmt: skip
+UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+}
 SPANS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_flow.py: error: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:
-        print(f"train_flow.py: {exc}; run it again to resume", file=sys.stderr)
+        print(f"train_flow.py: {exc}", file=sys.stderr)  # says what was saved, if anything
         return 128 + exc.signum
     print(
         f"{summary.stage_table()}\n\n"

@@ -67,8 +67,11 @@ def hold() -> bool:
         with get_client(sync_client=True) as client:
             current = client.read_flow_run(run.id).state
     except Exception as exc:  # the server is unreachable: no proof either way
-        print(f"trainflow: cannot check that this process still owns flow run {key} "
-              f"({type(exc).__name__}); skipping this checkpoint", file=sys.stderr)  # fmt: skip
+        print(
+            f"trainflow: cannot check that this process still owns flow run {key} "
+            f"({type(exc).__name__}); skipping this checkpoint",
+            file=sys.stderr,
+        )
         _last[key] = _Asked(now, False)
         return False
     # Still the Running state this process entered; Cancelling is ours too: the worker's
@@ -76,9 +79,12 @@ def hold() -> bool:
     owned = current is not None and (current.id == run.state.id or current.is_cancelling())
     if not owned:
         state = f"{current.name} ({current.message})" if current else "no state"
-        print(f"trainflow: flow run {key} was taken over while this process was still "
-              f"training, now {state}; exiting without writing anything more",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"trainflow: flow run {key} was taken over while this process was still "
+            f"training, now {state}; exiting without writing anything more",
+            file=sys.stderr,
+            flush=True,
+        )
         # At once: no cleanup that would flush a TensorBoard file into the shared run folder,
         # or report a state that would land on the re-run.
         os._exit(FENCED_EXIT)

@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect.context import FlowRunContext
 
-from tasks.checkpoint import Checkpointing
+from tasks.checkpoint import CheckpointSettings
 from tasks.errors import InputError, writing
 from tasks.export import METRICS
 from tasks.files import write_json
@@ -88,11 +88,11 @@ class Run:
     def _write_stages(self) -> None:
         write_json(self.path / STAGES, [dataclasses.asdict(s) for s in self.stages])
 
-    def checkpointing(self) -> Checkpointing | None:
+    def checkpointing(self) -> CheckpointSettings | None:
         """Checkpoints live in the cache: none with --no-cache, no resume with --refresh-cache."""
         if self.cache_mode == "off":
             return None
-        return Checkpointing(
+        return CheckpointSettings(
             self.cache_url,
             every_epochs=self.config["checkpoint_every_epochs"],
             every_seconds=self.config["checkpoint_every_seconds"],

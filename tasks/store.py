@@ -32,7 +32,7 @@ from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file as safetensors_save_file
 from torch import Tensor
 
-from tasks.files import FILE_MODE, atomic_write, fsync_dir
+from tasks.files import FILE_MODE, atomic_write, fsync_dir, make_dirs
 from tasks.keys import FORMAT, digest_stream, file_chunks, file_digest
 
 KEY = re.compile(r"[a-z][a-z-]*-[0-9a-f]{40}")
@@ -88,7 +88,7 @@ class CacheStore:
         if not self.local:
             self.fs.pipe_file(path, data)  # object stores replace a key in one PUT
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_dirs(os.path.dirname(path))
         atomic_write(path, data)
 
     def read(self, path: str) -> bytes:
@@ -138,7 +138,7 @@ class CacheStore:
             self.write(self.path("blobs", f"{checksum}.safetensors"), data)
             return {"xxh3": checksum, "size": len(data)}
         folder = self.path("blobs")
-        os.makedirs(folder, exist_ok=True)
+        make_dirs(folder)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         os.fchmod(fd, FILE_MODE)  # readable by the other users of a shared cache
         os.close(fd)

@@ -31,8 +31,15 @@ def free_port() -> int:
 def start(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
     """A child in its own session, so nothing we start outlives the test by accident."""
     with log.open("ab") as out:
-        return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def kill_tree(process: subprocess.Popen | psutil.Process | int) -> None:
@@ -97,8 +104,17 @@ class Stack:
         return self.home / f"{name}.log"
 
     def start_server(self) -> None:
-        args = [sys.executable, "-m", "prefect", "server", "start",
-                "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         server = start(args, self.env, self.log("server"))
         self.processes.append(server)
         wait_for("the Prefect server", lambda: self._healthy(server), timeout=120)
@@ -112,16 +128,33 @@ class Stack:
             return False
 
     def start_worker(self, queue: str = "default") -> subprocess.Popen:
-        args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
-                "--work-queue", queue, "--name", f"test-{queue}-{len(self.processes)}"]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "worker",
+            "start",
+            "--pool",
+            POOL,
+            "--work-queue",
+            queue,
+            "--name",
+            f"test-{queue}-{len(self.processes)}",
+        ]
         worker = start(args, self.env, self.log(f"worker-{queue}"))
         self.processes.append(worker)
         return worker
 
     def up(self) -> str:
         """deployments/up.sh, as a user runs it; returns its output."""
-        done = subprocess.run(["bash", "deployments/up.sh"], cwd=REPO, env=self.env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            ["bash", "deployments/up.sh"],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
@@ -150,8 +183,11 @@ class Stack:
     def create_run(self, deployment: str, parameters: dict[str, Any], **extra: Any) -> str:
         """A run of `deployment` with these parameters; raises on a 4xx (e.g. a bad value)."""
         deployment_id = self.deployment(deployment)["id"]
-        response = self.api("POST", f"/deployments/{deployment_id}/create_flow_run",
-                            json={"parameters": parameters, **extra})  # fmt: skip
+        response = self.api(
+            "POST",
+            f"/deployments/{deployment_id}/create_flow_run",
+            json={"parameters": parameters, **extra},
+        )
         response.raise_for_status()
         return response.json()["id"]
 

@@ -51,12 +51,16 @@ def _params(root: Path, **config) -> dict:
 
 def _checkpoints(root: Path) -> list[tuple[int, int]]:
     names = (p.name.split("-") for p in (root / "cache").glob("checkpoints/*/ckpt-*.safetensors"))
-    return sorted((int(epoch), int(batch)) for _, epoch, batch, _ in names)
+    return sorted((int(epoch), int(batch)) for _, epoch, batch, *_ in names)
 
 
 def _wait_for_epoch(root: Path, epoch: int) -> None:
-    wait_for(f"a checkpoint at epoch {epoch}+", lambda: any(e >= epoch for e, _ in
-             _checkpoints(root)), timeout=300, every=0.05)  # fmt: skip
+    wait_for(
+        f"a checkpoint at epoch {epoch}+",
+        lambda: any(e >= epoch for e, _ in _checkpoints(root)),
+        timeout=300,
+        every=0.05,
+    )
 
 
 def _finished_run_dir(root: Path) -> Path:
@@ -91,8 +95,9 @@ def test_up_deploys_both_deployments_with_schedule_schema_and_automations(stack)
         assert deployment["work_pool_name"] == POOL
         assert deployment["enforce_parameter_schema"] is True
         assert "auto-recover" in deployment["tags"]
-        assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
-                                             {"directory": str(REPO)}}]  # fmt: skip
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+        ]
         assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
         config = deployment["parameter_openapi_schema"]["definitions"]["TrainConfig"]
         assert config["properties"]["lr"]["exclusiveMinimum"] == 0
@@ -140,8 +145,11 @@ def test_serve_py_registers_its_own_deployment_and_leaves_nightly_alone(stack):
     nightly = stack.deployment("train/nightly")
     server = start([sys.executable, "deployments/serve.py"], stack.env, stack.log("serve"))
     try:
-        wait_for("train/nightly-served", lambda: stack.api(
-            "GET", "/deployments/name/train/nightly-served").is_success, timeout=90)  # fmt: skip
+        wait_for(
+            "train/nightly-served",
+            lambda: stack.api("GET", "/deployments/name/train/nightly-served").is_success,
+            timeout=90,
+        )
     finally:
         kill_tree(server)
     served = stack.deployment("train/nightly-served")
@@ -168,10 +176,15 @@ def test_a_run_with_custom_parameters_completes_with_them(stack, tmp_path):
 
 @pytest.mark.parametrize(
     ("config", "field"),
-    [({"lr": -1}, "config.lr"), ({"epochs": "many"}, "config.epochs"),
-     ({"device": "gpu"}, "config.device"), ({"run_name": "../escape"}, "config.run_name"),
-     ({"loss": "hinge"}, "config.loss"), ({"bogus": 1}, "config")],
-)  # fmt: skip
+    [
+        ({"lr": -1}, "config.lr"),
+        ({"epochs": "many"}, "config.epochs"),
+        ({"device": "gpu"}, "config.device"),
+        ({"run_name": "../escape"}, "config.run_name"),
+        ({"loss": "hinge"}, "config.loss"),
+        ({"bogus": 1}, "config"),
+    ],
+)
 def test_an_invalid_parameter_is_rejected_before_a_run_exists(stack, config, field):
     deployment_id = stack.deployment("train/manual")["id"]
     count = {"deployments": {"id": {"any_": [deployment_id]}}}
@@ -225,9 +238,22 @@ def _assert_one_crash_and_one_rerun(stack: Stack, run: dict, crash: str) -> None
 @pytest.fixture(scope="module")
 def crashing_runs(stack, tmp_path_factory):
     """Runs of a flow that always dies, started early: their crashes overlap the next test."""
-    args = [sys.executable, "-m", "prefect", "--no-prompt", "deploy",
-            "tests/crash_flow.py:always_crashes", "-n", "always-crashes", "-p", POOL,
-            "-q", "default", "-t", "auto-recover"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "tests/crash_flow.py:always_crashes",
+        "-n",
+        "always-crashes",
+        "-p",
+        POOL,
+        "-q",
+        "default",
+        "-t",
+        "auto-recover",
+    ]
     done = subprocess.run(args, cwd=REPO, env=stack.env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     marker = tmp_path_factory.mktemp("crash-marker") / "crashed-once"
@@ -245,8 +271,9 @@ def test_a_run_whose_worker_died_is_rerun_by_a_new_worker(
 ):
     stack.api("POST", f"/work_pools/{POOL}/queues/", json={"name": "worker-loss"})
     doomed = stack.start_worker("worker-loss")
-    run_id = stack.create_run("train/manual", _params(tmp_path, **LONG),
-                              work_queue_name="worker-loss")  # fmt: skip
+    run_id = stack.create_run(
+        "train/manual", _params(tmp_path, **LONG), work_queue_name="worker-loss"
+    )
     _wait_for_epoch(tmp_path, 3)
     kill_tree(doomed)  # the worker and its flow-run process, at once: nobody reports anything
     killed = time.monotonic()
@@ -331,8 +358,12 @@ def _processes_of(worker, run_id: str) -> list[psutil.Process]:
 
 
 def _files(*folders: Path) -> dict[str, tuple[int, int]]:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
-            for folder in folders for p in folder.rglob("*") if p.is_file()}  # fmt: skip
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for folder in folders
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_a_run_declared_silent_while_alive_stops_when_its_re_run_takes_over(
@@ -389,9 +420,17 @@ def _browser():
         pytest.skip(reason)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--window-size=1400,1000"):  # fmt: skip
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
 
@@ -430,16 +469,20 @@ def test_the_ui_shows_the_nightly_schedule_and_the_parameter_form(
         browser.save_screenshot(str(shots / "nightly-run-form.png"))
 
         # A bad value is refused when submitted, with the field named, and no run appears.
-        lr = browser.find_element(By.XPATH, "//*[normalize-space()='Lr (Optional)']"
-                                            "/following::input[1]")  # fmt: skip
+        lr = browser.find_element(
+            By.XPATH, "//*[normalize-space()='Lr (Optional)']/following::input[1]"
+        )
         lr.send_keys(Keys.CONTROL, "a", Keys.NULL, "-1")
         next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Submit").click()
         wait.until(lambda _: "Validation failed for field 'config.lr'" in body.text)
         browser.save_screenshot(str(shots / "nightly-run-form-refused.png"))
     finally:
         browser.quit()
-    runs = stack.api("POST", "/flow_runs/filter", json={"deployments": {"id": {"any_": [
-        stack.deployment("train/nightly")["id"]]}}}).json()  # fmt: skip
+    runs = stack.api(
+        "POST",
+        "/flow_runs/filter",
+        json={"deployments": {"id": {"any_": [stack.deployment("train/nightly")["id"]]}}},
+    ).json()
     assert all("auto-scheduled" in run["tags"] for run in runs)  # only the scheduler's
     record_property("screenshots", str(shots))  # in --junitxml reports
     print(f"\nUI screenshots: {shots}")

@@ -46,8 +46,9 @@ def world(monkeypatch):
     run = SimpleNamespace(id=uuid.uuid4(), deployment_id=uuid.uuid4(), state=ours)
     server = _Server(ours)
     clock = [1000.0]
-    monkeypatch.setattr(fence, "FlowRunContext", SimpleNamespace(get=lambda: SimpleNamespace(
-        flow_run=run)))  # fmt: skip
+    monkeypatch.setattr(
+        fence, "FlowRunContext", SimpleNamespace(get=lambda: SimpleNamespace(flow_run=run))
+    )
     monkeypatch.setattr(fence, "get_client", lambda sync_client: server)
     monkeypatch.setattr(fence.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(fence.os, "_exit", lambda code: (_ for _ in ()).throw(_Exited(code)))
@@ -69,10 +70,13 @@ def test_the_server_is_asked_at_most_once_a_second(world):
 
 @pytest.mark.parametrize(
     "taken_over",
-    [lambda: Crashed(message="No heartbeat for 90 s"), lambda: Scheduled(name="AwaitingRetry"),
-     lambda: Running()],  # the re-run's own Running state: another id
+    [
+        lambda: Crashed(message="No heartbeat for 90 s"),
+        lambda: Scheduled(name="AwaitingRetry"),
+        lambda: Running(),
+    ],  # the re-run's own Running state: another id
     ids=["crashed", "awaiting-retry", "re-run-running"],
-)  # fmt: skip
+)
 def test_a_process_whose_run_was_taken_over_exits_without_reporting(world, taken_over, capsys):
     fence.hold()
     world.server.state = taken_over()

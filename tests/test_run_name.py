@@ -11,9 +11,23 @@ from flows.config import RUN_NAME, TrainConfig
 from flows.train_flow import train_flow
 from tasks.rules import safe_run_name
 
-HOSTILE = ["../../escape", "..", ".", "/etc/passwd", "a/../../b", "~root", "", "   ", "C:\\x",
-           "name with spaces", "nul\0byte", "ünïcödé-ランナー", "-rf", ".hidden",
-           "x" * 500]  # fmt: skip
+HOSTILE = [
+    "../../escape",
+    "..",
+    ".",
+    "/etc/passwd",
+    "a/../../b",
+    "~root",
+    "",
+    "   ",
+    "C:\\x",
+    "name with spaces",
+    "nul\0byte",
+    "ünïcödé-ランナー",
+    "-rf",
+    ".hidden",
+    "x" * 500,
+]
 
 
 @pytest.mark.parametrize("text", HOSTILE)

@@ -20,9 +20,16 @@ def _val_fraction(ratio: str) -> float:
 
 
 @pytest.mark.parametrize(
-    ("n", "ratio", "seed"), [(100, "0.8", 13), (10, "0.7", 0), (1000, "0.75", 7), (3, "0.5", 1),
-                             (10, "0.1", 3), (100, "0.29", 5)]
-)  # fmt: skip
+    ("n", "ratio", "seed"),
+    [
+        (100, "0.8", 13),
+        (10, "0.7", 0),
+        (1000, "0.75", 7),
+        (3, "0.5", 1),
+        (10, "0.1", 3),
+        (100, "0.29", 5),
+    ],
+)
 def test_split_matches_random_split(n, ratio, seed):
     parts = split_indices(n, _val_fraction(ratio), seed)
     torch.manual_seed(seed)
