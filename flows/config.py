@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from tasks.options import TrainingOptions
 from tasks.rules import DEFAULT_CACHE_DIR, SYNTHETIC, model_names, train_size
 
 MAX_SEED = 2**63 - 1
@@ -88,6 +89,11 @@ class TrainConfig(BaseModel):
         "relu", description="MLP activation (model='mlp' only)."
     )
     init_seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the initial weights.")
+    standardize: bool = Field(
+        False,
+        description="Standardize each feature with the mean and std of the training rows, "
+        "inside the model (model.pt2 takes raw rows; model.safetensors holds the statistics).",
+    )
 
     # --- optimisation -----------------------------------------------------------------------
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer.")
@@ -98,6 +104,45 @@ class TrainConfig(BaseModel):
         "mse", description="Loss function (mean reduction)."
     )
     epochs: int = Field(200, ge=1, le=10**7, description="Training epochs.")
+    lr_schedule: Literal["none", "step", "cosine", "onecycle"] = Field(
+        "none",
+        description="Learning-rate schedule: 'step' (x gamma every step_size epochs), 'cosine' "
+        "(to min_lr at the last epoch), 'onecycle' (up to lr over warmup_epochs, then down; "
+        "per step); per epoch otherwise.",
+    )
+    warmup_epochs: int = Field(
+        0, ge=0, le=10**7, description="Epochs of linear warm-up to lr before the schedule."
+    )
+    step_size: int = Field(
+        30, ge=1, le=10**7, description="Epochs between decays (lr_schedule='step' only)."
+    )
+    gamma: float = Field(
+        0.1, gt=0, le=1, description="Decay factor (lr_schedule='step' only)."
+    )
+    min_lr: float = Field(
+        0.0, ge=0, le=100, description="The lr cosine anneals to (lr_schedule='cosine' only)."
+    )
+    early_stopping_patience: int = Field(
+        0,
+        ge=0,
+        le=10**7,
+        description="Stop after this many epochs without a better validation loss (0: off).",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, le=1e6, description="How much lower a validation loss must be to count as better."
+    )
+    export: Literal["last", "best"] = Field(
+        "last",
+        description="Weights to export: the last epoch's, or those of the lowest validation loss.",
+    )
+    grad_clip: float = Field(
+        0.0, ge=0, le=1e6, description="Clip the global gradient norm to this (0: off)."
+    )
+    precision: Literal["32", "bf16"] = Field(
+        "32",
+        description="'bf16': autocast the forward pass to bfloat16 (the loss and the optimizer "
+        "stay float32); needs a CPU or a CUDA device that has bfloat16.",
+    )
     device: str = Field(
         "auto",
         description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps'.",
@@ -153,7 +198,46 @@ class TrainConfig(BaseModel):
                     f"--val-fraction {self.val_fraction} leaves the {empty} split empty "
                     f"for --n-samples {self.n_samples}"
                 )
+        self._fits_the_schedule()
+        if self.early_stopping_min_delta and not self.early_stopping_patience:
+            raise ValueError("--early-stopping-min-delta needs --early-stopping-patience")
+        if self.precision == "bf16" and self.device.startswith("mps"):
+            raise ValueError("--precision bf16 needs a CPU or CUDA device, not mps")
         return self
+
+    def _fits_the_schedule(self) -> None:
+        owners = {"step_size": "step", "gamma": "step", "min_lr": "cosine"}
+        for knob, schedule in owners.items():
+            # Compared with the default, not "was it given": the UI form sends every field.
+            default = type(self).model_fields[knob].default
+            if getattr(self, knob) != default and self.lr_schedule != schedule:
+                flag = "--" + knob.replace("_", "-")
+                raise ValueError(f"{flag} is for --lr-schedule {schedule}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"--warmup-epochs {self.warmup_epochs} leaves no epoch of --epochs {self.epochs} "
+                "after the warm-up"
+            )
+        if self.lr_schedule == "onecycle" and self.warmup_epochs == 0:
+            raise ValueError("--lr-schedule onecycle needs --warmup-epochs (its rising phase) >= 1")
+        if self.lr_schedule == "cosine" and self.min_lr >= self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} must be below --lr {self.lr}")
+
+    @property
+    def training_options(self) -> TrainingOptions:
+        """The options train-epochs takes as one value (the flow stays one screen)."""
+        return TrainingOptions(
+            lr_schedule=self.lr_schedule,
+            warmup_epochs=self.warmup_epochs,
+            step_size=self.step_size,
+            gamma=self.gamma,
+            min_lr=self.min_lr,
+            early_stopping_patience=self.early_stopping_patience,
+            early_stopping_min_delta=self.early_stopping_min_delta,
+            export=self.export,
+            grad_clip=self.grad_clip,
+            precision=self.precision,
+        )
 
     @field_validator("hidden")
     @classmethod

@@ -70,6 +70,9 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
                 hidden=cfg.hidden,
                 activation=cfg.activation,
                 seed=cfg.init_seed,
+                standardize=cfg.standardize,
+                data=data,
+                parts=parts,
             )
         trained = train_epochs(
             initial=initial,
@@ -83,6 +86,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
             device=cfg.device,
             run_dir=run.create(),
             checkpointing=run.checkpointing(),
+            options=cfg.training_options,
         )
         export_graph(
             trained=trained, parts=parts, sample=loaders.sample, run_dir=run.path, config=run.config

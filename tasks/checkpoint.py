@@ -52,6 +52,9 @@ class TrainState:
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     rng: dict[str, Tensor] = field(default_factory=dict)  # torch's global CPU/CUDA RNG states
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # per-epoch metrics and lr
+    scheduler: dict[str, Any] | None = None  # lr_scheduler.state_dict(): plain JSON values
+    best: dict[str, Tensor] = field(default_factory=dict)  # export best: that epoch's weights
 
 
 def _flatten(state: TrainState) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -61,6 +64,9 @@ def _flatten(state: TrainState) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors["batch_losses"] = state.batch_losses
     tensors["train_loss"] = torch.tensor(state.train_loss, dtype=torch.float64)
     tensors["val_loss"] = torch.tensor(state.val_loss, dtype=torch.float64)
+    tensors |= {f"best.{k}": v for k, v in state.best.items()}
+    # float64 holds every Python float exactly, as the loss lists do
+    tensors |= {f"metric.{k}": torch.tensor(v, dtype=torch.float64) for k, v in state.metrics.items()}
     plain: dict[str, dict[str, Any]] = {}  # optimizer state that is not a tensor (or is None)
     for param_id, values in state.optimizer["state"].items():
         for name, value in values.items():
@@ -73,6 +79,7 @@ def _flatten(state: TrainState) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "batch": state.batch,
         "optimizer_plain": plain,
         "optimizer_groups": state.optimizer["param_groups"],
+        "scheduler": state.scheduler,  # json.dumps refuses anything that isn't plain data
     }
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, meta
 
@@ -97,6 +104,9 @@ def _unflatten(tensors: dict[str, Tensor], meta: dict[str, Any]) -> TrainState:
         train_loss=tensors["train_loss"].tolist(),
         val_loss=tensors["val_loss"].tolist(),
         rng=group("rng."),
+        metrics={k: v.tolist() for k, v in group("metric.").items()},
+        scheduler=meta.get("scheduler"),
+        best=group("best."),
     )
 
 

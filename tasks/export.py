@@ -97,6 +97,7 @@ def export_model(trained: Trained, sample: Tensor) -> Exported:
 
 
 def metrics_record(trained: Trained) -> dict[str, Any]:
+    """Per-epoch lists (epoch indices are 0-based, like TensorBoard's steps)."""
     return {
         "epochs": len(trained.train_loss),
         "epochs_trained": trained.epochs_trained,
@@ -105,7 +106,16 @@ def metrics_record(trained: Trained) -> dict[str, Any]:
         "final_val_loss": trained.val_loss[-1],
         "train_loss": trained.train_loss,
         "val_loss": trained.val_loss,
+        **trained.metrics,
+        "best_epoch": trained.best_epoch,
+        "stopped_early_at": trained.stopped_early_at,
     }
+
+
+def final_values(trained: Trained) -> dict[str, float]:
+    """The run's last losses and metrics, as the hparams record and the summary show them."""
+    final = {"train_loss": trained.train_loss[-1], "val_loss": trained.val_loss[-1]}
+    return final | {name: values[-1] for name, values in trained.metrics.items() if name != "lr"}
 
 
 def hparams(config: dict[str, Any]) -> dict[str, Any]:
@@ -129,10 +139,7 @@ def _write_outputs(
     exported: Exported, trained: Trained, parts: Split, run_dir: Path, config: dict[str, Any]
 ) -> None:
     metrics = metrics_record(trained)
-    final = {
-        "final/train_loss": metrics["final_train_loss"],
-        "final/val_loss": metrics["final_val_loss"],
-    }
+    final = {f"final/{name}": value for name, value in final_values(trained).items()}
     files.atomic_write(run_dir / GRAPH_EVENTS, exported.graph_events)
     # run_name ".": the record belongs to this folder's run, not to a sub-run of its own.
     record = event_bytes(lambda w: w.add_hparams(hparams(config), final, run_name="."))
@@ -164,18 +171,38 @@ def publish(trained: Trained, run_dir: Path) -> None:
             f"({trained.epochs_trained} trained in this run) |\n"
             f"| final training loss | {trained.train_loss[-1]:.6g} |\n"
             f"| final validation loss | {trained.val_loss[-1]:.6g} |\n"
-            f"| run directory | `{run_dir}` |\n\n"
+            + "".join(
+                f"| final {name.replace('_', ' ')} | {value:.6g} |\n"
+                for name, value in final_values(trained).items()
+                if name not in ("train_loss", "val_loss")
+            )
+            + _epoch_notes(trained)
+            + f"| run directory | `{run_dir}` |\n\n"
             f"Open TensorBoard: `tensorboard --logdir {run_dir}`\n"
         ),
     )
     create_table_artifact(
         key="train-losses",
-        description="Per-epoch losses (evenly thinned for long runs)",
+        description="Per-epoch losses, metrics and lr (evenly thinned for long runs)",
         table=[
-            {"epoch": i, "training": trained.train_loss[i], "validation": trained.val_loss[i]}
+            {
+                "epoch": i,
+                "training": trained.train_loss[i],
+                "validation": trained.val_loss[i],
+                **{name: values[i] for name, values in trained.metrics.items()},
+            }
             for i in thinned(trained.train_loss)
         ],
     )
+
+
+def _epoch_notes(trained: Trained) -> str:
+    notes = ""
+    if trained.best_epoch is not None:
+        notes += f"| exported weights | best epoch, {trained.best_epoch} |\n"
+    if trained.stopped_early_at is not None:
+        notes += f"| stopped early | after epoch {trained.stopped_early_at} |\n"
+    return notes
 
 
 @stage(name="export-graph")

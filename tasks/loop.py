@@ -19,9 +19,13 @@ from tasks import fence
 from tasks.checkpoint import Checkpoints, TrainState
 from tasks.errors import NonFiniteLoss
 from tasks.loaders import Batches
+from tasks.metrics import ValMetrics
+from tasks.options import TrainingOptions
+from tasks.schedule import EarlyStopping, make_scheduler
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-EpochHook = Callable[[int, float, float], None]
+# (epoch, training loss, validation loss, the epoch's metrics and lr by name)
+EpochHook = Callable[[int, float, float, dict[str, float]], None]
 
 
 class Interrupted(BaseException):
@@ -61,6 +65,9 @@ class StopSignals:
 class History:
     train: list[float] = field(default_factory=list)
     val: list[float] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # per name, "lr" too
+    best: dict[str, Tensor] = field(default_factory=dict)  # export best: the best epoch's weights
+    stopped_early_at: int | None = None  # the epoch early stopping ended training after
 
 
 def rng_states(device: torch.device) -> dict[str, Tensor]:
@@ -90,7 +97,8 @@ def plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float | None:
 
     That is: SGD itself (not a subclass), one parameter group on the CPU (elsewhere SGD runs
     foreach kernels), every option but `lr` at its default, `lr` a number, and no hook or
-    wrapper around `step` (an LR scheduler wraps it, and hooks must run).
+    wrapper around `step` but torch's LR schedulers' (it only notes that `step` was called,
+    which the fast path notes too), since hooks must run.
     tests/test_train.py compares this path with `SGD.step` bit for bit.
     """
     return _plain_lr(optimizer) if _sgd_on_the_cpu(optimizer) else None
@@ -118,7 +126,7 @@ def _plain_lr(optimizer: torch.optim.Optimizer) -> float | None:
         or group["fused"]
         or group["differentiable"]
         or isinstance(group["lr"], Tensor)
-        or "step" in vars(optimizer)  # a wrapper, e.g. an LR scheduler's call tracking
+        or ("step" in vars(optimizer) and not _scheduler_tracking(optimizer))  # a wrapper
         or optimizer._optimizer_step_pre_hooks
         or optimizer._optimizer_step_post_hooks
         or _global_optimizer_pre_hooks
@@ -129,17 +137,49 @@ def _plain_lr(optimizer: torch.optim.Optimizer) -> float | None:
     return group["lr"]
 
 
+def autocast_forward(model: nn.Module, precision: str) -> Callable[[Tensor], Tensor]:
+    """The model's forward pass; under "bf16", autocast to bfloat16 with float32 outputs, so
+    the loss (and through it the gradients the optimizer sees) stays float32."""
+    if precision == "32":
+        return model
+    device_type = next(model.parameters()).device.type
+
+    def forward(x: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = model(x)
+        return out.float()
+
+    return forward
+
+
+def _scheduler_tracking(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step` is torch's LR-scheduler wrapper around the class's own step,
+    whose only addition is `optimizer._opt_called = True` (for a call-order warning)."""
+    step = vars(optimizer)["step"]
+    return getattr(step, "_wrapped_by_lr_sched", False) and (
+        getattr(step, "__wrapped__", None) is type(optimizer).step
+    )
+
+
 def make_train_step(
-    model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float = 0.0,
+    precision: str = "32",
+    scheduler: Any = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The seed's train step (forward, backward, step, zero_grad), returning the loss on the
-    device instead of `.item()`."""
+    device instead of `.item()`; with clipping, bf16 autocast and a per-step schedule if asked."""
     params = [p for p in model.parameters() if p.requires_grad]
     sgd_on_the_cpu = _sgd_on_the_cpu(optimizer)
+    forward = autocast_forward(model, precision)
 
     def step(x: Tensor, y: Tensor) -> Tensor:
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(forward(x), y)
         loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(params, grad_clip)
         lr = _plain_lr(optimizer) if sgd_on_the_cpu else None  # = plain_sgd_lr(optimizer)
         if lr is None:
             optimizer.step()
@@ -148,8 +188,12 @@ def make_train_step(
                 for p in optimizer.param_groups[0]["params"]:
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-lr)
+            if "step" in vars(optimizer):  # what a scheduler's wrapper would have noted
+                optimizer._opt_called = True
         for p in params:  # zero_grad(set_to_none=True), minus the call overhead
             p.grad = None
+        if scheduler is not None:
+            scheduler.step()
         return loss.detach()
 
     return step
@@ -183,24 +227,56 @@ class EpochLoop:
         checkpoints: Checkpoints | None = None,
         resume: TrainState | None = None,
         stop: StopSignals | None = None,
+        *,
+        options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
+        metrics: Callable[[Tensor], ValMetrics] | None = None,
     ):
         self.model, self.train, self.val, self.loss_fn = model, train, val, loss_fn
         self.optimizer, self.epochs, self.on_epoch = optimizer, epochs, on_epoch
-        self.checkpoints, self.stop = checkpoints, stop
+        self.checkpoints, self.stop, self.options = checkpoints, stop, options
+        # Built from the validation targets at the first validation: they are read only there.
+        self.make_metrics, self.metrics = metrics, None
         self.device = next(model.parameters()).device
-        self.step = make_train_step(model, loss_fn, optimizer)
+        self.scheduler, per_step = make_scheduler(optimizer, options, epochs, len(train))
+        self.step = make_train_step(
+            model,
+            loss_fn,
+            optimizer,
+            options.grad_clip,
+            options.precision,
+            self.scheduler if per_step else None,
+        )
+        self.epoch_scheduler = None if per_step else self.scheduler
+        self.forward = autocast_forward(model, options.precision)
         self.shuffle = train.shuffle()
         self.history, self.start_epoch, self.start_losses = History(), 0, []
         if resume is not None:
-            self.history = History(list(resume.train_loss), list(resume.val_loss))
+            self.history = History(
+                list(resume.train_loss),
+                list(resume.val_loss),
+                {name: list(values) for name, values in resume.metrics.items()},
+                {k: v.to(self.device) for k, v in resume.best.items()},
+            )
             self.start_epoch = resume.epoch
             self.start_losses = list(resume.batch_losses.to(self.device).unbind())
             if self.shuffle is not None:
                 self.shuffle.set_state(resume.loader["generator"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(resume.scheduler)
+                for group, lr in zip(
+                    optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+                ):
+                    group["lr"] = lr  # where the schedule had it, not the config's start
+        stopping = options.early_stopping_patience, options.early_stopping_min_delta
+        self.early = EarlyStopping(*stopping, self.history.val)
+        self.history.stopped_early_at = self.early.stopped_at
+        self.best_val = min(self.history.val, default=math.inf)
 
     def run(self) -> History:
         batch_losses = self.start_losses
         for epoch in range(self.start_epoch, self.epochs):
+            if self.history.stopped_early_at is not None:  # resumed where it stopped early
+                break
             self.train_epoch(epoch, batch_losses)
             self.end_epoch(epoch, torch.stack(batch_losses), self.validate())
             batch_losses = []
@@ -217,25 +293,65 @@ class EpochLoop:
             self.pause(epoch, batch_losses, at_start)
 
     def validate(self) -> Tensor:
+        """The validation losses per batch, then the metrics' raw sums (all on the device)."""
         self.model.eval()
+        losses, outputs, targets = [], [], []
+        first = self.metrics is None and self.make_metrics is not None
         with torch.no_grad():
-            return torch.stack([self.loss_fn(self.model(x), y) for x, y in self.val.epoch(None)])
+            for x, y in self.val.epoch(None):
+                out = self.forward(x)
+                losses.append(self.loss_fn(out, y))
+                outputs.append(out)
+                if first:
+                    targets.append(y)
+            if first:
+                self.metrics = self.make_metrics(torch.cat(targets))
+            if self.metrics is None:
+                return torch.stack(losses)
+            raw = self.metrics.raw(torch.cat(outputs))
+            return torch.cat([torch.stack(losses), raw.to(losses[0].dtype)])
 
-    def end_epoch(self, epoch: int, train_losses: Tensor, val_losses: Tensor) -> None:
+    def end_epoch(self, epoch: int, train_losses: Tensor, val_results: Tensor) -> None:
         # The epoch's one host sync. The means are the seed's `np.mean` over its Python floats
         # (float64, numpy's summation order), bit for bit.
-        losses = torch.cat([train_losses, val_losses]).double().cpu().numpy()
-        train, val = losses[: len(train_losses)], losses[len(train_losses) :]
+        losses = torch.cat([train_losses, val_results]).double().cpu().numpy()
+        n_val = len(self.val)
+        train = losses[: len(train_losses)]
+        val = losses[len(train_losses) : len(train_losses) + n_val]
         train_loss, val_loss = float(np.mean(train)), float(np.mean(val))
         if not math.isfinite(train_loss):
             raise NonFiniteLoss("training", epoch, _first_bad(train))
         if not math.isfinite(val_loss):
             raise NonFiniteLoss("validation", epoch, _first_bad(val))
+        values = {}
+        if self.metrics is not None:
+            values = self.metrics.finish(losses[len(train_losses) + n_val :])
+        values["lr"] = float(self.optimizer.param_groups[0]["lr"])  # at the epoch's end
         self.history.train.append(train_loss)
         self.history.val.append(val_loss)
+        for name, value in values.items():
+            self.history.metrics.setdefault(name, []).append(value)
+        self._keep_if_best(val_loss)
+        if self.early.update(epoch, val_loss):
+            self.history.stopped_early_at = epoch
+        if self.epoch_scheduler is not None:
+            self.epoch_scheduler.step()
         if self.on_epoch is not None:
-            self.on_epoch(epoch, train_loss, val_loss)
+            self.on_epoch(epoch, train_loss, val_loss, values)
         self.pause(epoch + 1, [], self._shuffle_state())
+
+    def _keep_if_best(self, val_loss: float) -> None:
+        # The first epoch of the lowest loss (argmin's choice); copies only on improvement.
+        if self.options.export != "best" or not val_loss < self.best_val:
+            return
+        self.best_val = val_loss
+        with torch.no_grad():
+            state = self.model.state_dict()
+            if not self.history.best:
+                self.history.best = {k: v.detach().clone() for k, v in state.items()}
+            else:
+                for k, v in state.items():
+                    self.history.best[k].copy_(v)
 
     def pause(self, epoch: int, batch_losses: list[Tensor], shuffle: dict[str, Tensor]) -> None:
         """After every step, and after every epoch as batch 0 of the next: the one place that
@@ -245,7 +361,9 @@ class EpochLoop:
         """
         batch = len(batch_losses)
         stopping = self.stop is not None and self.stop.signum is not None
-        finished = (epoch, batch) == (self.epochs, 0)
+        finished = (epoch, batch) == (self.epochs, 0) or (
+            batch == 0 and self.history.stopped_early_at == epoch - 1
+        )
         saved = None
         if (
             self.checkpoints is not None
@@ -290,4 +408,7 @@ class EpochLoop:
             list(self.history.train),
             list(self.history.val),
             rng_states(self.device),
+            {name: list(values) for name, values in self.history.metrics.items()},
+            None if self.scheduler is None else self.scheduler.state_dict(),
+            dict(self.history.best),
         )

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tasks.data import Dataset
 from tasks.errors import InputError
 from tasks.keys import code_fingerprint
 from tasks.rules import MODEL_ENTRY_POINTS
+from tasks.split import Split
 from tasks.stage import cache_entry, stage
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -36,6 +39,38 @@ class ModelSpec:
     n_outputs: int
     hidden: tuple[int, ...] = ()
     activation: str = "relu"
+    standardize: bool = False  # a Standardize module in front (its statistics are weights)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std per feature, the statistics as buffers: the saved weights carry them
+    and the exported program takes raw rows."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def feature_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and population std per column (sklearn's StandardScaler), computed in float64; a
+    constant column gets std 1, so it maps to 0 instead of dividing by zero."""
+    x64 = x.double()
+    mean = x64.mean(0)
+    std = x64.std(0, correction=0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return mean.to(x.dtype), std.to(x.dtype)
+
+
+def standardized(spec: ModelSpec, module: nn.Module) -> nn.Module:
+    """`module` behind a Standardize; a Sequential's layers keep their names ("0.weight"…)."""
+    layers = (
+        list(module.named_children()) if type(module) is nn.Sequential else [("model", module)]
+    )
+    return nn.Sequential(OrderedDict([("standardize", Standardize(spec.n_inputs)), *layers]))
 
 
 def _linear(spec: ModelSpec) -> nn.Module:
@@ -94,6 +129,8 @@ def instantiate(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.M
         with torch.device("meta"):  # skips PyTorch's init, which draws from the global RNG
             module = MODELS[spec.name](spec)
         module = module.to_empty(device="cpu")
+    if spec.standardize:
+        module = standardized(spec, module)
     if state is not None:
         module.load_state_dict(state)
     return module
@@ -134,11 +171,20 @@ def spec_from_json(spec: dict[str, Any]) -> ModelSpec:
     return ModelSpec(**{**spec, "hidden": tuple(spec["hidden"])})
 
 
-def initial_model(spec: ModelSpec, seed: int) -> InitialModel:
+def initial_model(spec: ModelSpec, seed: int, train_x: Tensor | None = None) -> InitialModel:
+    """Seeded weights; with `spec.standardize`, the statistics of `train_x` (training rows
+    only: nothing of the validation rows leaks into the model)."""
     if spec.name in MODELS:
         module = init_weights_(instantiate(spec), torch.Generator().manual_seed(seed))
     else:
         module = _seeded_plugin(spec.name, spec, seed)
+        module = standardized(spec, module) if spec.standardize else module
+    if spec.standardize:
+        if train_x is None:
+            raise ValueError("standardize needs the training rows")
+        mean, std = feature_statistics(train_x)
+        module.standardize.mean.copy_(mean)
+        module.standardize.std.copy_(std)
     return InitialModel(spec, {k: v.detach().clone() for k, v in module.state_dict().items()})
 
 
@@ -162,17 +208,43 @@ def model_code(name: str) -> dict[str, Any] | None:
 
 
 def model_spec(
-    name: str, n_inputs: int, n_outputs: int, hidden: tuple[int, ...], activation: str
+    name: str,
+    n_inputs: int,
+    n_outputs: int,
+    hidden: tuple[int, ...],
+    activation: str,
+    standardize: bool = False,
 ) -> ModelSpec:
     if name == "linear":  # unused knobs stay out of the spec, and out of the cache key
         hidden, activation = (), "relu"
-    return ModelSpec(name, n_inputs, n_outputs, tuple(hidden), activation)
+    return ModelSpec(name, n_inputs, n_outputs, tuple(hidden), activation, standardize)
 
 
 @stage(name="build-model")
 def build_model(
-    name: str, n_inputs: int, n_outputs: int, hidden: tuple[int, ...], activation: str, seed: int
+    name: str,
+    n_inputs: int,
+    n_outputs: int,
+    hidden: tuple[int, ...],
+    activation: str,
+    seed: int,
+    standardize: bool = False,
+    data: Dataset | None = None,
+    parts: Split | None = None,
 ) -> InitialModel:
-    spec = model_spec(name, n_inputs, n_outputs, hidden, activation)
-    entry = cache_entry("build-model", initial_model, spec=spec, seed=seed, plugin=model_code(name))
-    return entry.resolve(InitialModel, lambda: initial_model(spec, seed))
+    """`data` and `parts` matter only with `standardize` (its statistics come from the
+    training rows), and only then are they part of the key."""
+    spec = model_spec(name, n_inputs, n_outputs, hidden, activation, standardize)
+    rows = (data, parts) if standardize else None
+    entry = cache_entry(
+        "build-model", initial_model, spec=spec, seed=seed, plugin=model_code(name), rows=rows
+    )
+
+    def build() -> InitialModel:
+        if not standardize:
+            return initial_model(spec, seed)
+        if data is None or parts is None:
+            raise ValueError("standardize needs the data and its split")
+        return initial_model(spec, seed, data.x[parts.train])
+
+    return entry.resolve(InitialModel, build)

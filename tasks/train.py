@@ -19,9 +19,19 @@ from tasks.checkpoint import Checkpoints, CheckpointSettings, TrainState
 from tasks.device import resolve_device
 from tasks.errors import InputError, NonFiniteLoss, StorageError, writing
 from tasks.loaders import Loaders
-from tasks.loop import EpochHook, EpochLoop, LossFn, StopSignals, restore_rng_states, seed_rngs
+from tasks.loop import (
+    EpochHook,
+    EpochLoop,
+    History,
+    LossFn,
+    StopSignals,
+    restore_rng_states,
+    seed_rngs,
+)
 from tasks.loop import Interrupted as Interrupted  # raised through train-epochs to its callers
+from tasks.metrics import ValMetrics
 from tasks.model import InitialModel, ModelSpec, instantiate, spec_from_json
+from tasks.options import TrainingOptions
 from tasks.stage import cache_entry, stage
 
 TRAINING_SEED = 0  # of the global RNGs at a fresh start (only a plugin model draws from them)
@@ -74,6 +84,9 @@ class Trained:
     val_loss: list[float]
     epochs_trained: int  # epochs computed in this run (0 when served from the cache)
     resumed_from: dict[str, int] | None = None  # {"epoch": E, "batch": B} of the checkpoint
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # per epoch, by name; "lr"
+    best_epoch: int | None = None  # export best: the epoch whose weights `state` holds
+    stopped_early_at: int | None = None  # the last epoch trained, if early stopping ended it
     cache_key: str = field(default="", compare=False)
 
     def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -83,6 +96,9 @@ class Trained:
             "val_loss": self.val_loss,
             "epochs_trained": self.epochs_trained,
             "resumed_from": self.resumed_from,
+            "metrics": self.metrics,
+            "best_epoch": self.best_epoch,
+            "stopped_early_at": self.stopped_early_at,
         }
         return self.state, meta
 
@@ -95,6 +111,9 @@ class Trained:
             meta["val_loss"],
             meta["epochs_trained"],
             meta["resumed_from"],
+            meta.get("metrics", {}),
+            meta.get("best_epoch"),
+            meta.get("stopped_early_at"),
         )
 
 
@@ -105,7 +124,9 @@ class Progress:
         self.log, self.epochs, self.steps = log, epochs, steps_per_epoch
         self.last_time, self.last_epoch = time.perf_counter(), None
 
-    def __call__(self, epoch: int, train_loss: float, val_loss: float) -> None:
+    def __call__(
+        self, epoch: int, train_loss: float, val_loss: float, values: dict[str, float]
+    ) -> None:
         now = time.perf_counter()
         if self.last_epoch is not None and now - self.last_time < 1.0 and epoch + 1 < self.epochs:
             return
@@ -113,9 +134,12 @@ class Progress:
         epochs_done = epoch + 1 - (self.last_epoch + 1 if self.last_epoch is not None else epoch)
         rate = epochs_done * self.steps / max(now - self.last_time, 1e-9)
         self.last_time, self.last_epoch = now, epoch
+        shown = "".join(
+            f"  {name.removeprefix('val_')} {value:.4g}" for name, value in values.items()
+        )
         self.log(
-            f"epoch {epoch + 1}/{self.epochs}  train {train_loss:.6f}  val {val_loss:.6f}  "
-            f"({rate:,.0f} steps/s)"
+            f"epoch {epoch + 1}/{self.epochs}  train {train_loss:.6f}  val {val_loss:.6f}"
+            f"{shown}  ({rate:,.0f} steps/s)"
         )
 
 
@@ -133,7 +157,10 @@ def train_model(
     checkpoints: Checkpoints | None = None,
     resume: TrainState | None = None,
     stop: StopSignals | None = None,
+    *,
+    options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
 ) -> Trained:
+    check_precision(options.precision, device)
     # Built afresh from the inputs and the checkpoint in every attempt: a retry inherits
     # nothing from the one that failed.
     model = instantiate(initial.spec, initial.state).to(device)
@@ -160,31 +187,84 @@ def train_model(
             checkpoints,
             resume,
             stop,
+            options=options,
+            metrics=lambda y_val: ValMetrics(loss, y_val, initial.spec.n_outputs),
         )
         history = loop.run()
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return finished(initial.spec, model, history, options, resume)
+
+
+def finished(
+    spec: ModelSpec,
+    model: nn.Module,
+    history: History,
+    options: TrainingOptions,
+    resume: TrainState | None,
+) -> Trained:
+    """What training produced: the last or the best epoch's weights, on the CPU."""
+    best_epoch = history.val.index(min(history.val))
+    weights = history.best if options.export == "best" else model.state_dict()
+    state = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
     resumed_from = {"epoch": resume.epoch, "batch": resume.batch} if resume else None
-    epochs_trained = epochs - (resume.epoch if resume else 0)
-    return Trained(initial.spec, state, history.train, history.val, epochs_trained, resumed_from)
+    epochs_trained = len(history.train) - (resume.epoch if resume else 0)
+    return Trained(
+        spec,
+        state,
+        history.train,
+        history.val,
+        epochs_trained,
+        resumed_from,
+        history.metrics,
+        best_epoch if options.export == "best" else None,
+        history.stopped_early_at,
+    )
 
 
-def log_losses(writer: SummaryWriter, epoch: int, train_loss: float, val_loss: float) -> None:
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision != "bf16":
+        return
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return
+    if device.type != "cpu":
+        raise InputError(f"--precision bf16: the device {device} has no bfloat16 support")
+
+
+def log_losses(
+    writer: SummaryWriter,
+    epoch: int,
+    train_loss: float,
+    val_loss: float,
+    values: dict[str, float] | None = None,
+) -> None:
     # The seed's call: one 'loss' chart with a training and a validation curve.
     writer.add_scalars("loss", {"training": train_loss, "validation": val_loss}, epoch)
+    for name, value in (values or {}).items():  # one chart per metric, and one for the lr
+        writer.add_scalar(name, value, epoch)
 
 
-def loss_writer(run_dir: Path, train_loss: list[float], val_loss: list[float]) -> SummaryWriter:
-    """A writer whose loss curves hold exactly the given history: each epoch once.
+def loss_writer(
+    run_dir: Path,
+    train_loss: list[float],
+    val_loss: list[float],
+    metrics: dict[str, list[float]] | None = None,
+) -> SummaryWriter:
+    """A writer whose curves hold exactly the given history: each epoch once.
 
     A resumed or cached run may reuse a folder that already has curves (a retry, a repeated
-    --run-name): they are rewritten from the history rather than appended to.
+    --run-name): they are rewritten from the history rather than appended to. The metric
+    charts live in the folder's own event file: an earlier attempt's goes, except the graph
+    and hparams files export-graph writes under fixed ".0." names.
     """
     for curve in ("loss_training", "loss_validation"):
         for old in (run_dir / curve).glob("events.out.tfevents.*"):
             old.unlink()
+    for old in run_dir.glob("events.out.tfevents.*"):
+        if not old.name.startswith("events.out.tfevents.0."):
+            old.unlink()
     writer = SummaryWriter(str(run_dir))
+    metrics = metrics or {}
     for epoch, losses in enumerate(zip(train_loss, val_loss, strict=True)):
-        log_losses(writer, epoch, *losses)
+        log_losses(writer, epoch, *losses, {k: v[epoch] for k, v in metrics.items()})
     return writer
 
 
@@ -212,6 +292,7 @@ def train_epochs(
     device: str,
     run_dir: Path,
     checkpointing: CheckpointSettings | None = None,
+    options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
 ) -> Trained:
     # What the weights depend on: the device's type (CPU and CUDA kernels round differently),
     # not its name or index; momentum only where SGD uses it; never the run folder.
@@ -224,14 +305,19 @@ def train_epochs(
         "weight_decay": weight_decay,
         "loss": loss,
         "device": resolve_device(device).type,
+        "options": options.normalized(),
     }
     entry = cache_entry("train-epochs", train_model, epochs=epochs, **recipe)
     if (hit := entry.load(Trained)) is not None:
-        loss_writer(run_dir, hit.train_loss, hit.val_loss).close()  # a hit still gets its curves
+        # a hit still gets its curves
+        loss_writer(run_dir, hit.train_loss, hit.val_loss, hit.metrics).close()
         return entry.cached(dataclasses.replace(hit, epochs_trained=0, resumed_from=None))
     # The first N epochs are the same whatever a run's length, so checkpoints are filed under
     # the key without `epochs` (the lineage): a longer run of the config continues a shorter.
-    lineage = cache_entry("train-epochs", train_model, **recipe).key
+    # Not so for a schedule shaped by the run's length (cosine, onecycle): its lineage keeps
+    # `epochs`, and a longer run is a new schedule from epoch 0 (README: "Schedules").
+    length = {"epochs": epochs} if options.schedule_needs_length else {}
+    lineage = cache_entry("train-epochs", train_model, **recipe, **length).key
     # The run folder says whose checkpoints these are: a retry or a re-run into the same folder
     # takes over the files it wrote, and never touches another run's.
     checkpoints = checkpointing.open(lineage, str(run_dir)) if checkpointing and lineage else None
@@ -240,7 +326,7 @@ def train_epochs(
     if resume is not None:
         logger.info(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
     progress = Progress(logger.info, epochs, len(loaders.train))
-    history = (resume.train_loss, resume.val_loss) if resume else ([], [])
+    history = (resume.train_loss, resume.val_loss, resume.metrics) if resume else ([], [], {})
     # TensorBoard writes in a background thread and re-raises its errors at a later call;
     # whichever call that is, a full or read-only run folder is reported as such.
     with (
@@ -249,9 +335,9 @@ def train_epochs(
         StopSignals() as stop,
     ):
 
-        def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
-            log_losses(writer, epoch, train_loss, val_loss)
-            progress(epoch, train_loss, val_loss)
+        def on_epoch(epoch: int, train_loss: float, val_loss: float, values: dict) -> None:
+            log_losses(writer, epoch, train_loss, val_loss, values)
+            progress(epoch, train_loss, val_loss, values)
 
         trained = train_model(
             initial,
@@ -267,5 +353,6 @@ def train_epochs(
             checkpoints,
             resume,
             stop,
+            options=options,
         )
     return entry.keep(trained)

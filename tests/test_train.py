@@ -1,6 +1,7 @@
 """train-epochs' loop: the seed's computation, its optimizers and losses, its fast path."""
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -354,14 +355,35 @@ def test_any_other_option_goes_through_sgd_step_and_still_equals_it(sgd_steps, o
         assert torch.equal(a, b)
 
 
-def test_an_lr_scheduler_or_a_hook_sends_steps_through_sgd_step(sgd_steps):
-    """A scheduler wraps optimizer.step (to check the call order), hooks must run: both are
-    honoured, so the fast path only ever replaces a bare SGD.step."""
+def test_an_lr_schedulers_wrapper_keeps_the_fast_path_and_equals_sgd_step(sgd_steps):
+    """A scheduler wraps optimizer.step only to note the call (for its call-order warning):
+    the fast path notes it too, reads the scheduled lr at every step, and equals SGD.step."""
     model = _Model(torch.float32)
     optimizer = torch.optim.SGD([model.hidden], lr=0.1)
     assert plain_sgd_lr(optimizer) == 0.1
     torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
-    assert plain_sgd_lr(optimizer) is None
+    assert plain_sgd_lr(optimizer) == 0.1
+
+    def scheduled(optimizer, i):  # a scheduler per twin, stepped after each step
+        if i == 0:
+            optimizer.schedule = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
+        else:
+            optimizer.schedule.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()"
+        ours, seeds = _twins(torch.float32, 7, {"lr": 0.1}, scheduled)
+    assert len(sgd_steps) == 7  # the seed's twin only
+    for a, b in zip(ours.parameters(), seeds.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_hook_or_another_wrapper_sends_steps_through_sgd_step():
+    """Hooks must run, and a wrapper may do anything: the fast path declines both."""
+    model = _Model(torch.float32)
+    wrapped = torch.optim.SGD([model.hidden], lr=0.1)
+    wrapped.step = lambda *args: None
+    assert plain_sgd_lr(wrapped) is None
     hooked = torch.optim.SGD([model.hidden], lr=0.1)
     hooked.register_step_post_hook(lambda *args: None)
     assert plain_sgd_lr(hooked) is None

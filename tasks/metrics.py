@@ -1,0 +1,102 @@
+"""Validation metrics per epoch, chosen by the loss, computed on the device.
+
+Hand-written rather than torchmetrics: five metrics of a few tensor ops each, shaped so the
+epoch's one host sync (tasks/loop.py) reads them out with the losses. torchmetrics would add
+a dependency whose stateful objects sync or allocate in ways we'd have to audit per version,
+and the loop's budget at the seed's scale is a few microseconds an epoch.
+
+`raw(outputs)` is a 1-D float tensor of sums and counts (device, no sync); `finish(raw)` turns
+its host copy into the named values. What depends only on the validation targets (counts of
+positives, the total sum of squares) is computed once, up front.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CLASSIFICATION = ("cross_entropy", "bce_with_logits")
+
+
+def auroc(score: Tensor, positive: Tensor) -> Tensor:
+    """Area under the ROC curve (ties count one half), as a 0-d tensor on the device: for each
+    positive, the negatives scored below it, by a sort and two searchsorted (no host sync)."""
+    ordered, order = torch.sort(score)
+    label = positive[order].float()
+    negatives_before = torch.cat([label.new_zeros(1), (1 - label).cumsum(0)])
+    first = torch.searchsorted(ordered, ordered, right=False)
+    after = torch.searchsorted(ordered, ordered, right=True)
+    below = negatives_before[first]
+    tied = negatives_before[after] - below
+    n_pos = label.sum()
+    return ((below + 0.5 * tied) * label).sum() / (n_pos * (len(label) - n_pos))
+
+
+class ValMetrics:
+    """The metrics of one loss on one validation split (targets `y`, model width `n_outputs`)."""
+
+    def __init__(self, loss: str, y: Tensor, n_outputs: int):
+        self.loss, self.n = loss, y.shape[0]
+        self.binary = (loss == "bce_with_logits" and y.shape[1] == 1) or (
+            loss == "cross_entropy" and n_outputs == 2
+        )
+        if loss == "cross_entropy":
+            self.y = y[:, 0].long()
+            positive = self.y == 1
+        elif loss == "bce_with_logits":
+            self.y = y >= 0.5  # soft labels count by their nearer class
+            positive = self.y[:, 0]
+        else:
+            self.y = y
+            centred = y.double() - y.double().mean(0)
+            self.ss_tot = (centred * centred).sum(0).cpu().numpy()  # once, not per epoch
+            self.names: tuple[str, ...] = ("val_mae", "val_r2")
+            return
+        self.positive = positive
+        n_pos = int(positive.sum()) if self.binary else 0
+        self.n_pos, self.auroc = n_pos, self.binary and 0 < n_pos < self.n
+        self.names = ("val_accuracy",)
+        if self.binary:
+            self.names += ("val_f1", "val_auroc") if self.auroc else ("val_f1",)
+
+    def raw(self, outputs: Tensor) -> Tensor:
+        outputs = outputs.float()
+        if self.loss == "cross_entropy":
+            predicted = outputs.argmax(1)
+            correct = (predicted == self.y).sum()
+            if not self.binary:
+                return correct.float().unsqueeze(0)
+            said_pos, score = predicted == 1, outputs[:, 1] - outputs[:, 0]
+        elif self.loss == "bce_with_logits":
+            said = outputs > 0
+            correct = (said == self.y).sum()
+            if not self.binary:
+                return correct.float().unsqueeze(0)
+            said_pos, score = said[:, 0], outputs[:, 0]
+        else:
+            error = outputs - self.y
+            return torch.cat([error.abs().sum().unsqueeze(0), (error * error).sum(0)])
+        parts = [correct, (said_pos & self.positive).sum(), said_pos.sum()]
+        if self.auroc:
+            return torch.stack([*(p.float() for p in parts), auroc(score, self.positive)])
+        return torch.stack([p.float() for p in parts])
+
+    def finish(self, raw: np.ndarray) -> dict[str, float]:
+        if self.loss not in CLASSIFICATION:
+            ss_res = raw[1:]
+            # sklearn's r2_score: a constant target scores 1 if predicted exactly, else 0.
+            r2 = [
+                1 - res / tot if tot > 0 else float(res == 0)
+                for res, tot in zip(ss_res, self.ss_tot, strict=True)
+            ]
+            return {"val_mae": float(raw[0] / ss_res.size / self.n), "val_r2": float(np.mean(r2))}
+        width = 1 if self.loss == "cross_entropy" else self.y.shape[1]
+        values = {"val_accuracy": float(raw[0] / (self.n * width))}
+        if self.binary:
+            true_pos, said_pos = raw[1], raw[2]
+            denominator = said_pos + self.n_pos
+            values["val_f1"] = float(2 * true_pos / denominator) if denominator else 0.0
+            if self.auroc:
+                values["val_auroc"] = float(raw[3])
+        return values
