@@ -7,7 +7,10 @@
   `sgd_step=True`, its loop with every update through `SGD.step` instead of the plain-SGD
   fast path, which is what the fast path saves;
 - `autograd_free_loop`: hand-written gradients for linear regression with SGD: the
-  Python-level limit for the seed's model.
+  Python-level limit for the seed's model;
+- `bare_loop`: trainflow's epoch loop without validation metrics or a schedule, the loop as
+  it was before them, against which `trainflow` (metrics on, as always) and `trainflow,
+  cosine` (metrics, warm-up and a cosine schedule) show what those cost (#15: at most 10%).
 
     python benchmarks/loops.py [--scale seed] [--rounds 5] [--device cpu]
 
@@ -32,8 +35,11 @@ from tasks.data import Dataset, synthetic
 from tasks.loaders import epoch_order, make_loaders
 from tasks.loop import EpochLoop
 from tasks.model import ModelSpec, initial_model, instantiate
+from tasks.options import TrainingOptions
 from tasks.split import Split, split_indices
 from tasks.train import make_loss, train_model
+
+COSINE = TrainingOptions(lr_schedule="cosine", warmup_epochs=5)
 
 
 @dataclass(frozen=True)
@@ -130,21 +136,29 @@ class SGDStep(torch.optim.SGD):
 
 
 def trainflow_loop(
-    scale: Scale, device: torch.device, epochs: int, sgd_step: bool = False
+    scale: Scale,
+    device: torch.device,
+    epochs: int,
+    sgd_step: bool = False,
+    options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
+    bare: bool = False,
 ) -> LoopResult:
     data, parts = make_data(scale), split_indices(scale.rows, 0.2, 13)
     loaders = make_loaders(data, parts, scale.batch_size, 42, "tensor", 0, device)
     initial = initial_model(ModelSpec(scale.model, scale.features, 1, scale.hidden), 42)
     _sync(device)
     start = time.perf_counter()
-    if sgd_step:  # train_model's own steps, with the optimizer it can't build
+    if sgd_step or bare:  # train_model's own steps, with the optimizer it can't build / no metrics
         model = instantiate(initial.spec, initial.state).to(device)
-        optimizer = SGDStep(model.parameters(), lr=scale.lr)
+        sgd = SGDStep if sgd_step else torch.optim.SGD
+        optimizer = sgd(model.parameters(), lr=scale.lr)
         loop = EpochLoop(model, loaders.train, loaders.val, make_loss("mse"), optimizer, epochs)
         history = loop.run()
         train_loss, val_loss = history.train, history.val
     else:
-        trained = train_model(initial, loaders, "sgd", scale.lr, 0.0, 0.0, "mse", epochs, device)
+        trained = train_model(
+            initial, loaders, "sgd", scale.lr, 0.0, 0.0, "mse", epochs, device, options=options
+        )
         train_loss, val_loss = trained.train_loss, trained.val_loss
     _sync(device)
     steps = _steps(scale, parts, epochs)
@@ -179,6 +193,8 @@ LOOPS: dict[str, Callable[[Scale, torch.device, int], LoopResult]] = {
     "seed loop": seed_loop,
     "trainflow, SGD.step": lambda scale, device, n: trainflow_loop(scale, device, n, True),
     "trainflow": trainflow_loop,
+    "trainflow, bare": lambda scale, device, n: trainflow_loop(scale, device, n, bare=True),
+    "trainflow, cosine": lambda scale, device, n: trainflow_loop(scale, device, n, options=COSINE),
     "autograd-free limit": lambda scale, device, n: autograd_free_loop(device, n),
 }
 
@@ -218,6 +234,12 @@ def main() -> None:
         f"losses: trainflow = seed loop, bit for bit: {same}; "
         f"fast path = SGD.step: {same_step[0] == same_step[1]}"
     )
+    bare = statistics.median(rates["trainflow, bare"])
+    for name in ("trainflow", "trainflow, cosine"):
+        print(
+            f"{name} / trainflow, bare: {statistics.median(rates[name]) / bare:.3f} "
+            "(metrics, and the schedule: must stay >= 0.90)"
+        )
 
 
 if __name__ == "__main__":
