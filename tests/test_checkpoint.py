@@ -15,6 +15,7 @@ from tasks.errors import NonFiniteLoss
 from tasks.loaders import make_loaders
 from tasks.loop import Interrupted, StopSignals
 from tasks.model import ModelSpec, initial_model
+from tasks.options import TrainingOptions
 from tasks.split import split_indices
 from tasks.store import CacheStore
 from tasks.train import train_model
@@ -38,6 +39,7 @@ def _train(
     n=200,
     loaders=None,
     model="mlp",
+    options=None,
 ):
     loaders = loaders or _loaders(n)
     initial = initial_model(ModelSpec(model, 1, 1, (8,), "tanh"), 42)
@@ -54,13 +56,66 @@ def _train(
         checkpoints=checkpoints,
         resume=resume,
         stop=stop,
+        options=options or TrainingOptions(),
     )
 
 
 def _assert_identical(a, b):
     assert a.train_loss == b.train_loss and a.val_loss == b.val_loss
+    assert a.metrics == b.metrics  # the validation metrics and the lr of every epoch
+    assert (a.best_epoch, a.stopped_early_at) == (b.best_epoch, b.stopped_early_at)
+    assert a.state.keys() == b.state.keys()
     for key, value in a.state.items():
         assert torch.equal(value, b.state[key]), key
+
+
+# Every piece of #15's training state at once: a warm-up, then a cosine schedule over 12
+# epochs; the best epoch's weights (epoch 5 on this data) and early stopping after 3 epochs
+# without a better validation loss (epoch 8), so the run ends before its 12 epochs.
+EVERYTHING = TrainingOptions(
+    lr_schedule="cosine", warmup_epochs=2, early_stopping_patience=3, export="best"
+)
+
+
+def test_every_new_option_resumes_bit_identically_from_every_epoch_and_mid_epoch(tmp_path):
+    reference = _train(epochs=12, options=EVERYTHING)
+    assert reference.stopped_early_at == 8 and reference.best_epoch == 5
+    assert len(reference.val_loss) == 9 and reference.epochs_trained == 9
+    store = Checkpoints(str(tmp_path), every_seconds=1e-9, keep=10**6)  # after every step
+    _train(store, epochs=12, options=EVERYTHING)
+    paths = sorted(tmp_path.iterdir())
+    assert decode(paths[-1].read_bytes()).epoch == 9  # where it stopped: the run's last
+    for path in paths[::7] + paths[-3:]:
+        resume = decode(path.read_bytes())
+        resumed = _train(resume=resume, epochs=12, options=EVERYTHING)
+        _assert_identical(resumed, reference)
+        assert resumed.epochs_trained == 9 - resume.epoch
+
+
+def test_a_per_step_schedule_resumes_bit_identically_mid_epoch(tmp_path):
+    options = TrainingOptions(lr_schedule="onecycle", warmup_epochs=2, grad_clip=0.5)
+    reference = _train(optimizer="adam", options=options)
+    _train(
+        Checkpoints(str(tmp_path), every_seconds=1e-9, keep=10**6),
+        optimizer="adam",
+        options=options,
+    )
+    for path in sorted(tmp_path.iterdir())[5:60:11]:
+        resumed = _train(resume=decode(path.read_bytes()), optimizer="adam", options=options)
+        _assert_identical(resumed, reference)
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_extended(tmp_path):
+    """The stop follows from the loss history alone: a longer run of the lineage stops at
+    the same epoch, and one resumed from the stopped run's checkpoint trains nothing more."""
+    options = TrainingOptions(early_stopping_patience=3, export="best")
+    stopped = _train(Checkpoints(str(tmp_path), every_seconds=0), epochs=12, options=options)
+    assert stopped.stopped_early_at is not None and stopped.stopped_early_at < 11
+    resume = Checkpoints(str(tmp_path)).latest(max_epoch=20)
+    extended = _train(resume=resume, epochs=20, options=options)
+    assert extended.epochs_trained == 0
+    _assert_identical(extended, stopped)
+    _assert_identical(extended, _train(epochs=20, options=options))
 
 
 @pytest.mark.parametrize(("optimizer", "momentum"), [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)])
@@ -114,6 +169,9 @@ def test_a_checkpoint_round_trips_without_pickle():
         train_loss=[1.0, 0.5, 0.25],
         val_loss=[1.5, 0.75, 0.3],
         rng={"cpu": torch.get_rng_state()},
+        metrics={"val_mae": [0.1, 0.2, 1 / 3], "lr": [0.1, 0.05, 0.025]},
+        scheduler={"last_epoch": 3, "_last_lr": [0.1 / 3], "_schedulers": [{"T_max": 10}]},
+        best={"0.weight": torch.randn(2, 2)},
     )
     data = encode(state)
     assert not data.startswith(b"\x80\x02")
@@ -128,6 +186,8 @@ def test_a_checkpoint_round_trips_without_pickle():
     assert torch.equal(back.optimizer["state"][0]["step"], torch.tensor(4.0))
     assert torch.equal(back.model["0.weight"], state.model["0.weight"])
     assert torch.equal(back.loader["generator"], state.loader["generator"])
+    assert back.metrics == state.metrics and back.scheduler == state.scheduler
+    assert torch.equal(back.best["0.weight"], state.best["0.weight"])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

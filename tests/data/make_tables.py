@@ -26,7 +26,9 @@ def scaled_binary(rows: int = 569, features: int = 30, seed: int = 7) -> np.ndar
 def main() -> None:
     table = scaled_binary()
     header = ",".join([*(f"f{j:02d}" for j in range(table.shape[1] - 1)), "label"])
-    np.savetxt(HERE / "scaled_binary.csv", table, delimiter=",", header=header, comments="", fmt="%.6g")
+    np.savetxt(
+        HERE / "scaled_binary.csv", table, delimiter=",", header=header, comments="", fmt="%.6g"
+    )
 
 
 if __name__ == "__main__":
