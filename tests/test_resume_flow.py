@@ -45,6 +45,19 @@ OPTIMIZERS = {
     "momentum": {"momentum": 0.9},
     "adam": {"optimizer": "adam", "lr": 0.05},
 }
+# #15's training state all at once: a warm-up then a cosine schedule over the 12 epochs, the
+# best epoch's weights exported, and early stopping, which on this data and model ends the
+# run after epoch 8 (STOP), its best epoch being 5: faults strike in the 9 epochs it trains.
+EVERYTHING = {
+    "model": "mlp",
+    "hidden": (8,),
+    "activation": "tanh",
+    "lr_schedule": "cosine",
+    "warmup_epochs": 2,
+    "early_stopping_patience": 3,
+    "export": "best",
+}
+STOP, BEST = 8, 5
 
 
 @pytest.fixture(autouse=True)
@@ -100,10 +113,12 @@ def reference(tmp_path_factory, prefect_api):
         if key not in done:
             name = f"reference-{len(done)}"
             summary = train_flow(_config(root, name, cache=name, **training))
-            assert summary.resumed_from is None and summary.epochs_trained == training.get(
-                "epochs", EPOCHS
-            )
             done[key] = Result.of(summary.run_dir)
+            trained = len(done[key].val_loss)  # fewer than `epochs` if it stopped early
+            assert summary.resumed_from is None and summary.epochs_trained == trained
+            assert (
+                trained == training.get("epochs", EPOCHS) or "early_stopping_patience" in training
+            )
         return done[key]
 
     return get
@@ -183,6 +198,40 @@ def test_a_transient_fault_is_retried_into_the_uninterrupted_run(
         assert Result.of(again.run_dir).same_run_as(got), why
 
 
+@pytest.mark.parametrize("where", ["backward", "optimizer.step"])
+def test_a_transient_fault_with_every_new_option_is_retried_into_the_uninterrupted_run(
+    tmp_path, monkeypatch, reference, where
+):
+    """Warm-up and cosine schedule, early stopping, best export: the retry resumes them all
+    from the checkpoint and ends in the uninterrupted run, metrics, lr and best epoch too."""
+    rng = _draw(f"everything-{where}")
+    step = rng.randint(1, (STOP + 1) * STEPS)
+    owner, name = (torch.Tensor, "backward") if where == "backward" else (torch.optim.SGD, "step")
+    real, calls, raised = getattr(owner, name), [0], []
+
+    def fail_once(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step and not raised:
+            raised.append(step)
+            raise RuntimeError(f"injected transient fault in {where} #{step}")
+        return real(*args, **kwargs)
+
+    # Momentum keeps SGD off the fast path, so SGD.step is called and can fail.
+    options = EVERYTHING | ({"momentum": 0.9} if where == "optimizer.step" else {})
+    monkeypatch.setattr(owner, name, fail_once)
+    summary = train_flow(_config(tmp_path, "retried", **options))
+    monkeypatch.undo()
+
+    why = f"everything on: {where} #{step} (TRAINFLOW_FAULT_SEED={SEED})"
+    assert raised == [step], why
+    assert summary.resumed_from == _last_checkpoint(step - 1), why
+    got, expected = Result.of(summary.run_dir), reference(**options)
+    assert got.same_run_as(expected), why
+    for key in ("val_mae", "val_r2", "lr", "best_epoch", "stopped_early_at"):
+        assert got.metrics[key] == expected.metrics[key], (key, why)
+    assert _steps(summary.run_dir) == list(range(len(expected.val_loss))), why
+
+
 # --- SIGKILL of a real process, then the same command again --------------------------------
 
 
@@ -195,7 +244,8 @@ def _flags(config: TrainConfig) -> list[str]:
     flags = []
     for field, value in config.model_dump(exclude_defaults=True).items():
         flag = "--" + field.replace("_", "-")
-        flags += [flag] if value is True else [flag, str(value)]
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        flags += [flag] if value is True else [flag, shown]
     return flags
 
 
@@ -281,7 +331,14 @@ def _faults() -> list[Fault]:
     # Killed in backward #N: the N - 1 steps before were saved, the last of an epoch as the
     # start of the next (the epoch-end checkpoint comes after the one at its last batch).
     done = divmod(each_step - 1, STEPS)
+    everything = rng.randint(1, (STOP + 1) * STEPS)  # any step the early-stopped run takes
     return [
+        Fault(
+            "everything-on",
+            f"signal:KILL:step:{everything}",
+            resumed_from=_last_checkpoint(everything - 1),
+            overrides=tuple(EVERYTHING.items()),
+        ),
         Fault("step-before-first-checkpoint", f"signal:KILL:step:{early}"),
         Fault("step-late", f"signal:KILL:step:{late}", resumed_from=_last_checkpoint(late - 1)),
         Fault(
@@ -323,7 +380,11 @@ def _faults() -> list[Fault]:
 
 
 FAULT_POINTS = {fault.id: fault for fault in _faults()}
-KILLS = [fault for fault in FAULT_POINTS.values() if fault.signum == signal.SIGKILL]
+KILLS = [
+    fault
+    for fault in FAULT_POINTS.values()
+    if fault.signum == signal.SIGKILL and fault.id != "everything-on"
+]
 assert len(KILLS) >= 5  # the issue's floor: five SIGKILL points a session
 
 
@@ -361,6 +422,26 @@ def test_a_sigkilled_run_reruns_into_the_uninterrupted_run(struck, reference, fa
     assert _steps(rerun.run_dir) == list(range(EPOCHS)), why
     # A write the kill cut short left a temporary file: it was this run's, the rerun cleared it.
     assert not list(child.root.glob("cache/checkpoints/*/.ckpt-*.tmp")), why
+
+
+@pytest.mark.parametrize("fault", [FAULT_POINTS["everything-on"]], ids=["everything-on"])
+def test_a_sigkilled_run_with_every_new_option_reruns_into_the_uninterrupted_run(
+    struck, reference, fault
+):
+    child = struck[fault.id]
+    strike = child.check(fault)
+    why = f"{fault}, struck {strike} (TRAINFLOW_FAULT_SEED={SEED})"
+    expected = reference(**EVERYTHING)
+    assert (expected.metrics["stopped_early_at"], expected.metrics["best_epoch"]) == (STOP, BEST)
+
+    rerun = train_flow(child.config)
+    assert rerun.resumed_from == fault.resumed_from, why
+    got = Result.of(rerun.run_dir)
+    assert got.same_run_as(expected) and got.metrics == expected.metrics | {
+        "epochs_trained": got.metrics["epochs_trained"],
+        "resumed_from": fault.resumed_from,
+    }, why
+    assert _steps(rerun.run_dir) == list(range(STOP + 1)), why
 
 
 # --- SIGTERM / SIGINT: stop, and say truthfully what was kept ------------------------------
@@ -479,6 +560,25 @@ def test_extending_a_finished_run_continues_from_its_last_epoch(tmp_path, refere
     assert extended.epochs_trained == 6
     assert Result.of(extended.run_dir).same_run_as(reference(epochs=EPOCHS + 6))
     assert _steps(extended.run_dir) == list(range(EPOCHS + 6))
+
+
+def test_extending_a_cosine_run_starts_a_new_schedule_and_a_step_run_continues(tmp_path, reference):
+    """Cosine's shape depends on the run's length, so its lineage includes `epochs`: a longer
+    run is a new schedule over the new length, trained from epoch 0 (it equals a fresh run of
+    that length). A step schedule does not depend on the length: a longer run continues."""
+    cosine = {"lr_schedule": "cosine", "warmup_epochs": 2}
+    train_flow(_config(tmp_path, "cosine", **cosine))
+    longer = train_flow(_config(tmp_path, "cosine-longer", epochs=EPOCHS + 6, **cosine))
+    assert longer.resumed_from is None and longer.epochs_trained == EPOCHS + 6
+    assert Result.of(longer.run_dir).same_run_as(reference(epochs=EPOCHS + 6, **cosine))
+    lrs = Result.of(longer.run_dir).metrics["lr"]
+    assert lrs[-1] < lrs[EPOCHS - 1]  # the new schedule still anneals after epoch 12
+
+    step = {"lr_schedule": "step", "step_size": 5, "gamma": 0.5, "warmup_epochs": 2}
+    train_flow(_config(tmp_path, "step", **step))
+    extended = train_flow(_config(tmp_path, "step-longer", epochs=EPOCHS + 6, **step))
+    assert extended.resumed_from == {"epoch": EPOCHS, "batch": 0}
+    assert Result.of(extended.run_dir).same_run_as(reference(epochs=EPOCHS + 6, **step))
 
 
 def test_refresh_cache_trains_from_the_start_and_still_checkpoints(tmp_path, reference):
