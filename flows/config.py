@@ -116,9 +116,7 @@ class TrainConfig(BaseModel):
     step_size: int = Field(
         30, ge=1, le=10**7, description="Epochs between decays (lr_schedule='step' only)."
     )
-    gamma: float = Field(
-        0.1, gt=0, le=1, description="Decay factor (lr_schedule='step' only)."
-    )
+    gamma: float = Field(0.1, gt=0, le=1, description="Decay factor (lr_schedule='step' only).")
     min_lr: float = Field(
         0.0, ge=0, le=100, description="The lr cosine anneals to (lr_schedule='cosine' only)."
     )
@@ -129,7 +127,7 @@ class TrainConfig(BaseModel):
         description="Stop after this many epochs without a better validation loss (0: off).",
     )
     early_stopping_min_delta: float = Field(
-        0.0, ge=0, le=1e6, description="How much lower a validation loss must be to count as better."
+        0.0, ge=0, le=1e6, description="How much lower a validation loss must be to be better."
     )
     export: Literal["last", "best"] = Field(
         "last",

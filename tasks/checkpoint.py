@@ -66,7 +66,9 @@ def _flatten(state: TrainState) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors["val_loss"] = torch.tensor(state.val_loss, dtype=torch.float64)
     tensors |= {f"best.{k}": v for k, v in state.best.items()}
     # float64 holds every Python float exactly, as the loss lists do
-    tensors |= {f"metric.{k}": torch.tensor(v, dtype=torch.float64) for k, v in state.metrics.items()}
+    tensors |= {
+        f"metric.{k}": torch.tensor(v, dtype=torch.float64) for k, v in state.metrics.items()
+    }
     plain: dict[str, dict[str, Any]] = {}  # optimizer state that is not a tensor (or is None)
     for param_id, values in state.optimizer["state"].items():
         for name, value in values.items():

@@ -67,9 +67,7 @@ def feature_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def standardized(spec: ModelSpec, module: nn.Module) -> nn.Module:
     """`module` behind a Standardize; a Sequential's layers keep their names ("0.weight"…)."""
-    layers = (
-        list(module.named_children()) if type(module) is nn.Sequential else [("model", module)]
-    )
+    layers = list(module.named_children()) if type(module) is nn.Sequential else [("model", module)]
     return nn.Sequential(OrderedDict([("standardize", Standardize(spec.n_inputs)), *layers]))
 
 
