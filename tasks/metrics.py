@@ -6,8 +6,9 @@ a dependency whose stateful objects sync or allocate in ways we'd have to audit 
 and the loop's budget at the seed's scale is a few microseconds an epoch.
 
 `raw(outputs)` is a 1-D float tensor of sums and counts (device, no sync); `finish(raw)` turns
-its host copy into the named values. What depends only on the validation targets (counts of
-positives, the total sum of squares) is computed once, up front.
+its host copy into the named values. What depends only on the validation targets (the count of
+positives, the total sum of squares) is computed once, on the device, and read out with the
+rest: not even the first epoch waits for the device an extra time.
 """
 
 from __future__ import annotations
@@ -49,16 +50,12 @@ class ValMetrics:
             positive = self.y[:, 0]
         else:
             self.y = y
-            centred = y.double() - y.double().mean(0)
-            self.ss_tot = (centred * centred).sum(0).cpu().numpy()  # once, not per epoch
+            centred = y - y.mean(0)
+            self.ss_tot = (centred * centred).sum(0)  # once, not per epoch
             self.names: tuple[str, ...] = ("val_mae", "val_r2")
             return
-        self.positive = positive
-        n_pos = int(positive.sum()) if self.binary else 0
-        self.n_pos, self.auroc = n_pos, self.binary and 0 < n_pos < self.n
-        self.names = ("val_accuracy",)
-        if self.binary:
-            self.names += ("val_f1", "val_auroc") if self.auroc else ("val_f1",)
+        self.positive, self.n_pos = positive, positive.sum().float().unsqueeze(0)
+        self.names = ("val_accuracy", "val_f1", "val_auroc") if self.binary else ("val_accuracy",)
 
     def raw(self, outputs: Tensor) -> Tensor:
         outputs = outputs.float()
@@ -76,27 +73,26 @@ class ValMetrics:
             said_pos, score = said[:, 0], outputs[:, 0]
         else:
             error = outputs - self.y
-            return torch.cat([error.abs().sum().unsqueeze(0), (error * error).sum(0)])
+            return torch.cat([error.abs().sum().unsqueeze(0), (error * error).sum(0), self.ss_tot])
         parts = [correct, (said_pos & self.positive).sum(), said_pos.sum()]
-        if self.auroc:
-            return torch.stack([*(p.float() for p in parts), auroc(score, self.positive)])
-        return torch.stack([p.float() for p in parts])
+        scores = [*(p.float() for p in parts), auroc(score, self.positive)]
+        return torch.cat([torch.stack(scores), self.n_pos])
 
     def finish(self, raw: np.ndarray) -> dict[str, float]:
         if self.loss not in CLASSIFICATION:
-            ss_res = raw[1:]
+            ss_res, ss_tot = np.split(raw[1:], 2)
             # sklearn's r2_score: a constant target scores 1 if predicted exactly, else 0.
             r2 = [
                 1 - res / tot if tot > 0 else float(res == 0)
-                for res, tot in zip(ss_res, self.ss_tot, strict=True)
+                for res, tot in zip(ss_res, ss_tot, strict=True)
             ]
             return {"val_mae": float(raw[0] / ss_res.size / self.n), "val_r2": float(np.mean(r2))}
         width = 1 if self.loss == "cross_entropy" else self.y.shape[1]
         values = {"val_accuracy": float(raw[0] / (self.n * width))}
         if self.binary:
-            true_pos, said_pos = raw[1], raw[2]
-            denominator = said_pos + self.n_pos
+            true_pos, said_pos, area, n_pos = raw[1:]
+            denominator = said_pos + n_pos
             values["val_f1"] = float(2 * true_pos / denominator) if denominator else 0.0
-            if self.auroc:
-                values["val_auroc"] = float(raw[3])
+            if 0 < n_pos < self.n:  # else undefined: one class only in the validation split
+                values["val_auroc"] = float(area)
         return values

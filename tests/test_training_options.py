@@ -84,6 +84,9 @@ def test_binary_metrics_equal_an_independent_computation():
     assert values["val_accuracy"] == pytest.approx((said == truth).mean())
     assert values["val_f1"] == pytest.approx(2 * tp / (said.sum() + truth.sum()))
     assert values["val_auroc"] == pytest.approx(_pairwise_auroc(logits[:, 0].numpy(), truth))
+    one_class = ValMetrics("bce_with_logits", torch.zeros(4, 1), 1)
+    values = one_class.finish(one_class.raw(torch.randn(4, 1, generator=g)).double().numpy())
+    assert "val_auroc" not in values  # undefined without both classes: left out, not NaN
 
 
 def test_cross_entropy_reports_accuracy_and_binary_ones_f1_and_auroc_too():
