@@ -292,7 +292,7 @@ class EpochLoop:
             batch_losses.append(self.step(x, y))
             self.pause(epoch, batch_losses, at_start)
 
-    def validate(self) -> Tensor:
+    def validate(self) -> list[Tensor]:
         """The validation losses per batch, then the metrics' raw sums (all on the device)."""
         self.model.eval()
         losses, outputs, targets = [], [], []
@@ -307,14 +307,15 @@ class EpochLoop:
             if first:
                 self.metrics = self.make_metrics(torch.cat(targets))
             if self.metrics is None:
-                return torch.stack(losses)
-            raw = self.metrics.raw(torch.cat(outputs))
-            return torch.cat([torch.stack(losses), raw.to(losses[0].dtype)])
+                return [torch.stack(losses)]
+            # Concatenated once with the training losses in end_epoch (cat promotes dtypes):
+            # every op counts at the seed's scale, 5 steps an epoch.
+            return [torch.stack(losses), self.metrics.raw(torch.cat(outputs))]
 
-    def end_epoch(self, epoch: int, train_losses: Tensor, val_results: Tensor) -> None:
+    def end_epoch(self, epoch: int, train_losses: Tensor, val_results: list[Tensor]) -> None:
         # The epoch's one host sync. The means are the seed's `np.mean` over its Python floats
         # (float64, numpy's summation order), bit for bit.
-        losses = torch.cat([train_losses, val_results]).double().cpu().numpy()
+        losses = torch.cat([train_losses, *val_results]).double().cpu().numpy()
         n_val = len(self.val)
         train = losses[: len(train_losses)]
         val = losses[len(train_losses) : len(train_losses) + n_val]

@@ -73,20 +73,21 @@ class ValMetrics:
             said_pos, score = said[:, 0], outputs[:, 0]
         else:
             error = outputs - self.y
-            return torch.cat([error.abs().sum().unsqueeze(0), (error * error).sum(0), self.ss_tot])
+            return torch.cat([error.abs().sum(0), error.square().sum(0), self.ss_tot])
         parts = [correct, (said_pos & self.positive).sum(), said_pos.sum()]
         scores = [*(p.float() for p in parts), auroc(score, self.positive)]
         return torch.cat([torch.stack(scores), self.n_pos])
 
     def finish(self, raw: np.ndarray) -> dict[str, float]:
         if self.loss not in CLASSIFICATION:
-            ss_res, ss_tot = np.split(raw[1:], 2)
+            abs_sums, ss_res, ss_tot = np.split(raw, 3)
             # sklearn's r2_score: a constant target scores 1 if predicted exactly, else 0.
             r2 = [
                 1 - res / tot if tot > 0 else float(res == 0)
                 for res, tot in zip(ss_res, ss_tot, strict=True)
             ]
-            return {"val_mae": float(raw[0] / ss_res.size / self.n), "val_r2": float(np.mean(r2))}
+            mae = abs_sums.sum() / abs_sums.size / self.n
+            return {"val_mae": float(mae), "val_r2": float(np.mean(r2))}
         width = 1 if self.loss == "cross_entropy" else self.y.shape[1]
         values = {"val_accuracy": float(raw[0] / (self.n * width))}
         if self.binary:

@@ -39,7 +39,9 @@ def make_scheduler(
     if options.lr_schedule == "step":
         main = StepLR(optimizer, step_size=options.step_size, gamma=options.gamma)
     elif options.lr_schedule == "cosine":
-        main = CosineAnnealingLR(optimizer, T_max=epochs - warmup, eta_min=options.min_lr)
+        # TrainConfig keeps an epoch after the warm-up; a direct caller may not (a benchmark's
+        # short warm-up run): then the run ends with the warm-up, and T_max 1 is never reached.
+        main = CosineAnnealingLR(optimizer, T_max=max(1, epochs - warmup), eta_min=options.min_lr)
     if warmup == 0:
         return main, False
     warm = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
