@@ -260,3 +260,55 @@ class TrainConfig(BaseModel):
                 "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         return name
+
+
+class PredictConfig(BaseModel):
+    """Score a table with a trained run's model: one output row per input row."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    model: str = Field(
+        "latest",
+        min_length=1,
+        description="A run folder (or its model.pt2), 'latest' (the newest completed run under "
+        "runs_dir), or the training flow run's id ('prefect.flow-run.<id>' from an event).",
+    )
+    runs_dir: str = Field("runs", min_length=1, description="Where 'latest' looks for runs.")
+    data: str | None = Field(
+        None,
+        min_length=1,
+        description="Rows to score: a .csv/.npz/.pt/.pth file (local or fsspec URL) with the "
+        "model's feature columns (target columns optional: with them, metrics are reported), or "
+        "'synthetic'; default: the data the model was trained on.",
+    )
+    data_identity: Literal["content", "version"] = Field(
+        "content", description="How the cache knows a remote data file (as in training)."
+    )
+    out: str | None = Field(
+        None,
+        description="Output .csv or .npz (local path or fsspec URL); default: predictions.csv "
+        "in the model's run folder.",
+    )
+    batch_size: int = Field(65536, ge=1, le=2**31 - 1, description="Rows per forward pass.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    cache_dir: str | None = Field(
+        None,
+        min_length=1,
+        description="Stage cache: a local folder or fsspec URL; default: the training run's.",
+    )
+    refresh_cache: bool = Field(False, description="Score again and overwrite the cache entry.")
+    no_cache: bool = Field(False, description="Bypass the cache: neither read nor write it.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(DEVICE, device):
+            raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return device
+
+    @field_validator("out")
+    @classmethod
+    def _known_output_format(cls, out: str | None) -> str | None:
+        if out is not None and not out.lower().endswith((".csv", ".npz")):
+            raise ValueError("must be a .csv or .npz file")
+        return out

@@ -89,7 +89,12 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
             options=cfg.training_options,
         )
         export_graph(
-            trained=trained, parts=parts, sample=loaders.sample, run_dir=run.path, config=run.config
+            trained=trained,
+            parts=parts,
+            sample=loaders.sample,
+            run_dir=run.path,
+            config=run.config,
+            columns=data.columns,
         )
     return run.summary()
 

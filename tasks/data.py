@@ -48,6 +48,11 @@ class Dataset:
         return self.x.shape[0]
 
     @property
+    def columns(self) -> dict[str, list[str]]:
+        """The column schema a trained model expects back (predict reads it from columns.json)."""
+        return {"features": list(self.feature_names), "targets": list(self.target_names)}
+
+    @property
     def n_features(self) -> int:
         return self.x.shape[1]
 
@@ -134,24 +139,14 @@ def _check_fits_in_memory(f: IO[bytes], suffix: str, source: str) -> None:
         )
 
 
-def _from_csv(f: IO[bytes], target: tuple[str, ...], source: str) -> Dataset:
+def csv_header(f: IO[bytes], source: str) -> tuple[IO[str], list[str]]:
+    """The file as text, positioned after its header row, and the header's column names."""
     text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")
-    header = [name.strip() for name in next(csv.reader([text.readline()]))]
-    if len(header) < 2:
-        raise InputError(f"data file {source!r}: needs a header row and at least 2 columns")
-    targets = target or (header[-1],)
-    for name in targets:
-        if header.count(name) == 0:
-            raise InputError(
-                f"data file {source!r}: target column {name!r} not found "
-                f"(columns: {', '.join(header)})"
-            )
-        if header.count(name) > 1:
-            raise InputError(f"data file {source!r}: target column {name!r} appears twice")
-    target_idx = [header.index(name) for name in targets]
-    feature_idx = [i for i in range(len(header)) if i not in target_idx]
-    if not feature_idx:
-        raise InputError(f"data file {source!r}: no feature columns left besides the target")
+    return text, [name.strip() for name in next(csv.reader([text.readline()]), [])]
+
+
+def _csv_rows(text: IO[str], header: list[str], source: str) -> np.ndarray:
+    """The rows after the header as one float32 array, or a one-line error naming the cell."""
     try:
         # numpy's C parser is the fast path; on failure, _locate_bad_cell says where and why.
         with warnings.catch_warnings():
@@ -168,6 +163,55 @@ def _from_csv(f: IO[bytes], target: tuple[str, ...], source: str) -> Dataset:
         raise InputError(
             f"data file {source!r}: rows have {table.shape[1]} fields, the header has {len(header)}"
         )
+    return table
+
+
+def read_csv_columns(
+    f: IO[bytes], source: str, required: tuple[str, ...], optional: tuple[str, ...]
+) -> tuple[Tensor, Tensor | None]:
+    """The `required` columns, and the `optional` ones if the file has all of them, as float32
+    tensors in the given order; any other column, or a part of `optional`, is an error."""
+    text, header = csv_header(f, source)
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise InputError(f"data file {source!r}: missing column(s) {', '.join(missing)}")
+    present = [name for name in optional if name in header]
+    if present and len(present) != len(optional):
+        absent = [name for name in optional if name not in header]
+        raise InputError(
+            f"data file {source!r}: has target column(s) {', '.join(present)} "
+            f"but not {', '.join(absent)}; give all of them or none"
+        )
+    extra = [name for name in header if name not in required and name not in optional]
+    if extra:
+        raise InputError(f"data file {source!r}: unexpected column(s) {', '.join(extra)}")
+    if len(set(header)) != len(header):
+        raise InputError(f"data file {source!r}: a column name appears twice")
+    table = _csv_rows(text, header, source)
+    x = torch.from_numpy(np.ascontiguousarray(table[:, [header.index(n) for n in required]]))
+    if not present:
+        return x, None
+    return x, torch.from_numpy(np.ascontiguousarray(table[:, [header.index(n) for n in optional]]))
+
+
+def _from_csv(f: IO[bytes], target: tuple[str, ...], source: str) -> Dataset:
+    text, header = csv_header(f, source)
+    if len(header) < 2:
+        raise InputError(f"data file {source!r}: needs a header row and at least 2 columns")
+    targets = target or (header[-1],)
+    for name in targets:
+        if header.count(name) == 0:
+            raise InputError(
+                f"data file {source!r}: target column {name!r} not found "
+                f"(columns: {', '.join(header)})"
+            )
+        if header.count(name) > 1:
+            raise InputError(f"data file {source!r}: target column {name!r} appears twice")
+    target_idx = [header.index(name) for name in targets]
+    feature_idx = [i for i in range(len(header)) if i not in target_idx]
+    if not feature_idx:
+        raise InputError(f"data file {source!r}: no feature columns left besides the target")
+    table = _csv_rows(text, header, source)
     x = torch.from_numpy(np.ascontiguousarray(table[:, feature_idx]))
     y = torch.from_numpy(np.ascontiguousarray(table[:, target_idx]))
     names = (tuple(header[i] for i in feature_idx), tuple(targets))

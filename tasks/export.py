@@ -24,6 +24,7 @@ from tasks.train import Trained
 
 MODEL, PROGRAM, SPLIT = "model.safetensors", "model.pt2", "split.safetensors"
 METRICS = "metrics.json"
+COLUMNS = "columns.json"  # the model's input and output columns, by name, for predict
 # TensorBoard reads every file with "tfevents" in its name; fixed names mean a re-run into the
 # same folder replaces the graph and the hparams record instead of adding a second one.
 GRAPH_EVENTS, HPARAMS_EVENTS = "events.out.tfevents.0.graph", "events.out.tfevents.0.hparams"
@@ -128,11 +129,17 @@ def hparams(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(
-    exported: Exported, trained: Trained, parts: Split, run_dir: Path, config: dict[str, Any]
+    exported: Exported,
+    trained: Trained,
+    parts: Split,
+    run_dir: Path,
+    config: dict[str, Any],
+    columns: dict[str, list[str]],
 ) -> None:
     """Every file of the run folder that export-graph owns, on a miss and on a hit alike."""
     with writing(f"the run folder {str(run_dir)!r}"):
         _write_outputs(exported, trained, parts, run_dir, config)
+        files.write_json(run_dir / COLUMNS, columns)
 
 
 def _write_outputs(
@@ -207,7 +214,12 @@ def _epoch_notes(trained: Trained) -> str:
 
 @stage(name="export-graph")
 def export_graph(
-    trained: Trained, parts: Split, sample: Tensor, run_dir: Path, config: dict[str, Any]
+    trained: Trained,
+    parts: Split,
+    sample: Tensor,
+    run_dir: Path,
+    config: dict[str, Any],
+    columns: dict[str, list[str]],
 ) -> Exported:
     """The program and graph are cached; the run folder's files and the UI artifacts are
     written on a hit as on a miss."""
@@ -216,6 +228,6 @@ def export_graph(
     hit = exported is not None
     if exported is None:
         exported = entry.keep(export_model(trained, sample))
-    write_outputs(exported, trained, parts, run_dir, config)
+    write_outputs(exported, trained, parts, run_dir, config, columns)
     publish(trained, run_dir)
     return entry.cached(exported) if hit else exported

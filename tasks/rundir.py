@@ -24,7 +24,7 @@ from tasks.errors import InputError, writing
 from tasks.export import METRICS
 from tasks.files import write_json
 from tasks.rules import safe_run_name
-from tasks.stage import CacheMode, recording_stages, using_cache
+from tasks.stage import CacheMode, cache_mode, recording_stages, using_cache
 from tasks.store import CacheStore
 
 CONFIG, STAGES = "config.json", "stages.json"
@@ -157,9 +157,7 @@ def open_run(config: dict[str, Any]) -> Iterator[Run]:
             f"--run-name {name}: {path} holds a run of another config ({conflict}); "
             "choose another --run-name or remove that folder"
         )
-    mode: CacheMode = "off" if config["no_cache"] else "use"
-    if config["refresh_cache"] and mode == "use":
-        mode = "refresh"
+    mode = cache_mode(config["no_cache"], config["refresh_cache"])
     run = Run(path, {**config, "run_name": name}, CacheStore(config["cache_dir"]).url, mode)
     with using_cache(run.cache_url, mode), recording_stages(run.record):
         yield run

@@ -57,6 +57,13 @@ _recorder: ContextVar[Callable[[str, str, float, str | None], None] | None] = Co
 )
 
 
+def cache_mode(no_cache: bool, refresh_cache: bool) -> CacheMode:
+    """What --no-cache and --refresh-cache mean together: off wins."""
+    if no_cache:
+        return "off"
+    return "refresh" if refresh_cache else "use"
+
+
 @contextmanager
 def using_cache(url: str, mode: CacheMode) -> Iterator[None]:
     """Stages called inside read and write the cache at `url` ('off': neither)."""

@@ -8,6 +8,7 @@ process is killed, with its children, when the module ends.
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib.util
 import json
 import os
@@ -15,11 +16,15 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+import torch
 
 from .prefect_stack import POOL, REPO, Stack, kill_tree, start, wait_for
 
@@ -84,6 +89,82 @@ class Reference:
 @pytest.fixture(scope="module")
 def reference(stack, tmp_path_factory):
     return Reference(stack, tmp_path_factory.mktemp("reference"))
+
+
+# --- scoring after every good nightly run ----------------------------------------------------
+
+
+def _predict_runs(stack: Stack, model: str) -> list[dict]:
+    """The runs of predict/after-nightly whose model is `model` (the trigger's parameter)."""
+    deployment = stack.deployment("predict/after-nightly")["id"]
+    runs = stack.api(
+        "POST", "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment]}}}
+    ).json()
+    return [r for r in runs if r["parameters"].get("config", {}).get("model") == model]
+
+
+def _task_states(stack: Stack, run_id: str) -> dict[str, str]:
+    runs = stack.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}})
+    return {r["name"].rsplit("-", 1)[0]: r["state"]["name"] for r in runs.json()}
+
+
+def test_a_completed_nightly_run_triggers_scoring_with_its_model(stack, tmp_path):
+    nightly = stack.create_run("train/nightly", _params(tmp_path, epochs=3))
+    stack.wait_for_state(nightly, {"Completed"}, timeout=400)
+    model = f"prefect.flow-run.{nightly}"
+    [first] = wait_for("the trigger's predict run", lambda: _predict_runs(stack, model), 120)
+    stack.wait_for_state(first["id"], {"Completed"}, timeout=300)
+    run_dir = _finished_run_dir(tmp_path)
+    with (run_dir / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # model.pt2 applied here to the data it trained on ('synthetic': the run's own recipe).
+    x = torch.from_numpy(np.random.RandomState(42).rand(100, 1)).float()
+    with torch.no_grad():
+        expected = torch.export.load(run_dir / "model.pt2").module()(x)[:, 0]
+    assert [int(r["row"]) for r in rows] == list(range(100))
+    assert torch.equal(torch.tensor([float(r["prediction"]) for r in rows]), expected)
+    assert _task_states(stack, first["id"])["score"] == "Completed"
+
+    # The same event again (a second trigger on the same model and data): scored from the cache.
+    [event] = stack.api(
+        "POST",
+        "/events/filter",
+        json={
+            "filter": {
+                "event": {"name": ["prefect.flow-run.Completed"]},
+                "resource": {"id": [model]},
+            }
+        },
+    ).json()["events"]
+    again = {**event, "id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat()}
+    stack.api("POST", "/events", json=[again]).raise_for_status()
+    second = wait_for(
+        "a second predict run",
+        lambda: [r for r in _predict_runs(stack, model) if r["id"] != first["id"]],
+        120,
+    )[0]
+    stack.wait_for_state(second["id"], {"Completed"}, timeout=300)
+    assert _task_states(stack, second["id"])["score"] == "Cached"
+
+
+def test_only_a_completed_run_of_train_nightly_triggers_scoring(stack):
+    """A Failed or Crashed nightly run emits no Completed event, so it never starts scoring;
+    nor does a Completed run of another flow or deployment."""
+    deployment = stack.deployment("predict/after-nightly")["id"]
+    automations = stack.api("POST", "/automations/filter").json()
+    [trigger] = [
+        a["trigger"]
+        for a in automations
+        if any(action.get("deployment_id") == deployment for action in a["actions"])
+    ]
+    assert trigger["expect"] == ["prefect.flow-run.Completed"]
+    assert trigger["match"] == {"prefect.resource.id": "prefect.flow-run.*"}
+    assert {
+        (m["prefect.resource.role"], m["prefect.resource.name"]) for m in trigger["match_related"]
+    } == {
+        ("flow", "train"),
+        ("deployment", "nightly"),
+    }
 
 
 # --- deploying ----------------------------------------------------------------------------

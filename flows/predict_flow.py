@@ -1,0 +1,79 @@
+"""Batch prediction as one Prefect flow: find a trained run's model, score a table, write it."""
+
+# No `from __future__ import annotations` in flow modules (see train_flow.py).
+
+import sys
+import time
+
+if __name__ == "__main__":
+    # Validate the flags before the heavy imports: a bad one exits 2 right away.
+    from flows.cli import parse_config
+    from flows.config import PredictConfig
+
+    parse_config(PredictConfig, sys.argv[1:], prog="predict_flow.py")
+
+from prefect import flow
+from prefect.transactions import transaction
+
+from flows.cli import parse_config
+from flows.config import PredictConfig
+from flows.runtime import command_line_run
+from tasks.errors import InputError, StorageError, quiet_input_errors
+from tasks.predict import (
+    PredictSummary,
+    default_output,
+    find_model,
+    publish,
+    score,
+    scoring_cache,
+    stage_log,
+    write_predictions,
+)
+
+
+@flow(name="predict", retries=1, retry_delay_seconds=10)
+def predict_flow(config: PredictConfig = PredictConfig()) -> PredictSummary:  # noqa: B008
+    cfg = config
+    started = time.perf_counter()
+    with stage_log() as stages:
+        run = find_model(model=cfg.model, runs_dir=cfg.runs_dir)
+        out = default_output(run, cfg.out)
+        # All or nothing: an output that can't be written leaves no cache entry behind.
+        with scoring_cache(cfg.cache_dir, run, cfg.no_cache, cfg.refresh_cache), transaction():
+            scores = score(
+                run=run,
+                source=cfg.data,
+                identity=cfg.data_identity,
+                batch_size=cfg.batch_size,
+                device=cfg.device,
+            )
+            write_predictions(scores=scores, run=run, out=out)
+    seconds = time.perf_counter() - started
+    publish(scores, run, out, seconds)
+    return PredictSummary(len(scores), run.folder, out, scores.metrics, seconds, stages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(PredictConfig, argv, prog="predict_flow.py")
+    quiet_input_errors()
+    try:
+        with command_line_run():
+            summary = predict_flow.with_options(retries=0)(config)
+    except InputError as exc:
+        print(f"predict_flow.py: error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"predict_flow.py: error: {exc}", file=sys.stderr)
+        return 1
+    metrics = ", ".join(f"{name} {value:.6g}" for name, value in summary.metrics.items())
+    print(
+        f"{summary.stage_table()}\n\n"
+        f"scored {summary.rows:,} rows in {summary.seconds:.2f} s with {summary.run_dir}"
+        + (f"\nmetrics: {metrics}" if metrics else "")
+        + f"\npredictions: {summary.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""predict: a trained run's `model.pt2` applied to a table, batch by batch, cached like a stage.
+
+A training run's folder holds everything scoring needs: the program (`model.pt2`), the config
+it was trained with (`config.json`: the loss says how outputs become predictions, the data
+recipe says what 'synthetic' means) and its column schema (`columns.json`: which columns, in
+which order, the program takes, and which are targets).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from torch import Tensor
+
+from tasks import files
+from tasks.data import SYNTHETIC, check_format, read_csv_columns, read_file, synthetic
+from tasks.device import resolve_device
+from tasks.errors import InputError, writing
+from tasks.export import COLUMNS, METRICS, PROGRAM
+from tasks.keys import file_digest
+from tasks.metrics import ValMetrics
+from tasks.rules import DEFAULT_CACHE_DIR
+from tasks.rundir import CONFIG, StageRecord
+from tasks.sources import DataFile, Identity, suffix_of
+from tasks.stage import (
+    cache_enabled,
+    cache_entry,
+    cache_mode,
+    recording_stages,
+    stage,
+    using_cache,
+)
+from tasks.store import CacheStore
+from tasks.train import make_loss
+
+FLOW_RUN = "prefect.flow-run."
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """A finished training run, as scoring sees it."""
+
+    folder: str
+    features: tuple[str, ...]
+    targets: tuple[str, ...]
+    config: dict[str, Any]  # the training run's TrainConfig, as JSON
+    program_digest: str  # of model.pt2's bytes: what the cache keys the model by
+
+    @property
+    def loss(self) -> str:
+        return self.config["loss"]
+
+    @property
+    def program(self) -> Path:
+        return Path(self.folder) / PROGRAM
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The program's raw outputs for every input row, and the metrics if targets were given."""
+
+    outputs: Tensor
+    metrics: dict[str, float]
+    cache_key: str = field(default="", compare=False)
+
+    def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"outputs": self.outputs}, {"metrics": self.metrics}
+
+    @classmethod
+    def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Scores:
+        return cls(tensors["outputs"], dict(meta["metrics"]))
+
+    def __len__(self) -> int:
+        return self.outputs.shape[0]
+
+
+# --- which model ------------------------------------------------------------------------------
+
+
+def is_complete(folder: Path) -> bool:
+    # export-graph writes metrics.json last: a folder without it is a run still going or failed.
+    return all((folder / name).is_file() for name in (PROGRAM, CONFIG, COLUMNS, METRICS))
+
+
+def latest_run(runs_dir: Path) -> Path:
+    runs = (
+        [f for f in runs_dir.iterdir() if f.is_dir() and is_complete(f)]
+        if runs_dir.is_dir()
+        else []
+    )
+    if not runs:
+        raise InputError(f"--model latest: no completed run under {str(runs_dir)!r}")
+    return max(runs, key=lambda f: ((f / METRICS).stat().st_mtime_ns, f.name))
+
+
+def flow_run_folder(run_id: str) -> Path:
+    """The run folder a `train` flow run wrote, asked of the Prefect server that ran it."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        flow_run_id = uuid.UUID(run_id)
+    except ValueError:
+        raise InputError(f"--model {FLOW_RUN}{run_id}: not a flow run id") from None
+    with get_client(sync_client=True) as client:
+        try:
+            flow_run = client.read_flow_run(flow_run_id)
+        except Exception as exc:  # ObjectNotFound, or the server's own error
+            raise InputError(f"--model {FLOW_RUN}{run_id}: no such flow run ({exc})") from None
+    state = flow_run.state.type.value if flow_run.state else "unknown"
+    if state != "COMPLETED":
+        raise InputError(f"--model {FLOW_RUN}{run_id}: that training run is {state}, not COMPLETED")
+    config = flow_run.parameters.get("config") or {}
+    runs_dir = Path(config.get("runs_dir", "runs"))
+    if config.get("run_name"):
+        return runs_dir / config["run_name"]
+    # generate_run_name ends every generated folder name with the flow run id's first 8 digits.
+    matches = sorted(runs_dir.glob(f"*-{run_id[:8]}")) if runs_dir.is_dir() else []
+    if len(matches) != 1:
+        raise InputError(
+            f"--model {FLOW_RUN}{run_id}: found {len(matches)} run folders for it under "
+            f"{str(runs_dir)!r}, expected 1"
+        )
+    return matches[0]
+
+
+def find_run(model: str, runs_dir: str) -> Path:
+    """The run folder `--model` names: a folder, its model.pt2, 'latest', or a flow run id."""
+    if model == "latest":
+        return latest_run(Path(runs_dir))
+    run_id = model.removeprefix(FLOW_RUN)
+    if model.startswith(FLOW_RUN) or _is_uuid(run_id):
+        return flow_run_folder(run_id)
+    path = Path(model)
+    folder = path.parent if path.name == PROGRAM else path
+    if not folder.is_dir():
+        raise InputError(f"--model {model}: no such run folder")
+    return folder
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text.lower()
+    except ValueError:
+        return False
+
+
+def read_run(folder: Path) -> ModelRun:
+    missing = [name for name in (PROGRAM, CONFIG, COLUMNS) if not (folder / name).is_file()]
+    if missing:
+        raise InputError(
+            f"--model {folder}: not a finished training run (missing {', '.join(missing)})"
+        )
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        columns = json.loads((folder / COLUMNS).read_text())
+        features, targets = tuple(columns["features"]), tuple(columns["targets"])
+        config["loss"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--model {folder}: unreadable {CONFIG} or {COLUMNS} ({exc})") from None
+    return ModelRun(
+        str(folder.absolute()), features, targets, config, file_digest(folder / PROGRAM)
+    )
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def read_rows(file: DataFile | None, run: ModelRun) -> tuple[Tensor, Tensor | None]:
+    """The feature columns the model takes, in its order, and the targets if the data has them.
+
+    `file` None means 'synthetic', by the recipe the run was trained with."""
+    if file is None:
+        cfg = run.config
+        data = synthetic(cfg["n_samples"], cfg["data_seed"], cfg["noise"])
+        if data.feature_names != run.features:
+            raise InputError(
+                f"--data synthetic: the model takes {', '.join(run.features)}, "
+                f"synthetic data has {', '.join(data.feature_names)}"
+            )
+        return data.x, data.y
+    if check_format(file.url, ()) == ".csv":
+        with file.open() as f:
+            x, y = read_csv_columns(f, file.url, run.features, run.targets)
+        return x, y
+    data = read_file(file)  # .npz and .pt hold arrays 'x' and 'y', as in training
+    if data.n_features != len(run.features):
+        raise InputError(
+            f"data file {file.url!r}: x has {data.n_features} columns, the model takes "
+            f"{len(run.features)} ({', '.join(run.features)})"
+        )
+    return data.x, data.y
+
+
+def apply_program(program: Path, x: Tensor, batch_size: int, device: str) -> Tensor:
+    """The exported model on every row, `batch_size` rows per call; outputs on the CPU."""
+    target = resolve_device(device)
+    module = torch.export.load(program).module().to(target)
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            outputs.append(module(x[start : start + batch_size].to(target)).cpu())
+    return torch.cat(outputs)
+
+
+def metrics(outputs: Tensor, y: Tensor, loss: str) -> dict[str, float]:
+    """How well the outputs fit the targets: the training loss, and training's validation
+    metrics (tasks/metrics.py) under their plain names: accuracy, f1, auroc or mae, r2."""
+    chosen = ValMetrics(loss, y, outputs.shape[1])
+    named = chosen.finish(chosen.raw(outputs).cpu().numpy())
+    return {
+        "loss": float(make_loss(loss)(outputs, y)),
+        **{name.removeprefix("val_"): value for name, value in named.items()},
+    }
+
+
+def score_rows(run: ModelRun, file: DataFile | None, batch_size: int, device: str) -> Scores:
+    x, y = read_rows(file, run)
+    outputs = apply_program(run.program, x, batch_size, device)
+    return Scores(outputs, metrics(outputs, y, run.loss) if y is not None else {})
+
+
+def prediction_columns(scores: Scores, run: ModelRun) -> dict[str, np.ndarray]:
+    """`row`, then `prediction` (one per target, `prediction_<target>`, when several), then
+    for classification `prob_<class>` per class."""
+    out = scores.outputs.double()
+    n = out.shape[0]
+    columns: dict[str, np.ndarray] = {"row": np.arange(n, dtype=np.int64)}
+    if run.loss == "cross_entropy":
+        probs = torch.softmax(out, dim=1)
+        columns[_name("prediction", run.targets, 0)] = probs.argmax(1).numpy()
+        columns |= {f"prob_{c}": probs[:, c].numpy() for c in range(probs.shape[1])}
+    elif run.loss == "bce_with_logits":
+        p = torch.sigmoid(out)
+        for i, target in enumerate(run.targets):
+            columns[_name("prediction", run.targets, i)] = (p[:, i] > 0.5).long().numpy()
+            if len(run.targets) == 1:
+                columns |= {"prob_0": (1 - p[:, 0]).numpy(), "prob_1": p[:, 0].numpy()}
+            else:
+                columns[f"prob_{target}"] = p[:, i].numpy()
+    else:
+        for i in range(out.shape[1]):
+            columns[_name("prediction", run.targets, i)] = out[:, i].numpy()
+    return columns
+
+
+def _name(prefix: str, targets: tuple[str, ...], i: int) -> str:
+    return prefix if len(targets) <= 1 else f"{prefix}_{targets[i]}"
+
+
+def output_bytes(columns: dict[str, np.ndarray], suffix: str) -> bytes:
+    buffer = io.BytesIO()
+    if suffix == ".npz":
+        np.savez(buffer, **columns)
+        return buffer.getvalue()
+    formats = ["%d" if np.issubdtype(c.dtype, np.integer) else "%.17g" for c in columns.values()]
+    table = np.column_stack([c.astype(np.float64) for c in columns.values()])
+    np.savetxt(buffer, table, fmt=formats, delimiter=",", header=",".join(columns), comments="")
+    return buffer.getvalue()
+
+
+def write_output(url: str, data: bytes) -> None:
+    """Whole or not at all: a local file by atomic rename, an object store by one PUT."""
+    import fsspec
+
+    with writing(f"the output {url!r}"):
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.protocol in ("file", "local") or "file" in fs.protocol:
+            files.make_dirs(Path(path).parent)
+            files.atomic_write(Path(path), data)
+        else:
+            fs.pipe_file(path, data)
+
+
+# --- Prefect tasks ----------------------------------------------------------------------------
+
+
+@task(name="find-model")
+def find_model(model: str, runs_dir: str) -> ModelRun:
+    return read_run(find_run(model, runs_dir))
+
+
+@stage(name="score")
+def score(
+    run: ModelRun, source: str | None, identity: Identity, batch_size: int, device: str
+) -> Scores:
+    """Keyed by the program's bytes and the data's content: the same model on the same data
+    never scores twice. `batch_size` is in the key: a matmul may round differently per batch.
+
+    `source` None: the data the run was trained on."""
+    source = source or run.config["data"]
+    device_type = resolve_device(device).type
+    if source == SYNTHETIC:
+        recipe = {k: run.config[k] for k in ("n_samples", "data_seed", "noise")}
+        entry = cache_entry(
+            "score",
+            score_rows,
+            program=run.program_digest,
+            data=recipe,
+            batch_size=batch_size,
+            device=device_type,
+        )
+        return entry.resolve(Scores, lambda: score_rows(run, None, batch_size, device))
+    check_format(source, ())
+    with DataFile(source) as file:  # a remote file is fetched once, for the key and the rows
+        data = file.identity(identity) if cache_enabled() else None
+        entry = cache_entry(
+            "score",
+            score_rows,
+            program=run.program_digest,
+            data=data,
+            batch_size=batch_size,
+            device=device_type,
+        )
+        return entry.resolve(Scores, lambda: score_rows(run, file, batch_size, device))
+
+
+@task(name="write-predictions")
+def write_predictions(scores: Scores, run: ModelRun, out: str) -> str:
+    write_output(out, output_bytes(prediction_columns(scores, run), suffix_of(out)))
+    return out
+
+
+def default_output(run: ModelRun, out: str | None) -> str:
+    return out or str(Path(run.folder) / "predictions.csv")
+
+
+def publish(scores: Scores, run: ModelRun, out: str, seconds: float) -> None:
+    lines = [
+        "## Batch prediction\n",
+        "| | |",
+        "|---|---|",
+        f"| rows scored | {len(scores):,} |",
+        f"| seconds | {seconds:.2f} |",
+        f"| model run | `{run.folder}` |",
+        f"| output | `{out}` |",
+        *(f"| {name} | {value:.6g} |" for name, value in scores.metrics.items()),
+    ]
+    create_markdown_artifact(
+        key="predict-summary",
+        markdown="\n".join(lines),
+        description="What was scored, and how well",
+    )
+    link = out if "://" in out else Path(out).absolute().as_uri()
+    create_link_artifact(key="predict-output", link=link, link_text=out)
+
+
+@dataclass
+class PredictSummary:
+    rows: int
+    run_dir: str
+    out: str
+    metrics: dict[str, float]
+    seconds: float
+    stages: list[StageRecord] = field(default_factory=list)
+
+    def stage_table(self) -> str:
+        lines = [f"{'stage':<18} {'state':<10} {'seconds':>8}  key"]
+        for s in self.stages:
+            lines.append(f"{s.name:<18} {s.state:<10} {s.seconds:>8.3f}  {s.key or '-'}")
+        return "\n".join(lines)
+
+
+@contextmanager
+def stage_log() -> Iterator[list[StageRecord]]:
+    """The stages a predict run ran, for the terminal's table."""
+    stages: list[StageRecord] = []
+    with recording_stages(lambda *record: stages.append(StageRecord(*record))):
+        yield stages
+
+
+@contextmanager
+def scoring_cache(
+    cache_dir: str | None, run: ModelRun, no_cache: bool, refresh_cache: bool
+) -> Iterator[None]:
+    """The cache a predict run reads and writes: `--cache-dir`, else the training run's own."""
+    mode = cache_mode(no_cache, refresh_cache)
+    url = CacheStore(cache_dir or run.config.get("cache_dir", DEFAULT_CACHE_DIR)).url
+    with using_cache(url if mode != "off" else "", mode):
+        yield

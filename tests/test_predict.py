@@ -1,0 +1,262 @@
+"""Batch prediction (flows/predict_flow.py, tasks/predict.py): what it writes is what the
+exported model says, it never scores the same model and data twice, and bad input writes
+nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flows.predict_flow import main as predict
+from flows.train_flow import main as train
+from tasks.data import read_csv_columns
+from tasks.errors import InputError
+from tasks.predict import (
+    ModelRun,
+    Scores,
+    latest_run,
+    metrics,
+    output_bytes,
+    prediction_columns,
+    read_run,
+)
+
+# --- pure logic, no Prefect -------------------------------------------------------------------
+
+
+def _run(loss: str, targets: tuple[str, ...] = ("y",)) -> ModelRun:
+    return ModelRun("/nowhere", ("a", "b"), targets, {"loss": loss}, "0" * 32)
+
+
+def test_regression_predictions_are_the_outputs():
+    outputs = torch.tensor([[1.5], [-2.0]])
+    columns = prediction_columns(Scores(outputs, {}), _run("mse"))
+    assert list(columns) == ["row", "prediction"]
+    assert columns["row"].tolist() == [0, 1]
+    assert columns["prediction"].tolist() == [1.5, -2.0]
+
+
+def test_several_targets_get_a_column_each():
+    columns = prediction_columns(Scores(torch.ones(3, 2), {}), _run("mse", ("p", "q")))
+    assert list(columns) == ["row", "prediction_p", "prediction_q"]
+
+
+def test_cross_entropy_predicts_the_likeliest_class_with_its_probabilities():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    columns = prediction_columns(Scores(logits, {}), _run("cross_entropy"))
+    assert list(columns) == ["row", "prediction", "prob_0", "prob_1", "prob_2"]
+    assert columns["prediction"].tolist() == [1, 0]
+    probs = np.column_stack([columns[f"prob_{c}"] for c in range(3)])
+    assert np.allclose(probs, torch.softmax(logits.double(), 1).numpy())
+    assert np.allclose(probs.sum(1), 1)
+
+
+def test_binary_logits_predict_class_one_above_one_half():
+    logits = torch.tensor([[-1.0], [0.5]])
+    columns = prediction_columns(Scores(logits, {}), _run("bce_with_logits"))
+    assert columns["prediction"].tolist() == [0, 1]
+    assert np.allclose(columns["prob_1"], torch.sigmoid(logits.double())[:, 0].numpy())
+    assert np.allclose(columns["prob_0"] + columns["prob_1"], 1)
+
+
+def test_metrics_match_an_independent_computation():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(50, 1))
+    out = y + rng.normal(scale=0.1, size=(50, 1))
+    m = metrics(torch.tensor(out, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), "mse")
+    assert m["mae"] == pytest.approx(np.abs(out - y).mean(), rel=1e-5)
+    r2 = 1 - ((out - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    assert m["r2"] == pytest.approx(r2, rel=1e-5)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    classes = torch.tensor([[0.0], [1.0], [1.0]])
+    assert metrics(logits, classes, "cross_entropy")["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_a_csv_output_reads_back_exactly():
+    columns = {"row": np.arange(3), "prediction": np.array([0.1, 1e-30, 12345.678901])}
+    table = list(csv.DictReader(io.StringIO(output_bytes(columns, ".csv").decode())))
+    assert [int(r["row"]) for r in table] == [0, 1, 2]
+    assert np.array_equal([float(r["prediction"]) for r in table], columns["prediction"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a,y\n1,2\n", "missing column(s) b"),
+        ("a,b,c\n1,2,3\n", "unexpected column(s) c"),
+        ("a,b,y\n1,2,x\n", "line 2, column 'y'"),
+    ],
+)
+def test_columns_that_do_not_match_the_model_are_named(text, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_csv_columns(io.BytesIO(text.encode()), "t.csv", ("a", "b"), ("y",))
+
+
+def test_features_are_taken_by_name_in_the_models_order():
+    x, y = read_csv_columns(io.BytesIO(b"b,a\n2,1\n4,3\n"), "t.csv", ("a", "b"), ("y",))
+    assert x.tolist() == [[1, 2], [3, 4]]
+    assert y is None
+
+
+def test_latest_is_the_newest_completed_run(tmp_path):
+    for name, complete in (("old", True), ("new", True), ("running", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in ("model.pt2", "config.json", "columns.json"):
+            (folder / file).write_text("{}")
+        if complete:
+            (folder / "metrics.json").write_text("{}")
+    os.utime(tmp_path / "old" / "metrics.json", ns=(1, 1))
+    assert latest_run(tmp_path).name == "new"
+    with pytest.raises(InputError, match="no completed run"):
+        latest_run(tmp_path / "missing")
+
+
+def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
+    with pytest.raises(InputError, match=r"not a finished training run \(missing model.pt2"):
+        read_run(tmp_path)
+
+
+# --- the flow ---------------------------------------------------------------------------------
+
+
+def _table(path: Path, rows: int, seed: int, target: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=rows), rng.normal(size=rows)
+    header = "b,a,y" if target else "b,a"  # not the training order: columns go by name
+    lines = [header] + [
+        f"{float(b[i])!r},{float(a[i])!r}" + (f",{float(1 + 2 * a[i] - b[i])!r}" if target else "")
+        for i in range(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_api, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "train.csv"
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=80), rng.normal(size=80)
+    data.write_text(
+        "a,b,y\n" + "".join(f"{a[i]},{b[i]},{1 + 2 * a[i] - b[i]}\n" for i in range(80))
+    )
+    args = ["--data", str(data), "--epochs", "30", "--runs-dir", str(root / "runs")]
+    assert train([*args, "--run-name", "model", "--cache-dir", str(root / "cache")]) == 0
+    return root / "runs" / "model"
+
+
+def _expected(run: Path, table: Path) -> np.ndarray:
+    """model.pt2 applied here, by hand, to the file's columns in the model's order."""
+    rows = list(csv.DictReader(table.open()))
+    x = torch.tensor([[float(r["a"]), float(r["b"])] for r in rows], dtype=torch.float32)
+    with torch.no_grad():
+        return torch.export.load(run / "model.pt2").module()(x)[:, 0].double().numpy()
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.open()))
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_predictions_equal_the_exported_model_and_a_rerun_is_cached(trained, tmp_path, capsys):
+    table = _table(tmp_path / "new.csv", rows=1000, seed=2, target=False)
+    out = tmp_path / "out" / "p.csv"
+    args = ["--model", str(trained), "--data", str(table), "--out", str(out), "--batch-size", "64"]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    assert predict(args) == 0
+    rows = _read(out)
+    assert [int(r["row"]) for r in rows] == list(range(1000))
+    got = np.array([float(r["prediction"]) for r in rows])
+    assert np.array_equal(got.astype(np.float32), _expected(trained, table).astype(np.float32))
+    first = capsys.readouterr().out
+    assert "score              Completed" in first
+    out.unlink()
+    assert predict(args) == 0
+    assert "score              Cached" in capsys.readouterr().out
+    assert _read(out) == rows
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_with_targets_the_metrics_are_reported(trained, tmp_path, capsys):
+    table = _table(tmp_path / "labelled.csv", rows=200, seed=3)
+    out = tmp_path / "p.npz"
+    args = ["--model", str(trained), "--data", str(table), "--out", str(out), "--no-cache"]
+    assert predict(args) == 0
+    printed = capsys.readouterr().out
+    reported = dict(
+        re.findall(r"(\w+) ([-+.\deE]+)", printed.split("metrics: ")[1].splitlines()[0])
+    )
+    # An independent computation: the written predictions against the file's targets, read
+    # as float32 the way training reads them.
+    y = np.array([float(r["y"]) for r in _read(table)], dtype=np.float32).astype(np.float64)
+    pred = np.load(out)["prediction"]
+    assert float(reported["mae"]) == pytest.approx(np.abs(pred - y).mean(), rel=1e-4)
+    r2 = 1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    assert float(reported["r2"]) == pytest.approx(r2, rel=1e-6)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_latest_scores_with_the_newest_run_into_its_folder(trained, capsys):
+    assert predict(["--model", "latest", "--runs-dir", str(trained.parent), "--no-cache"]) == 0
+    out = trained / "predictions.csv"
+    assert len(_read(out)) == 80  # without --data: the 80 rows the run was trained on
+    assert f"with {trained}" in capsys.readouterr().out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize(
+    ("case", "message", "code"),
+    [
+        ("missing-model", "--model .*nope: no such run folder", 2),
+        ("extra-column", "unexpected column\\(s\\) c", 2),
+        ("unwritable-output", "cannot write the output", 1),
+        ("bad-format", "--out: must be a .csv or .npz file", 2),
+        ("synthetic-for-two-features", "--data synthetic: the model takes a, b, synthetic", 2),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, case, message, code):
+    table = _table(tmp_path / "t.csv", rows=20, seed=4, target=False)
+    model, out = str(trained), str(tmp_path / "out.csv")
+    if case == "missing-model":
+        model = str(tmp_path / "nope")
+    elif case == "extra-column":
+        table.write_text("a,b,c\n1,2,3\n")
+    elif case == "unwritable-output":
+        blocker = tmp_path / "blocker"
+        blocker.write_text("a file, not a folder")
+        out = str(blocker / "out.csv")
+    elif case == "bad-format":
+        out = str(tmp_path / "out.txt")
+    elif case == "synthetic-for-two-features":
+        table = "synthetic"
+    cache = tmp_path / "cache"
+    before = _files(tmp_path)
+    with pytest.raises(SystemExit) if case == "bad-format" else contextlib.nullcontext():
+        result = predict(
+            ["--model", model, "--data", str(table), "--out", out, "--cache-dir", str(cache)]
+        )
+        assert result == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and re.search(message, err[-1]), err
+    assert _files(tmp_path) == before  # no output, no cache entry, nothing half-written
+
+
+def test_the_run_folder_records_its_columns(trained):
+    assert json.loads((trained / "columns.json").read_text()) == {
+        "features": ["a", "b"],
+        "targets": ["y"],
+    }
