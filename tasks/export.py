@@ -14,7 +14,6 @@ import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
 
 from tasks import files, rundir
 from tasks.cache import StageCache, cacheable
@@ -64,6 +63,8 @@ def export_program(model: nn.Module, sample: Tensor) -> torch.export.ExportedPro
 
 def graph_event_file(model: nn.Module, sample: Tensor) -> bytes:
     """add_graph into a scratch folder; the event file's bytes can go into any run folder."""
+    from torch.utils.tensorboard import SummaryWriter  # here: only a run that writes events
+
     with tempfile.TemporaryDirectory() as scratch:
         with SummaryWriter(scratch) as writer, warnings.catch_warnings():
             # add_graph traces with torch.jit, which warns it is deprecated; nothing to act on.
@@ -113,6 +114,8 @@ def write_outputs(
 def _write_outputs(
     exported: Exported, trained: Trained, parts: Split, run_dir: Path, config: dict[str, Any]
 ) -> None:
+    from torch.utils.tensorboard import SummaryWriter  # here: only a run that writes events
+
     metrics = metrics_record(trained)
     files.atomic_write(
         run_dir / f"events.out.tfevents.{time.time():.0f}.graph", exported.graph_events

@@ -10,12 +10,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prefect import get_run_logger, task
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
 
 from tasks.cache import StageCache, cacheable, stage_key
 from tasks.checkpoint import Checkpointing, Checkpoints, TrainState
@@ -24,6 +23,9 @@ from tasks.errors import InputError, NonFiniteLoss, StorageError, writing
 from tasks.loaders import Batches, Loaders
 from tasks.model import InitialModel, ModelSpec, instantiate, spec_from_json
 from tasks.rundir import on_cache_hit
+
+if TYPE_CHECKING:  # imported where a writer is made: a run that writes no events skips it
+    from torch.utils.tensorboard import SummaryWriter
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 EpochHook = Callable[[int, float, float], None]
@@ -322,6 +324,8 @@ def loss_writer(run_dir: Path, train_loss: list[float], val_loss: list[float]) -
     A resumed or cached run may reuse a folder that already has curves (a retry, a repeated
     --run-name): they are rewritten from the history rather than appended to.
     """
+    from torch.utils.tensorboard import SummaryWriter
+
     for curve in ("loss_training", "loss_validation"):
         for old in (run_dir / curve).glob("events.out.tfevents.*"):
             old.unlink()
