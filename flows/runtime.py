@@ -69,6 +69,7 @@ def command_line_run() -> Iterator[Server]:
         with temporary_settings(updates=updates):
             yield server
     finally:
+        _drain()
         # The environment as it was, for processes started later by a caller that goes on
         # (tests); Prefect's settings keep the server, which its clients may still need
         # while they drain at exit (with no address, they would start a temporary server).
@@ -83,6 +84,16 @@ def run_url(state: Any) -> str:
     from prefect.settings import PREFECT_UI_URL
 
     return f"{PREFECT_UI_URL.value()}/runs/flow-run/{state.state_details.flow_run_id}"
+
+
+def _drain() -> None:
+    """Send the run's last logs and events now, not at interpreter exit: a slow drain there
+    logs "Still processing items" after the command's last line."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
 
 
 def _heartbeats_configured() -> bool:

@@ -234,7 +234,7 @@ def test_a_planted_pickle_in_the_checkpoint_folder_is_never_loaded(tmp_path, war
     assert metrics["resumed_from"] == {"epoch": 2, "batch": 0}  # the last good one
 
 
-def test_a_model_from_an_entry_point_trains(tmp_path):
+def test_a_model_from_an_entry_point_trains(tmp_path, subprocess_env):
     plugin = tmp_path / "plugin"
     (plugin / "tinymodels").mkdir(parents=True)
     (plugin / "tinymodels" / "__init__.py").write_text(
@@ -247,8 +247,8 @@ def test_a_model_from_an_entry_point_trains(tmp_path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tinymodels\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[trainflow.models]\ntiny = tinymodels:build\n")
-    env = {**os.environ, "PYTHONPATH": f"{plugin}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("PREFECT_API_URL", None)
+    path = f"{plugin}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**subprocess_env, "PYTHONPATH": path}
     result = subprocess.run(
         [sys.executable, str(REPO / "flows" / "train_flow.py"), "--model", "tiny", "--epochs",
          "3", "--runs-dir", str(tmp_path / "runs"), "--run-name", "tiny"],

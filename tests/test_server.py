@@ -229,6 +229,16 @@ def test_a_server_address_in_the_environment_is_used_and_nothing_is_started(tmp_
     assert read_record(home) is None and _left_alive(tag) == set()
 
 
+def test_a_failed_run_ends_with_its_page_then_the_error(tmp_path, prefect_api):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    missing = tmp_path / "missing.npz"
+    code, out = _run(tmp_path, env, _script("train_flow.py"), "--data", str(missing))
+    assert code == 2
+    assert out[-1] == f"train_flow.py: error: data file {str(missing)!r}: not found"
+    port, flow_run_id = UI_LINE.fullmatch(out[-2]).groups()
+    assert _flow_run(int(port), flow_run_id)["state"]["type"] == "FAILED"
+
+
 def test_an_address_where_nothing_answers_is_a_one_line_error(tmp_path):
     home, tag = tmp_path / "prefect-home", f"nothing-{uuid.uuid4().hex}"
     api = f"http://127.0.0.1:{_free_port()}/api"
