@@ -74,6 +74,13 @@ class Server:
 def find_or_start(home: Path, port: int, version: str) -> Server:
     """The server of this PREFECT_HOME: the one trainflow started, one the user started
     (`prefect server start`, in the background or on `port`), or a new one. Doesn't wait."""
+    try:
+        return _find_or_start(home, port, version)
+    except OSError as exc:  # an unwritable PREFECT_HOME, a full disk
+        raise ServerError(f"PREFECT_HOME {str(home)!r}: {exc.strerror or exc}") from None
+
+
+def _find_or_start(home: Path, port: int, version: str) -> Server:
     news: list[str] = []
     with _locked(home):
         record = read_record(home)

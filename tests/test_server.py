@@ -267,3 +267,13 @@ def test_the_cache_command_needs_no_server_and_starts_none(tmp_path):
     code, out = _run(tmp_path, _env(home, _free_port(), tag), _script("cache_cli.py"), "list")
     assert code == 0 and out[-1].startswith("0 entries")
     assert read_record(home) is None and _left_alive(tag) == set()
+
+
+def test_a_prefect_home_that_cannot_be_written_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    home, tag = blocker / "prefect-home", f"no-home-{uuid.uuid4().hex}"
+    code, out = _run(tmp_path, _env(home, _free_port(), tag), _script("train_flow.py"))
+    assert code == 1
+    assert out[-1] == f"train_flow.py: error: PREFECT_HOME {str(home)!r}: Not a directory"
+    assert "Traceback" not in "\n".join(out) and _left_alive(tag) == set()
