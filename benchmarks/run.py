@@ -373,6 +373,7 @@ def bench_loop(
 # --- whole processes, as a user runs them --------------------------------------------------
 
 FLOW = REPO / "flows" / "train_flow.py"
+IMPORT_TORCH, IMPORT_TORCH_PREFECT = "import torch", "import torch, prefect"
 SEED = HERE.parent / "seed_script.py"
 
 
@@ -384,17 +385,23 @@ def _user_env(home: Path, cwd: Path) -> dict[str, str]:
     return {**env, "PREFECT_HOME": str(home), "BENCH_CWD": str(cwd)}
 
 
-def _timed(env: dict[str, str], script: Path, *args: str) -> tuple[float, float]:
-    """Wall time, and CPU time (user + system) of the command and the children it waited
-    for: a second view that other load on the machine disturbs much less."""
+def _timed(env: dict[str, str], *argv: str) -> tuple[float, float]:
+    """`python ARGV…`: wall time, and CPU time (user + system) of the command and the children
+    it waited for: a second view that other load on the machine disturbs much less."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(script), *args], cwd=env["BENCH_CWD"], env=env,
-                            capture_output=True, text=True, timeout=3600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *argv],
+        cwd=env["BENCH_CWD"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
-        raise RuntimeError(f"{script.name} {args} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"python {' '.join(argv)} failed:\n{result.stderr[-3000:]}")
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return seconds, cpu
 
@@ -422,8 +429,8 @@ def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[s
     times: dict[str, list[float]] = {}
     cpu_times: dict[str, list[float]] = {}
 
-    def run(key: str, env: dict[str, str], script: Path, *args: str) -> None:
-        wall, cpu = _timed(env, script, *args)
+    def run(key: str, env: dict[str, str], script: Path | str, *args: str) -> None:
+        wall, cpu = _timed(env, str(script), *args)
         times.setdefault(key, []).append(wall)
         cpu_times.setdefault(key, []).append(cpu)
 
@@ -442,6 +449,8 @@ def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[s
             run("seed_200", env, SEED)
             run("cached", env, FLOW)
             run("cached_heartbeats", {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "180"}, FLOW)
+            run("import_torch", env, "-c", IMPORT_TORCH)
+            run("import_torch_prefect", env, "-c", IMPORT_TORCH_PREFECT)
         for i in range(repeat):
             for epochs in ("2000", "12000"):
                 run(f"seed_{epochs}", env, SEED, "--epochs", epochs)
@@ -510,6 +519,13 @@ def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[s
         f"(CPU {cpu_seed['median']:.3f} → {cpu_ours['median']:.3f} ms: "
         f"{cpu_seed['median'] / cpu_ours['median']:.2f}×)   target ≥ 3×",
     ))  # fmt: skip
+    row("e2e imports: torch", "import_torch", None, f'$ python -c "{IMPORT_TORCH}"')
+    row(
+        "e2e imports: torch, prefect",
+        "import_torch_prefect",
+        None,
+        f'$ python -c "{IMPORT_TORCH_PREFECT}"',
+    )
     return out
 
 
