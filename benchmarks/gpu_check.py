@@ -1,5 +1,6 @@
 """GPU checks, run by benchmarks/gpu.sh on a CUDA machine: no host sync per step, the loop
-benchmark on CUDA, bit-identical resume on CUDA, and one whole flow run with --device cuda.
+benchmark on CUDA, bit-identical resume and retry on CUDA, and one whole flow run with
+--device cuda.
 
     python benchmarks/gpu_check.py --out results/   # prints a report, writes gpu.json
 """
@@ -64,14 +65,20 @@ def syncs_per_epoch(batches_per_epoch: int, epochs: int = 4) -> float:
 
 def loop_benchmark(repeat: int = 3) -> dict:
     out = {}
-    large = loops.Scale("large", 20_000, 32, "mlp", (64, 64), 256, 0.01, 1) if DRY else (
-        loops.LARGE_SCALE)  # fmt: skip
+    large = (
+        loops.Scale("large", 20_000, 32, "mlp", (64, 64), 256, 0.01, 1)
+        if DRY
+        else (loops.LARGE_SCALE)
+    )
     for scale, epochs in ((loops.SEED_SCALE, 30 if DRY else 300), (large, 1)):
         loops.seed_loop(scale, CUDA, 1), loops.trainflow_loop(scale, CUDA, 1)  # warm-up
         seed = [loops.seed_loop(scale, CUDA, epochs).steps_per_s for _ in range(repeat)]
         ours = [loops.trainflow_loop(scale, CUDA, epochs).steps_per_s for _ in range(repeat)]
-        out[scale.name] = {"seed": statistics.median(seed), "trainflow": statistics.median(ours),
-                           "ratio": statistics.median(ours) / statistics.median(seed)}  # fmt: skip
+        out[scale.name] = {
+            "seed": statistics.median(seed),
+            "trainflow": statistics.median(ours),
+            "ratio": statistics.median(ours) / statistics.median(seed),
+        }
     loops.autograd_free_loop(CUDA, 10)
     out["autograd_free"] = statistics.median(
         loops.autograd_free_loop(CUDA, 300).steps_per_s for _ in range(repeat)
@@ -106,11 +113,61 @@ def resume_is_bit_identical() -> bool:
     return True
 
 
+def retry_is_bit_identical() -> bool:
+    """A failed attempt, then a retry given the same Loaders (CUDA tensors and all), trains the
+    uninterrupted run; and training hands the CUDA RNG back as it found it."""
+    data, parts = _line_data(4000), split_indices(4000, 0.2, 13)
+    initial = initial_model(ModelSpec("mlp", 1, 1, (32, 32)), 42)
+    loaders = make_loaders(data, parts, 16, 42, "tensor", 0, CUDA)
+
+    def train():
+        return train_model(initial, loaders, "sgd", 0.05, 0.0, 0.0, "mse", 4, CUDA)
+
+    reference = train()
+    real, calls = torch.Tensor.backward, [0]
+
+    def fail_once(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 317:
+            raise RuntimeError("injected")
+        return real(self, *args, **kwargs)
+
+    torch.Tensor.backward = fail_once
+    try:
+        train()
+    except RuntimeError:
+        pass
+    finally:
+        torch.Tensor.backward = real
+    rng = torch.cuda.get_rng_state(CUDA) if CUDA.type == "cuda" else torch.get_rng_state()
+    retried = train()
+    after = torch.cuda.get_rng_state(CUDA) if CUDA.type == "cuda" else torch.get_rng_state()
+    same = retried.train_loss == reference.train_loss and all(
+        torch.equal(v, reference.state[k]) for k, v in retried.state.items()
+    )
+    print(
+        f"  retry after a fault at step 317 bit-identical: {same}; "
+        f"RNG left as it was: {torch.equal(rng, after)}"
+    )
+    return same and torch.equal(rng, after)
+
+
 def whole_flow(out: Path) -> dict:
     runs, cache = out / "runs", Path(tempfile.mkdtemp()) / "cache"
-    command = [sys.executable, str(HERE.parent / "flows" / "train_flow.py"), "--device",
-               CUDA.type, "--epochs", "300", "--runs-dir", str(runs), "--run-name", "cuda",
-               "--cache-dir", str(cache)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(HERE.parent / "flows" / "train_flow.py"),
+        "--device",
+        CUDA.type,
+        "--epochs",
+        "300",
+        "--runs-dir",
+        str(runs),
+        "--run-name",
+        "cuda",
+        "--cache-dir",
+        str(cache),
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=400)
     seconds = time.perf_counter() - start
@@ -118,8 +175,11 @@ def whole_flow(out: Path) -> dict:
     metrics = {}
     if result.returncode == 0:
         metrics = json.loads((runs / "cuda" / "metrics.json").read_text())
-    return {"returncode": result.returncode, "seconds": seconds,
-            "final_val_loss": metrics.get("final_val_loss")}  # fmt: skip
+    return {
+        "returncode": result.returncode,
+        "seconds": seconds,
+        "final_val_loss": metrics.get("final_val_loss"),
+    }
 
 
 def main() -> int:
@@ -146,18 +206,26 @@ def main() -> int:
     report["loop"] = loop_benchmark()
     for scale in ("seed", "large"):
         r = report["loop"][scale]
-        print(f"loop {scale} on CUDA: seed {r['seed']:,.0f} steps/s, trainflow "
-              f"{r['trainflow']:,.0f} steps/s, {r['ratio']:.2f}×")  # fmt: skip
+        print(
+            f"loop {scale} on CUDA: seed {r['seed']:,.0f} steps/s, trainflow "
+            f"{r['trainflow']:,.0f} steps/s, {r['ratio']:.2f}×"
+        )
     print(f"autograd-free limit on CUDA: {report['loop']['autograd_free']:,.0f} steps/s")
 
     report["resume_bit_identical"] = resume_is_bit_identical()
+    report["retry_bit_identical"] = retry_is_bit_identical()
     report["flow"] = whole_flow(args.out)
     print(
         f"whole flow with --device cuda (300 epochs): rc {report['flow']['returncode']}, "
         f"{report['flow']['seconds']:.1f} s, final val loss {report['flow']['final_val_loss']}"
     )
     (args.out / "gpu.json").write_text(json.dumps(report, indent=2))
-    ok = flat and report["resume_bit_identical"] and report["flow"]["returncode"] == 0
+    ok = (
+        flat
+        and report["resume_bit_identical"]
+        and report["retry_bit_identical"]
+        and report["flow"]["returncode"] == 0
+    )
     print("ALL GPU CHECKS PASSED" if ok else "SOME GPU CHECKS FAILED")
     return 0 if ok else 1
 

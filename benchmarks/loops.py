@@ -3,26 +3,37 @@
 - `seed_loop`: the tutorial's loop as the book writes it (DataLoader, `.item()` every step,
   `np.mean`), with a sampler that draws the same per-epoch permutation trainflow draws, so
   both see identical batches and their losses can be compared value for value;
-- `trainflow_loop`: trainflow's own `train_model` (the train-epochs task's body);
+- `trainflow_loop`: trainflow's own `train_model` (the train-epochs task's body); with
+  `sgd_step=True`, its loop with every update through `SGD.step` instead of the plain-SGD
+  fast path, which is what the fast path saves;
 - `autograd_free_loop`: hand-written gradients for linear regression with SGD: the
   Python-level limit for the seed's model.
+
+    python benchmarks/loops.py [--scale seed] [--rounds 5] [--device cpu]
+
+races them in one process, round after round (so a busy machine slows each alike), and
+prints steps/s with the ratios side by side.
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from seed_script import make_train_step_fn, make_val_step_fn, mini_batch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from tasks.data import Dataset, synthetic
-from tasks.loaders import EpochSampler, make_loaders
+from tasks.loaders import epoch_order, make_loaders
+from tasks.loop import EpochLoop
 from tasks.model import ModelSpec, initial_model, instantiate
 from tasks.split import Split, split_indices
-from tasks.train import train_model
+from tasks.train import make_loss, train_model
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,20 @@ def _steps(scale: Scale, parts: Split, epochs: int) -> int:
     return -(-len(parts.train) // scale.batch_size) * epochs
 
 
+class EpochOrder(Sampler[int]):
+    """One permutation per epoch from `generator`, as trainflow's loaders draw it (a
+    RandomSampler given a generator draws a second, unused one at each epoch's end)."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        yield from epoch_order(self.n, self.generator).tolist()
+
+
 def seed_loop(
     scale: Scale, device: torch.device, epochs: int, shuffle_seed: int = 42
 ) -> LoopResult:
@@ -82,7 +107,7 @@ def seed_loop(
     train_data = TensorDataset(data.x[parts.train], data.y[parts.train])
     val_data = TensorDataset(data.x[parts.val], data.y[parts.val])
     # RandomSampler's draw once per epoch: the batches trainflow's loaders see.
-    sampler = EpochSampler(len(train_data), torch.Generator().manual_seed(shuffle_seed))
+    sampler = EpochOrder(len(train_data), torch.Generator().manual_seed(shuffle_seed))
     train_loader = DataLoader(train_data, batch_size=scale.batch_size, sampler=sampler)
     val_loader = DataLoader(val_data, batch_size=scale.batch_size)
 
@@ -99,16 +124,31 @@ def seed_loop(
     return LoopResult(time.perf_counter() - start, _steps(scale, parts, epochs), losses, val_losses)
 
 
-def trainflow_loop(scale: Scale, device: torch.device, epochs: int) -> LoopResult:
+class SGDStep(torch.optim.SGD):
+    """SGD itself, under another name: the loop's fast path declines it, so every update runs
+    `SGD.step`, the code the fast path replaces."""
+
+
+def trainflow_loop(
+    scale: Scale, device: torch.device, epochs: int, sgd_step: bool = False
+) -> LoopResult:
     data, parts = make_data(scale), split_indices(scale.rows, 0.2, 13)
     loaders = make_loaders(data, parts, scale.batch_size, 42, "tensor", 0, device)
     initial = initial_model(ModelSpec(scale.model, scale.features, 1, scale.hidden), 42)
     _sync(device)
     start = time.perf_counter()
-    trained = train_model(initial, loaders, "sgd", scale.lr, 0.0, 0.0, "mse", epochs, device)
+    if sgd_step:  # train_model's own steps, with the optimizer it can't build
+        model = instantiate(initial.spec, initial.state).to(device)
+        optimizer = SGDStep(model.parameters(), lr=scale.lr)
+        loop = EpochLoop(model, loaders.train, loaders.val, make_loss("mse"), optimizer, epochs)
+        history = loop.run()
+        train_loss, val_loss = history.train, history.val
+    else:
+        trained = train_model(initial, loaders, "sgd", scale.lr, 0.0, 0.0, "mse", epochs, device)
+        train_loss, val_loss = trained.train_loss, trained.val_loss
     _sync(device)
-    return LoopResult(time.perf_counter() - start, _steps(scale, parts, epochs),
-                      trained.train_loss, trained.val_loss)  # fmt: skip
+    steps = _steps(scale, parts, epochs)
+    return LoopResult(time.perf_counter() - start, steps, train_loss, val_loss)
 
 
 def autograd_free_loop(device: torch.device, epochs: int) -> LoopResult:
@@ -121,9 +161,10 @@ def autograd_free_loop(device: torch.device, epochs: int) -> LoopResult:
     losses = []
     _sync(device)
     start = time.perf_counter()
+    shuffle = loaders.train.shuffle()
     for _ in range(epochs):
         batch_losses = []
-        for x, y in loaders.train.epoch():
+        for x, y in loaders.train.epoch(shuffle):
             error = x @ w.T + b - y
             batch_losses.append((error * error).mean())
             w -= scale.lr * 2 * (error.T @ x) / x.shape[0]
@@ -132,3 +173,52 @@ def autograd_free_loop(device: torch.device, epochs: int) -> LoopResult:
     result = torch.stack(losses).tolist()
     _sync(device)
     return LoopResult(time.perf_counter() - start, _steps(scale, parts, epochs), result, [])
+
+
+LOOPS: dict[str, Callable[[Scale, torch.device, int], LoopResult]] = {
+    "seed loop": seed_loop,
+    "trainflow, SGD.step": lambda scale, device, n: trainflow_loop(scale, device, n, True),
+    "trainflow": trainflow_loop,
+    "autograd-free limit": lambda scale, device, n: autograd_free_loop(device, n),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Race the training loops; print steps/s.")
+    parser.add_argument("--scale", choices=("seed", "large"), default="seed")
+    parser.add_argument("--rounds", type=int, default=5, help="measurements per loop")
+    parser.add_argument("--epochs", type=int, help="per measurement (default: the scale's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    scale = {"seed": SEED_SCALE, "large": LARGE_SCALE}[args.scale]
+    device, epochs = torch.device(args.device), args.epochs or scale.epochs
+    loops = {k: v for k, v in LOOPS.items() if scale is SEED_SCALE or "autograd" not in k}
+    for run in loops.values():  # first-call costs (lazy imports, allocator) are not steps
+        run(scale, device, max(1, epochs // 20))
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    results: dict[str, LoopResult] = {}
+    for _ in range(args.rounds):
+        for name, run in loops.items():
+            results[name] = run(scale, device, epochs)
+            rates[name].append(results[name].steps_per_s)
+    seed, ours = results["seed loop"], results["trainflow"]
+    same = (seed.train_loss, seed.val_loss) == (ours.train_loss, ours.val_loss)
+    same_step = (results["trainflow, SGD.step"].train_loss, results["trainflow"].train_loss)
+    base, step = (
+        statistics.median(rates["seed loop"]),
+        statistics.median(rates["trainflow, SGD.step"]),
+    )
+    print(f"loops at {scale.name} scale on {device}, {epochs} epochs, median of {args.rounds}")
+    print(f"{'loop':<22}{'steps/s (min–max)':>28}{'vs seed loop':>15}{'vs SGD.step':>13}")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        spread = f"{median:,.0f} ({min(values):,.0f}–{max(values):,.0f})"
+        print(f"{name:<22}{spread:>28}{median / base:>14.2f}×{median / step:>12.2f}×")
+    print(
+        f"losses: trainflow = seed loop, bit for bit: {same}; "
+        f"fast path = SGD.step: {same_step[0] == same_step[1]}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -63,19 +63,26 @@ def child_load(path: str, cache_dir: str) -> dict[str, Any]:
     from prefect import flow
 
     from tasks.data import load_tensors
-    from tasks.rundir import start_run
+    from tasks.stage import using_cache
 
     @flow(name="bench-load")
     def bench_load() -> dict[str, Any]:
-        run = start_run(tempfile.mkdtemp(), None, {}, cache_dir)
         base = _rss()
-        data = run.call(load_tensors, path, (), 100, 42, 0.1)
+        start = time.perf_counter()
+        with using_cache(cache_dir, "use"):
+            state = load_tensors(path, (), 100, 42, 0.1, return_state=True)
+        seconds = time.perf_counter() - start
+        data = state.result()
         after_stage = _peak_rss() - base
         touched = float(data.x.sum() + data.y.sum())  # page every byte in, as training would
-        record = run.stages[-1]
-        return {"state": record.state, "seconds": record.seconds, "rss_stage": after_stage,
-                "rss_touched": _rss() - base, "bytes": data.x.nbytes + data.y.nbytes,
-                "checksum": touched}  # fmt: skip
+        return {
+            "state": state.name,
+            "seconds": seconds,
+            "rss_stage": after_stage,
+            "rss_touched": _rss() - base,
+            "bytes": data.x.nbytes + data.y.nbytes,
+            "checksum": touched,
+        }
 
     return bench_load()
 
@@ -87,15 +94,18 @@ def child_numpy_load(path: str) -> dict[str, Any]:
     start = time.perf_counter()
     with np.load(path) as arrays:
         x, y = arrays["x"], arrays["y"]
-    return {"seconds": time.perf_counter() - start, "rss": _peak_rss() - base,
-            "bytes": x.nbytes + y.nbytes}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "rss": _peak_rss() - base,
+        "bytes": x.nbytes + y.nbytes,
+    }
 
 
 def child_digest(path: str) -> dict[str, Any]:
-    from tasks.cache import content_digest
+    from tasks.keys import file_digest
 
     start = time.perf_counter()
-    content_digest(path)
+    file_digest(path)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "gb_per_s": os.path.getsize(path) / seconds / 1e9}
 
@@ -114,16 +124,29 @@ def child_checkpoint(every_seconds: str, folder: str) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100_000, 16, generator=g)
     data = Dataset(x, x[:, :1] * 2 + 1, (), ())
-    loaders = make_loaders(data, split_indices(100_000, 0.2, 13), 64, 42, "tensor", 0,
-                           torch.device("cpu"))  # fmt: skip
+    loaders = make_loaders(
+        data, split_indices(100_000, 0.2, 13), 64, 42, "tensor", 0, torch.device("cpu")
+    )
     initial = initial_model(ModelSpec("mlp", 16, 1, (64, 64), "relu"), 42)
     seconds = float(every_seconds)
     checkpoints = Checkpoints(folder, every_seconds=seconds) if seconds > 0 else None
     start = time.perf_counter()
-    train_model(initial, loaders, "sgd", 0.01, 0.0, 0.0, "mse", 8, torch.device("cpu"),
-                checkpoints=checkpoints)  # fmt: skip
-    return {"seconds": time.perf_counter() - start,
-            "saved": checkpoints.saved if checkpoints else 0}  # fmt: skip
+    train_model(
+        initial,
+        loaders,
+        "sgd",
+        0.01,
+        0.0,
+        0.0,
+        "mse",
+        8,
+        torch.device("cpu"),
+        checkpoints=checkpoints,
+    )
+    return {
+        "seconds": time.perf_counter() - start,
+        "saved": checkpoints.saved if checkpoints else 0,
+    }
 
 
 def child_loop(kind: str, scale_name: str, epochs: str, device: str) -> dict[str, Any]:
@@ -142,8 +165,12 @@ def child_loop(kind: str, scale_name: str, epochs: str, device: str) -> dict[str
     }[kind]
     run(max(1, int(epochs) // 20))  # first-call costs (lazy imports, allocator) are not steps
     result = run(int(epochs))
-    return {"steps_per_s": result.steps_per_s, "seconds": result.seconds,
-            "train_loss": result.train_loss, "val_loss": result.val_loss}  # fmt: skip
+    return {
+        "steps_per_s": result.steps_per_s,
+        "seconds": result.seconds,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+    }
 
 
 def child_tensorboard(calls: str) -> dict[str, Any]:
@@ -187,8 +214,12 @@ def child_requests(cache_dir: str) -> dict[str, Any]:
     start = time.perf_counter()
     assert train_main(argv) == 0
     resources = sorted({path.split("/")[2] for path, _ in waited})  # /api/<resource>/…
-    return {"seconds": time.perf_counter() - start, "requests": len(waited),
-            "request_seconds": sum(t for _, t in waited), "paths": resources}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "requests": len(waited),
+        "request_seconds": sum(t for _, t in waited),
+        "paths": resources,
+    }
 
 
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
@@ -209,8 +240,12 @@ CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
 def spawn(env: dict[str, str], kind: str, *args: str) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, str(HERE), "--child", kind, *args],
-        cwd=env["BENCH_CWD"], env=env, capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
+        cwd=env["BENCH_CWD"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{kind} {args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -222,8 +257,9 @@ def median(values: list[float]) -> dict[str, float]:
 
 def fmt(stat: dict[str, float], unit: str = "s") -> str:
     scale = 1e9 if unit == "GB" else 1
-    return (f"{stat['median'] / scale:.3f} {unit} "
-            f"({stat['min'] / scale:.3f}–{stat['max'] / scale:.3f})")  # fmt: skip
+    return (
+        f"{stat['median'] / scale:.3f} {unit} ({stat['min'] / scale:.3f}–{stat['max'] / scale:.3f})"
+    )
 
 
 class Server:
@@ -233,8 +269,13 @@ class Server:
     def __init__(self, home: Path):
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         self.env = {**env, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
-        start = subprocess.run([sys.executable, "-m", "flows.server", "start"], env=self.env,
-                               capture_output=True, text=True, timeout=900)  # fmt: skip
+        start = subprocess.run(
+            [sys.executable, "-m", "flows.server", "start"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if start.returncode != 0:
             raise RuntimeError(f"the Prefect server did not start:\n{start.stderr}")
         self.env["PREFECT_API_URL"] = start.stdout.strip().splitlines()[-1] + "/api"
@@ -261,9 +302,11 @@ def bench_cache(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -
         ("cache: cold flow (2000 epochs)", fmt(out["cold_flow"])),
         ("cache: re-run flow", fmt(out["cached_flow"]) + "   target ≤ 3 s"),
         ("cache: re-run / cold", f"{out['cached_over_cold']:.2f}×   target ≤ 0.3×"),
-        ("cache: re-run stages", f"all cached: {all_cached}, "
-                                 f"epochs trained: {out['cached_epochs_trained']}"),
-    ]  # fmt: skip
+        (
+            "cache: re-run stages",
+            f"all cached: {all_cached}, epochs trained: {out['cached_epochs_trained']}",
+        ),
+    ]
     return out
 
 
@@ -302,15 +345,23 @@ def bench_data(
     rows += [
         (f"data: file ({size / 1e9:.2f} GB npz)", f"x {n:,}×10, y {n:,}×1 float32"),
         ("data: content hash", fmt(out["hash_gb_per_s"], "GB") + "/s   target ≥ 1 GB/s"),
-        ("data: numpy.load", fmt(out["numpy_load"])
-         + f", peak RSS {out['numpy_rss_over_data']['median']:.2f}× data"),
-        ("data: load-tensors cold", fmt(out["cold"])
-         + f", peak RSS {out['cold_rss_over_data']['median']:.2f}× data   target ≤ 2×"),
+        (
+            "data: numpy.load",
+            fmt(out["numpy_load"]) + f", peak RSS {out['numpy_rss_over_data']['median']:.2f}× data",
+        ),
+        (
+            "data: load-tensors cold",
+            fmt(out["cold"])
+            + f", peak RSS {out['cold_rss_over_data']['median']:.2f}× data   target ≤ 2×",
+        ),
         ("data: load-tensors hit", fmt(out["hit"]) + f" {set(out['hit_states'])}   target ≤ 0.3 s"),
-        ("data: hit peak RSS", f"{out['hit_rss_over_data']['median']:.2f}× data (mapped); "
-         f"{out['hit_touched_rss_over_data']['median']:.2f}× after reading every byte"
-         "   target ≤ 1.2×"),
-    ]  # fmt: skip
+        (
+            "data: hit peak RSS",
+            f"{out['hit_rss_over_data']['median']:.2f}× data (mapped); "
+            f"{out['hit_touched_rss_over_data']['median']:.2f}× after reading every byte"
+            "   target ≤ 1.2×",
+        ),
+    ]
     return out
 
 
@@ -326,12 +377,18 @@ def bench_checkpoint(env: dict[str, str], repeat: int, rows: list[tuple[str, str
         out[f"{label}_overhead"] = out[label]["median"] / base - 1
     rows += [
         ("checkpoint: training, none", fmt(out["none"]) + "  (100k×16, mlp 64×64, batch 64)"),
-        ("checkpoint: default (30 s + end)", fmt(out["default"])
-         + f", {out['default_saved']} saved, overhead {out['default_overhead']:+.1%}"
-         "   target < 5%"),
-        ("checkpoint: every 1 s", fmt(out["every_1s"])
-         + f", {out['every_1s_saved']} saved, overhead {out['every_1s_overhead']:+.1%}"),
-    ]  # fmt: skip
+        (
+            "checkpoint: default (30 s + end)",
+            fmt(out["default"])
+            + f", {out['default_saved']} saved, overhead {out['default_overhead']:+.1%}"
+            "   target < 5%",
+        ),
+        (
+            "checkpoint: every 1 s",
+            fmt(out["every_1s"])
+            + f", {out['every_1s_saved']} saved, overhead {out['every_1s_overhead']:+.1%}",
+        ),
+    ]
     return out
 
 
@@ -343,30 +400,51 @@ def bench_loop(
 
     out: dict[str, Any] = {}
     for scale, epochs in (("seed", "300"), ("large", "1")):
-        runs = {kind: [spawn(env, "loop", kind, scale, epochs, device) for _ in range(repeat)]
-                for kind in ("seed", "trainflow")}  # fmt: skip
+        runs = {
+            kind: [spawn(env, "loop", kind, scale, epochs, device) for _ in range(repeat)]
+            for kind in ("seed", "trainflow")
+        }
         seed, ours = (median([r["steps_per_s"] for r in runs[k]]) for k in ("seed", "trainflow"))
         ref, got = runs["seed"][0], runs["trainflow"][0]
         error = max(
             float(np.max(np.abs(np.subtract(ref[k], got[k])) / np.abs(ref[k])))
             for k in ("train_loss", "val_loss")
         )
-        out[scale] = {"seed": seed, "trainflow": ours, "ratio": ours["median"] / seed["median"],
-                      "max_relative_loss_difference": error}  # fmt: skip
+        out[scale] = {
+            "seed": seed,
+            "trainflow": ours,
+            "ratio": ours["median"] / seed["median"],
+            "max_relative_loss_difference": error,
+        }
         rows += [
-            (f"loop {scale}: seed loop", f"{seed['median']:,.0f} steps/s "
-             f"({seed['min']:,.0f}–{seed['max']:,.0f})"),
-            (f"loop {scale}: trainflow", f"{ours['median']:,.0f} steps/s "
-             f"({ours['min']:,.0f}–{ours['max']:,.0f})"),
-            (f"loop {scale}: ratio", f"{out[scale]['ratio']:.2f}×   target ≥ 3×; "
-             f"losses differ by ≤ {error:.1e} (relative)"),
-        ]  # fmt: skip
-    free = median([spawn(env, "loop", "autograd-free", "seed", "300", device)["steps_per_s"]
-                   for _ in range(repeat)])  # fmt: skip
+            (
+                f"loop {scale}: seed loop",
+                f"{seed['median']:,.0f} steps/s ({seed['min']:,.0f}–{seed['max']:,.0f})",
+            ),
+            (
+                f"loop {scale}: trainflow",
+                f"{ours['median']:,.0f} steps/s ({ours['min']:,.0f}–{ours['max']:,.0f})",
+            ),
+            (
+                f"loop {scale}: ratio",
+                f"{out[scale]['ratio']:.2f}×   target ≥ 3×; "
+                f"losses differ by ≤ {error:.1e} (relative)",
+            ),
+        ]
+    free = median(
+        [
+            spawn(env, "loop", "autograd-free", "seed", "300", device)["steps_per_s"]
+            for _ in range(repeat)
+        ]
+    )
     out["autograd_free"] = free
     times_seed = free["median"] / out["seed"]["seed"]["median"]
-    rows.append(("loop seed: autograd-free limit",
-                 f"{free['median']:,.0f} steps/s ({times_seed:.1f}× the seed loop)"))  # fmt: skip
+    rows.append(
+        (
+            "loop seed: autograd-free limit",
+            f"{free['median']:,.0f} steps/s ({times_seed:.1f}× the seed loop)",
+        )
+    )
     return out
 
 
@@ -408,8 +486,13 @@ def _timed(env: dict[str, str], *argv: str) -> tuple[float, float]:
 
 def _stop_server(home: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "flows.server", "stop"], env=env, check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "flows.server", "stop"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def _shown(script: Path, *args: str) -> str:
@@ -472,8 +555,10 @@ def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[s
         wall, cpu = out[key], out["cpu"][key]
         value = f"{fmt(wall)}, CPU {cpu['median']:.2f} s"
         if seed:
-            value += (f"   {wall['median'] / out[seed]['median']:.2f}× the seed "
-                      f"(CPU {cpu['median'] / out['cpu'][seed]['median']:.2f}×)")  # fmt: skip
+            value += (
+                f"   {wall['median'] / out[seed]['median']:.2f}× the seed "
+                f"(CPU {cpu['median'] / out['cpu'][seed]['median']:.2f}×)"
+            )
         rows.extend([(label, value + target), ("", command)])
 
     row(
@@ -513,12 +598,14 @@ def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[s
     )
     seed, ours = out["seed_per_epoch"], out["cold_per_epoch"]
     cpu_seed, cpu_ours = out["cpu"]["seed_per_epoch"], out["cpu"]["cold_per_epoch"]
-    rows.append((
-        "e2e (c) per epoch: seed → trainflow",
-        f"{fmt(seed, 'ms')} → {fmt(ours, 'ms')}: {seed['median'] / ours['median']:.2f}× faster "
-        f"(CPU {cpu_seed['median']:.3f} → {cpu_ours['median']:.3f} ms: "
-        f"{cpu_seed['median'] / cpu_ours['median']:.2f}×)   target ≥ 3×",
-    ))  # fmt: skip
+    rows.append(
+        (
+            "e2e (c) per epoch: seed → trainflow",
+            f"{fmt(seed, 'ms')} → {fmt(ours, 'ms')}: {seed['median'] / ours['median']:.2f}× faster "
+            f"(CPU {cpu_seed['median']:.3f} → {cpu_ours['median']:.3f} ms: "
+            f"{cpu_seed['median'] / cpu_ours['median']:.2f}×)   target ≥ 3×",
+        )
+    )
     row("e2e imports: torch", "import_torch", None, f'$ python -c "{IMPORT_TORCH}"')
     row(
         "e2e imports: torch, prefect",
@@ -533,16 +620,21 @@ def bench_overhead(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]
     """Prefect's share of a cached run, and TensorBoard's of an epoch."""
     runs = [spawn(env, "requests", f"cache-requests-{i}") for i in range(repeat)]
     tb = median([spawn(env, "tensorboard", "2000")["ms_per_epoch"] for _ in range(repeat)])
-    out = {"flow": median([r["seconds"] for r in runs]),
-           "requests": runs[-1]["requests"], "paths": runs[-1]["paths"],
-           "request_seconds": median([r["request_seconds"] for r in runs]),
-           "tensorboard_ms_per_epoch": tb}  # fmt: skip
+    out = {
+        "flow": median([r["seconds"] for r in runs]),
+        "requests": runs[-1]["requests"],
+        "paths": runs[-1]["paths"],
+        "request_seconds": median([r["request_seconds"] for r in runs]),
+        "tensorboard_ms_per_epoch": tb,
+    }
     rows += [
         ("overhead: cached run, main()", fmt(out["flow"]) + " (in a process already warm)"),
-        ("overhead: API requests it waits for", f"{out['requests']} "
-         f"({', '.join(out['paths'])}): {fmt(out['request_seconds'])}"),
+        (
+            "overhead: API requests it waits for",
+            f"{out['requests']} ({', '.join(out['paths'])}): {fmt(out['request_seconds'])}",
+        ),
         ("overhead: TensorBoard write per epoch", fmt(tb, "ms") + "  (add_scalars, 2 curves)"),
-    ]  # fmt: skip
+    ]
     return out
 
 

@@ -5,7 +5,7 @@ Running forever, if nobody is left to report it). Four automations close that ga
 tagged `auto-recover` (both deployments in prefect.yaml, and serve.py's):
 
 1. silent run → Crashed: no heartbeat for TRAINFLOW_HEARTBEAT_WINDOW seconds (default 90);
-2. Crashed for TRAINFLOW_CRASH_SETTLE seconds (default 20) → Scheduled again, same run and
+2. Crashed for TRAINFLOW_CRASH_SETTLE seconds (default 60) → Scheduled again, same run and
    parameters, while attempts < TRAINFLOW_MAX_ATTEMPTS (default 3); the re-run resumes from
    train-epochs' last checkpoint;
 3. Crashed on the last attempt, for as long → Failed, with a message that says so;
@@ -46,11 +46,14 @@ _ANY_RUN = "prefect.flow-run.*"
 def _stays_crashed(run_counts: list[str], settle: float) -> EventTrigger:
     """A run that crashed on one of these attempts, then saw no other state for `settle` s.
 
-    The wait matters: the process worker reports one crash twice, seconds apart (its runner,
-    then itself). Acting on the first report let the second one crash the re-run it had just
-    started; after the wait the second report finds the run Crashed already, and Prefect drops
-    it. And a run cancelled from the UI passes through Crashed (train-epochs turns SIGTERM into
-    a checkpoint and an exit) on its way to Cancelled, about 5 s later: that must not re-run.
+    The wait matters: a process worker reports one crash twice, its runner at once, then the
+    worker itself once the runner has run the flow's on_crashed hooks, in a subprocess that
+    imports the flow, torch included: 25 s later on a loaded 2-core machine. A re-run started
+    in between is crashed by that second report (an extra attempt: run count 3 after one
+    kill). After the wait the second report finds the run Crashed, and Prefect refuses it.
+    A run cancelled from the UI never gets here: train-epochs reports a SIGTERM that carries
+    out a cancellation as Prefect's own cancellation, never as a crash (tasks/fence.py), so
+    keeping a cancelled run cancelled does not depend on this wait.
     """
     # Never "0": a run that crashed before it ever started (a broken pull step, say) has no
     # progress to resume and most likely crashes the same way again.
@@ -172,8 +175,9 @@ def install(wanted: list[Automation]) -> None:
 
 
 def _definition(automation: AutomationCore) -> str:
-    fields = automation.model_dump(mode="json", include={"name", "description", "enabled",
-                                                         "trigger", "actions"})  # fmt: skip
+    fields = automation.model_dump(
+        mode="json", include={"name", "description", "enabled", "trigger", "actions"}
+    )
     fields["trigger"].pop("id", None)  # a new id per trigger object, even for equal ones
     return json.dumps(_canonical(fields), sort_keys=True)
 
@@ -192,7 +196,7 @@ def main() -> int:
         wanted = automations(
             int(os.environ.get("TRAINFLOW_MAX_ATTEMPTS", "3")),
             float(os.environ.get("TRAINFLOW_HEARTBEAT_WINDOW", "90")),
-            float(os.environ.get("TRAINFLOW_CRASH_SETTLE", "20")),
+            float(os.environ.get("TRAINFLOW_CRASH_SETTLE", "60")),
         )
     except ValueError as exc:
         print(f"recovery.py: error: {exc}", file=sys.stderr)

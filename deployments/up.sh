@@ -8,7 +8,7 @@
 # Knobs (environment), read by recovery.py: TRAINFLOW_MAX_ATTEMPTS (default 3),
 # TRAINFLOW_HEARTBEAT_WINDOW (seconds of silence before a run counts as crashed; default 90,
 # at least 40) and TRAINFLOW_CRASH_SETTLE (seconds a run stays Crashed before it is re-run;
-# default 20, at least 5).
+# default 60, at least 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${PREFECT_API_URL:?set PREFECT_API_URL first, e.g. http://127.0.0.1:4200/api}"

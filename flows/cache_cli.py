@@ -7,11 +7,21 @@ import re
 import sys
 import time
 
-from tasks.cache import list_entries, prune
+from tasks.prune import list_entries, prune
 from tasks.rules import DEFAULT_CACHE_DIR
 
-UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-         "t": 1e12, "tb": 1e12}  # fmt: skip
+UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+}
 SPANS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -38,11 +48,12 @@ def _human(size: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cache_cli.py", description=__doc__)
+    # No abbreviations (`--older 7d`): a flag added later would silently change their meaning.
+    parser = argparse.ArgumentParser(prog="cache_cli.py", description=__doc__, allow_abbrev=False)
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="folder or fsspec URL")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="one line per entry, oldest first")
-    pruning = commands.add_parser("prune", help="remove the oldest entries")
+    commands.add_parser("list", help="one line per entry, oldest first", allow_abbrev=False)
+    pruning = commands.add_parser("prune", help="remove the oldest entries", allow_abbrev=False)
     pruning.add_argument("--older-than", type=parse_age, help="e.g. 7d: remove entries older")
     pruning.add_argument("--max-size", type=parse_size, help="e.g. 10GB: then shrink to this")
     args = parser.parse_args(argv)

@@ -12,6 +12,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class _OneLineParser(argparse.ArgumentParser):
+    def __init__(self, **kwargs: Any) -> None:
+        # No abbreviations: `--ep 3` for `--epochs` would change meaning the day another flag
+        # starting with `--ep` is added.
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage block first; one line naming the flag is clearer.
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -48,15 +53,22 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
     return parser
 
 
+def plain_message(error: dict[str, Any]) -> str:
+    """pydantic's message for one error, without the "Value error, " it puts before the text
+    of a ValueError raised by a validator (the rule is the message; the class is noise)."""
+    message = error["msg"].removeprefix("Value error, ")
+    return message[0].lower() + message[1:] if message else message
+
+
 def describe(error: ValidationError) -> str:
     """The first problem as 'FLAG: rule (got VALUE)'."""
     first = error.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else ""
     got = first.get("input")
-    message = first["msg"][0].lower() + first["msg"][1:]
+    message = plain_message(first)
     shown = f" (got {got!r})" if isinstance(got, str | int | float) else ""
     if not field:  # a rule across fields: its message names the flags itself
-        return message.removeprefix("value error, ")
+        return message
     return f"{flag(field)}: {message}{shown}"
 
 

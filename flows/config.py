@@ -42,6 +42,13 @@ class TrainConfig(BaseModel):
         (),
         description="CSV target column name(s), comma-separated; default: the last column.",
     )
+    data_identity: Literal["content", "version"] = Field(
+        "content",
+        description="How the cache knows a remote data file: 'content' hashes its bytes (exact; "
+        "reads the whole file on every run, a local file always), 'version' trusts the store's "
+        "version metadata (ETag, version id, or size and mtime): a hit reads nothing, but a "
+        "store that serves other bytes under the same version serves a stale result.",
+    )
     n_samples: int = Field(100, ge=1, le=10**9, description="Rows of synthetic data.")
     data_seed: int = Field(
         42, ge=0, le=2**32 - 1, description="Seed of numpy's RandomState for synthetic data."

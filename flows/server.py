@@ -90,8 +90,10 @@ def _find_or_start(home: Path, port: int, version: str) -> Server:
                 return Server(record.api_url, record.pid)
             if process is not None:  # e.g. after `pip install -U prefect`: run what's installed
                 _terminate(process)
-                news.append(f"Stopped the Prefect {record.version} server that trainflow had "
-                            f"started (pid {record.pid}).")  # fmt: skip
+                news.append(
+                    f"Stopped the Prefect {record.version} server that trainflow had "
+                    f"started (pid {record.pid})."
+                )
             _forget(home, record)
         found = _background_server(home)
         if found is not None:
@@ -187,12 +189,16 @@ def _launch(home: Path, port: int) -> subprocess.Popen[bytes]:
     with open(home / LOG, "wb") as log:
         # stdin, stdout and stderr are never the caller's: a CI step or a `$(…)` that reads
         # the run's output must not wait for the server to close it.
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST]
         return subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
-             "--port", str(port)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=home, env=env,
+            [*command, "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=home,
+            env=env,
             **detached,
-        )  # fmt: skip
+        )
 
 
 def _background_server(home: Path) -> Server | None:
@@ -340,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"No Prefect server started by trainflow is running (PREFECT_HOME {home}).")
             return 1
         state = "answering" if _healthy(record.api_url) else "not answering"
-        print(f"http://{HOST}:{record.port} (pid {record.pid}, Prefect {record.version}): "
-              f"{state}")  # fmt: skip
+        print(f"http://{HOST}:{record.port} (pid {record.pid}, Prefect {record.version}): {state}")
         return 0
     try:
         server = find_or_start(home, port, version)

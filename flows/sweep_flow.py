@@ -67,8 +67,12 @@ def trial_configs(
 ) -> list[TrainConfig]:
     configs = []
     for index, point in enumerate(points):
-        values = {**base.model_dump(), **point, "runs_dir": str(sweep_dir),
-                  "run_name": trial_name(index, point)}  # fmt: skip
+        values = {
+            **base.model_dump(),
+            **point,
+            "runs_dir": str(sweep_dir),
+            "run_name": trial_name(index, point),
+        }
         try:
             configs.append(TrainConfig(**values))
         except ValidationError as exc:
@@ -91,9 +95,14 @@ def run_trial(config: TrainConfig, torch_threads: int) -> dict[str, Any]:
     except Exception as exc:
         return {**row, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     states = {s["name"]: s["state"] for s in summary.stages}
-    return {**row, "status": "completed", "run_dir": summary.run_dir,
-            "final_train_loss": summary.final_train_loss,
-            "final_val_loss": summary.final_val_loss, "stages": states}  # fmt: skip
+    return {
+        **row,
+        "status": "completed",
+        "run_dir": summary.run_dir,
+        "final_train_loss": summary.final_train_loss,
+        "final_val_loss": summary.final_val_loss,
+        "stages": states,
+    }
 
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -172,8 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--ray-address", help="an existing Ray cluster (default: local)")
     sweep.add_argument("--sweep-name", help="folder under --runs-dir (default: generated)")
     args = vars(parser.parse_args(argv))
-    options = {k: args.pop(k) for k in ("grid", "random", "seed", "runner", "max_concurrency",
-                                        "dask_address", "ray_address", "sweep_name")}  # fmt: skip
+    options = {
+        k: args.pop(k)
+        for k in (
+            "grid",
+            "random",
+            "seed",
+            "runner",
+            "max_concurrency",
+            "dask_address",
+            "ray_address",
+            "sweep_name",
+        )
+    }
     try:
         base = TrainConfig(**args)
         grid = parse_grid(options["grid"])
@@ -196,9 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         # environment, whichever runner it is.
         with command_line_run():
             state = sweep_flow.with_options(task_runner=runner)(
-                base, grid, options["random"], options["seed"], options["max_concurrency"],
-                options["sweep_name"], return_state=True,
-            )  # fmt: skip
+                base,
+                grid,
+                options["random"],
+                options["seed"],
+                options["max_concurrency"],
+                options["sweep_name"],
+                return_state=True,
+            )
             url = run_url(state)
             ranked = state.result()
     except ServerError as exc:

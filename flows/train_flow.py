@@ -16,6 +16,7 @@ if __name__ == "__main__":
     runtime.start_early()
 
 from prefect import flow
+from prefect.transactions import transaction
 
 from flows.cli import parse_config
 from flows.config import TrainConfig
@@ -26,7 +27,7 @@ from tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_er
 from tasks.export import export_graph
 from tasks.loaders import build_loaders
 from tasks.model import build_model
-from tasks.rundir import RunSummary, start_run
+from tasks.rundir import RunSummary, open_run
 from tasks.split import split
 from tasks.train import Interrupted, output_width, train_epochs
 
@@ -37,20 +38,56 @@ from tasks.train import Interrupted, output_width, train_epochs
 @flow(name="train", retries=2, retry_delay_seconds=30)
 def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
     cfg = config
-    run = start_run(cfg.runs_dir, cfg.run_name, cfg.model_dump(mode="json"),
-                    cfg.cache_dir, cfg.refresh_cache, cfg.no_cache)  # fmt: skip
-    data = run.call(load_tensors, cfg.data, cfg.target, cfg.n_samples, cfg.data_seed, cfg.noise)
-    parts = run.call(split, len(data), cfg.val_fraction, cfg.split_seed)
-    loaders = run.call(build_loaders, data, parts, cfg.batch_size, cfg.shuffle_seed,
-                       cfg.loader, cfg.num_workers, cfg.device)  # fmt: skip
-    initial = run.call(build_model, cfg.model, data.n_features, output_width(cfg.loss, data.y),
-                       cfg.hidden, cfg.activation, cfg.init_seed)  # fmt: skip
-    checkpointing = run.checkpointing(cfg.checkpoint_every_epochs, cfg.checkpoint_every_seconds,
-                                      cfg.keep_checkpoints)  # fmt: skip
-    trained = run.call(train_epochs, initial, loaders, cfg.optimizer, cfg.lr, cfg.momentum,
-                       cfg.weight_decay, cfg.loss, cfg.epochs, cfg.device, run.path,
-                       checkpointing)  # fmt: skip
-    run.call(export_graph, trained, parts, loaders.sample, run.path, run.config)
+    with open_run(cfg.model_dump(mode="json")) as run:
+        # All or nothing: input that a later stage rejects leaves no cache entry behind.
+        with transaction():
+            data = load_tensors(
+                source=cfg.data,
+                target=cfg.target,
+                n_samples=cfg.n_samples,
+                data_seed=cfg.data_seed,
+                noise=cfg.noise,
+                identity=cfg.data_identity,
+            )
+            parts = split(
+                n_rows=len(data),
+                val_fraction=cfg.val_fraction,
+                seed=cfg.split_seed,
+                source=cfg.data,
+            )
+            loaders = build_loaders(
+                data=data,
+                parts=parts,
+                batch_size=cfg.batch_size,
+                shuffle_seed=cfg.shuffle_seed,
+                kind=cfg.loader,
+                num_workers=cfg.num_workers,
+                device=cfg.device,
+            )
+            initial = build_model(
+                name=cfg.model,
+                n_inputs=data.n_features,
+                n_outputs=output_width(cfg.loss, data.y),
+                hidden=cfg.hidden,
+                activation=cfg.activation,
+                seed=cfg.init_seed,
+            )
+        trained = train_epochs(
+            initial=initial,
+            loaders=loaders,
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            loss=cfg.loss,
+            epochs=cfg.epochs,
+            device=cfg.device,
+            run_dir=run.create(),
+            checkpointing=run.checkpointing(),
+        )
+        export_graph(
+            trained=trained, parts=parts, sample=loaders.sample, run_dir=run.path, config=run.config
+        )
     return run.summary()
 
 
@@ -70,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StorageError, NonFiniteLoss) as exc:
         return _fail(f"train_flow.py: error: {exc}", 1, url)
     except Interrupted as exc:
-        return _fail(f"train_flow.py: {exc}; run it again to resume", 128 + exc.signum, url)
+        # The message says what was saved, if anything.
+        return _fail(f"train_flow.py: {exc}", 128 + exc.signum, url)
     print(
         f"{summary.stage_table()}\n\n"
         f"done: {summary.epochs} epochs ({summary.epochs_trained} trained in this run), "

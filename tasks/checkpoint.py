@@ -3,17 +3,20 @@
 One checkpoint is one safetensors file holding every tensor the result depends on (weights,
 optimizer state, the shuffle generator at the start of the epoch in progress, the batch losses
 of that epoch so far, the loss history, torch's CPU/CUDA RNG states) and a JSON header for the
-rest. Its name carries its position and the xxh3-128 of its bytes:
+rest. Its name carries its position, the run that wrote it and the xxh3-128 of its bytes:
 
-    <cache>/checkpoints/<lineage key>/ckpt-<epoch>-<batch>-<xxh3>.safetensors
+    <cache>/checkpoints/<lineage key>/ckpt-<epoch>-<batch>-<owner>-<xxh3>.safetensors
 
-so a truncated or altered file is detected by name alone and skipped for the previous one.
+so a truncated or altered file is detected by name alone and skipped for the previous one,
+and a run can tell its own files from those of other runs of the lineage, which it never
+deletes (README: "Crash-proof training").
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +28,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from tasks.cache import CacheStore, warn
-from tasks.errors import writing
+from tasks.errors import StorageError, writing
+from tasks.files import make_dirs
+from tasks.stage import warn
+from tasks.store import CacheStore
 
-NAME = re.compile(r"ckpt-(\d{9})-(\d{9})-([0-9a-f]{32})\.safetensors")
+# The owner part is optional: files named before runs signed them are read, never deleted.
+NAME = re.compile(r"ckpt-(\d{9})-(\d{9})-(?:([0-9a-f]{16})-)?([0-9a-f]{32})\.safetensors")
+# atomic_write's temporary name for one of them, left behind if the writer was killed
+PARTIAL = re.compile(r"\.ckpt-\d{9}-\d{9}-([0-9a-f]{16})-[0-9a-f]{32}\.safetensors\..*\.tmp")
 
 
 @dataclass
@@ -60,8 +68,12 @@ def _flatten(state: TrainState) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 tensors[f"optimizer.{param_id}.{name}"] = value
             else:
                 plain.setdefault(str(param_id), {})[name] = value
-    meta = {"epoch": state.epoch, "batch": state.batch, "optimizer_plain": plain,
-            "optimizer_groups": state.optimizer["param_groups"]}  # fmt: skip
+    meta = {
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "optimizer_plain": plain,
+        "optimizer_groups": state.optimizer["param_groups"],
+    }
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, meta
 
 
@@ -100,8 +112,34 @@ def decode(data: bytes) -> TrainState:
     return _unflatten(safetensors_load(data), meta)
 
 
+def owner_token(run: str) -> str:
+    """The 16 hex digits that sign a run's checkpoint names: xxh3-64 of its run folder."""
+    return xxhash.xxh3_64_hexdigest(run.encode())
+
+
+@dataclass(frozen=True, order=True)
+class Found:
+    """A checkpoint file in the lineage's folder, ordered by position."""
+
+    epoch: int
+    batch: int
+    owner: str  # "" for a file from before names carried one
+    checksum: str
+    path: str
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
 class Checkpoints:
-    """Save on a cadence (every N epochs and/or S seconds, and at the end); keep the last few."""
+    """One run's checkpoints of one lineage: saved on a cadence (every N epochs and/or S
+    seconds), at the end and when asked to stop; this run's last `keep` kept; resumed from the
+    newest intact checkpoint of any run of the lineage.
+
+    Saving is best-effort: a write that fails (full disk, permissions) is a warning, and
+    training goes on with the checkpoints it has.
+    """
 
     def __init__(
         self,
@@ -109,57 +147,128 @@ class Checkpoints:
         every_epochs: int = 0,
         every_seconds: float = 30.0,
         keep: int = 3,
+        owner: str | None = None,
     ):
         self.store = CacheStore(url)
         self.every_epochs, self.every_seconds, self.keep = every_epochs, every_seconds, keep
-        self.last_save = time.monotonic()
-        self.saved = 0
+        # Whose files are ours to delete: the run folder's (a retry or a re-run into the same
+        # folder is the same run, and takes over its files); with none given, this object's.
+        self.owner = owner_token(owner if owner is not None else secrets.token_hex(16))
+        self.last_try = time.monotonic()
+        self.saved = 0  # checkpoints written by this object
+        self.last_saved: tuple[int, int] | None = None  # (epoch, batch) of the newest of them
+        self.error: str | None = None  # why the latest save failed; None once one succeeds
+        self._written: list[str] = []  # names this object wrote, oldest first
 
-    def _files(self) -> list[tuple[int, int, str, str]]:
+    def _listing(self) -> list[str]:
         folder = self.store.path()
-        if not self.store.fs.exists(folder):
-            return []
+        return self.store.fs.ls(folder, detail=False) if self.store.fs.exists(folder) else []
+
+    @staticmethod
+    def _checkpoints(paths: list[str]) -> list[Found]:
         found = []
-        for path in self.store.fs.ls(folder, detail=False):
+        for path in paths:
             if match := NAME.fullmatch(path.rsplit("/", 1)[-1]):
-                found.append((int(match[1]), int(match[2]), match[3], path))
+                epoch, batch, owner, checksum = match.groups()
+                found.append(Found(int(epoch), int(batch), owner or "", checksum, path))
         return sorted(found)
 
-    def time_due(self) -> bool:
-        return self.every_seconds > 0 and time.monotonic() - self.last_save >= self.every_seconds
+    def due(self, epoch: int, batch: int) -> bool:
+        """Whether the cadence asks for a checkpoint at (epoch, batch); batch 0 is the end of
+        epoch - 1, the only place an every-N-epochs cadence applies."""
+        if self.every_seconds > 0 and time.monotonic() - self.last_try >= self.every_seconds:
+            return True
+        return batch == 0 and self.every_epochs > 0 and epoch % self.every_epochs == 0
 
-    def epoch_due(self, epochs_done: int) -> bool:
-        return self.time_due() or (self.every_epochs > 0 and epochs_done % self.every_epochs == 0)
-
-    def save(self, state: TrainState) -> str:
+    def save(self, state: TrainState) -> bool:
+        """Write `state`; True if it is on disk. A failure is a warning, never an exception."""
+        # Counted from the try: a full disk is retried on the cadence, not after every step.
+        self.last_try = time.monotonic()
         data = encode(state)
         checksum = xxhash.xxh3_128_hexdigest(data)
-        path = self.store.path(f"ckpt-{state.epoch:09d}-{state.batch:09d}-{checksum}.safetensors")
-        with writing(f"a checkpoint to {self.store.url!r}"):  # the older ones stay as they are
-            self.store.write(path, data)
-        self.last_save = time.monotonic()
+        name = f"ckpt-{state.epoch:09d}-{state.batch:09d}-{self.owner}-{checksum}.safetensors"
+        try:
+            with writing(f"a checkpoint to {self.store.url!r}"):
+                if self.store.local:
+                    make_dirs(self.store.path())  # durably: a new folder is synced into its parent
+                self.store.write(self.store.path(name), data)
+        except StorageError as exc:
+            if str(exc) != self.error:  # once per cause, not at every try
+                warn(
+                    f"{exc}; training goes on (this run's last checkpoint: {self.describe_last()})"
+                )
+            self.error = str(exc)
+            return False
+        if self.error is not None:
+            warn(f"checkpoints are written again (epoch {state.epoch}, batch {state.batch})")
+        self.error = None
         self.saved += 1
-        for *_, old in self._files()[: -self.keep]:
-            self.store.fs.rm_file(old)
-        return path
+        self.last_saved = (state.epoch, state.batch)
+        self._written.append(name)
+        self._prune()
+        return True
+
+    def _prune(self) -> None:
+        """Delete this run's checkpoints but the `keep` it wrote last, and its partial writes.
+
+        Never another run's: each file in the folder is some run's crash protection (a shorter
+        run's, a longer one's, one running right now) and this run can't know when that run
+        is done with it; `trainflow-cache prune` clears what finished runs leave. A file that
+        is gone already is as good as deleted.
+        """
+        try:
+            listing = self._listing()
+        except OSError:
+            return  # nothing deleted is nothing lost; the next save tries again
+        mine = {f.name: f for f in self._checkpoints(listing) if f.owner == self.owner}
+        # Earlier attempts' files (by position), then this object's (in the order written).
+        written = [name for name in self._written if name in mine]
+        ordered = [name for name in mine if name not in written] + written
+        doomed = [mine[name].path for name in ordered[: -self.keep]]
+        doomed += [path for path in listing if self._is_my_partial_write(path)]
+        for path in doomed:
+            try:
+                self.store.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                warn(f"cannot delete the old checkpoint {path.rsplit('/', 1)[-1]}: {exc}")
+        self._written = written[-self.keep :]
+
+    def _is_my_partial_write(self, path: str) -> bool:
+        match = PARTIAL.fullmatch(path.rsplit("/", 1)[-1])
+        return match is not None and match[1] == self.owner
+
+    def describe_last(self) -> str:
+        if self.last_saved is None:
+            return "none"
+        return f"epoch {self.last_saved[0]}, batch {self.last_saved[1]}"
 
     def latest(self, max_epoch: int) -> TrainState | None:
-        """The newest intact checkpoint at or before `max_epoch` epochs; a bad one is skipped."""
-        for epoch, batch, checksum, path in reversed(self._files()):
-            if epoch > max_epoch or (epoch == max_epoch and batch > 0):
+        """The newest intact checkpoint at or before `max_epoch` epochs, written by any run of
+        the lineage; a damaged one is skipped with a warning, a vanished one silently."""
+        try:
+            files = self._checkpoints(self._listing())
+        except OSError as exc:
+            warn(f"cannot list the checkpoints in {self.store.url!r} ({exc}); starting over")
+            return None
+        for found in reversed(files):
+            if (found.epoch, found.batch) > (max_epoch, 0):
                 continue
             try:
-                data = self.store.read(path)
-                if xxhash.xxh3_128_hexdigest(data) != checksum:
+                data = self.store.read(found.path)
+                if xxhash.xxh3_128_hexdigest(data) != found.checksum:
                     raise ValueError("checksum mismatch (truncated or altered)")
                 return decode(data)
+            except FileNotFoundError:
+                continue  # its run pruned it since the listing: an older one will do
             except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as exc:
-                warn(f"skipping checkpoint {path.rsplit('/', 1)[-1]}: {exc}")
+                warn(f"skipping checkpoint {found.name}: {exc}")
         return None
 
 
 @dataclass(frozen=True)
-class Checkpointing:
+class CheckpointSettings:
     """Where and how often train-epochs checkpoints (a task input, not part of its key)."""
 
     cache_root: str
@@ -168,6 +277,7 @@ class Checkpointing:
     keep: int = 3
     resume: bool = True  # False under --refresh-cache: start over, still write checkpoints
 
-    def open(self, lineage: str) -> Checkpoints:
-        return Checkpoints(f"{self.cache_root}/checkpoints/{lineage}", self.every_epochs,
-                           self.every_seconds, self.keep)  # fmt: skip
+    def open(self, lineage: str, run: str | None = None) -> Checkpoints:
+        """The lineage's checkpoints, as seen by `run`: its run folder, whose files it deletes."""
+        folder = f"{self.cache_root}/checkpoints/{lineage}"
+        return Checkpoints(folder, self.every_epochs, self.every_seconds, self.keep, owner=run)

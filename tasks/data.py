@@ -7,26 +7,23 @@ import io
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import IO, Any
 
-import fsspec
 import numpy as np
 import torch
-from prefect import task
 from torch import Tensor
 
-from tasks.cache import StageCache, cacheable, content_digest
 from tasks.errors import InputError
+from tasks.sources import DataFile, Identity, suffix_of
+from tasks.stage import cache_enabled, cache_entry, stage
 
 SYNTHETIC = "synthetic"
 EXTENSIONS = (".csv", ".npz", ".pt", ".pth")
 
 
-@cacheable
 @dataclass(frozen=True)
 class Dataset:
     x: Tensor
@@ -43,8 +40,9 @@ class Dataset:
 
     @classmethod
     def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Dataset:
-        return cls(tensors["x"], tensors["y"], tuple(meta["feature_names"]),
-                   tuple(meta["target_names"]))  # fmt: skip
+        return cls(
+            tensors["x"], tensors["y"], tuple(meta["feature_names"]), tuple(meta["target_names"])
+        )
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -66,17 +64,9 @@ def synthetic(n_samples: int = 100, seed: int = 42, noise: float = 0.1) -> Datas
     return _checked(torch.as_tensor(x).float(), torch.as_tensor(y).float(), ("x",), ("y",), "")
 
 
-def load_dataset(
-    source: str,
-    target: tuple[str, ...] = (),
-    n_samples: int = 100,
-    data_seed: int = 42,
-    noise: float = 0.1,
-) -> Dataset:
-    """Dispatch on the source: 'synthetic' or a file's extension."""
-    if source == SYNTHETIC:
-        return synthetic(n_samples, data_seed, noise)
-    suffix = PurePosixPath(source.split("?", 1)[0]).suffix.lower()
+def check_format(source: str, target: tuple[str, ...]) -> str:
+    """The file's format (its extension), or a one-line error before anything is read."""
+    suffix = suffix_of(source)
     if suffix not in EXTENSIONS:
         raise InputError(
             f"data file {source!r}: unknown extension {suffix or '(none)'!r}; "
@@ -84,34 +74,34 @@ def load_dataset(
         )
     if target and suffix != ".csv":
         raise InputError(f"--target applies to CSV files only, not {suffix} ({source!r})")
-    with _open(source) as f:
-        _check_fits_in_memory(f, suffix, source)
+    return suffix
+
+
+def read_file(file: DataFile, target: tuple[str, ...] = ()) -> Dataset:
+    """The tensors of a .csv, .npz or .pt/.pth file."""
+    suffix = check_format(file.url, target)
+    with file.open() as f:
+        _check_fits_in_memory(f, suffix, file.url)
         if suffix == ".csv":
-            return _from_csv(f, target, source)
+            return _from_csv(f, target, file.url)
         if suffix == ".npz":
-            return _from_npz(f, source)
-        return _from_torch(f, source)
+            return _from_npz(f, file.url)
+        return _from_torch(f, file.url)
 
 
-@contextmanager
-def _open(source: str) -> Iterator[IO[bytes]]:
-    """Open a local path or fsspec URL, turning OS errors into one-line InputErrors."""
-    try:
-        fs, path = fsspec.core.url_to_fs(source)
-        if fs.isdir(path):
-            raise InputError(f"data file {source!r}: is a directory, not a file")
-        f = fs.open(path, "rb")
-    except FileNotFoundError:
-        raise InputError(f"data file {source!r}: not found") from None
-    except PermissionError:
-        raise InputError(f"data file {source!r}: permission denied") from None
-    except OSError as exc:
-        raise InputError(f"data file {source!r}: cannot read ({exc.strerror or exc})") from None
-    with f:
-        if f.read(1) == b"":
-            raise InputError(f"data file {source!r}: file is empty")
-        f.seek(0)
-        yield f
+def load_dataset(
+    source: str,
+    target: tuple[str, ...] = (),
+    n_samples: int = 100,
+    data_seed: int = 42,
+    noise: float = 0.1,
+) -> Dataset:
+    """'synthetic' or a file, without the cache."""
+    if source == SYNTHETIC:
+        return synthetic(n_samples, data_seed, noise)
+    check_format(source, target)
+    with DataFile(source) as file:
+        return read_file(file, target)
 
 
 def available_memory() -> int | None:
@@ -167,7 +157,8 @@ def _from_csv(f: IO[bytes], target: tuple[str, ...], source: str) -> Dataset:
         with warnings.catch_warnings():
             # A header-only file: reported below as one InputError, not a numpy warning.
             warnings.filterwarnings("ignore", "loadtxt: input contained no data", UserWarning)
-            table = np.loadtxt(text, delimiter=",", dtype=np.float32, ndmin=2)
+            # quotechar: pandas and spreadsheets may quote numbers ("1.5"); that is valid CSV.
+            table = np.loadtxt(text, delimiter=",", quotechar='"', dtype=np.float32, ndmin=2)
     except ValueError:
         text.seek(0)
         raise InputError(_locate_bad_cell(text, header, source)) from None
@@ -301,17 +292,21 @@ def _checked(
     return Dataset(x.contiguous(), y.contiguous(), features, targets)
 
 
-def data_identity(inputs: dict[str, Any]) -> dict[str, Any]:
-    """What the loaded tensors depend on: the file's bytes (not its name), or the recipe."""
-    source = inputs["source"]
-    if source == SYNTHETIC:
-        return {k: inputs[k] for k in ("source", "n_samples", "data_seed", "noise")}
-    suffix = PurePosixPath(source.split("?", 1)[0]).suffix.lower()
-    return {"content": content_digest(source), "format": suffix, "target": inputs["target"]}
-
-
-@task(name="load-tensors", cache_policy=StageCache(identity=data_identity))
+@stage(name="load-tensors")
 def load_tensors(
-    source: str, target: tuple[str, ...], n_samples: int, data_seed: int, noise: float
+    source: str,
+    target: tuple[str, ...],
+    n_samples: int,
+    data_seed: int,
+    noise: float,
+    identity: Identity = "content",
 ) -> Dataset:
-    return load_dataset(source, target, n_samples, data_seed, noise)
+    """The data as float32 tensors, keyed by the file's content (not its name) or the recipe."""
+    if source == SYNTHETIC:
+        entry = cache_entry("load-tensors", synthetic, n=n_samples, seed=data_seed, noise=noise)
+        return entry.resolve(Dataset, lambda: synthetic(n_samples, data_seed, noise))
+    suffix = check_format(source, target)
+    with DataFile(source) as file:  # a remote file is fetched once, for the key and the load
+        data = file.identity(identity) if cache_enabled() else None
+        entry = cache_entry("load-tensors", read_file, data=data, format=suffix, target=target)
+        return entry.resolve(Dataset, lambda: read_file(file, target))

@@ -4,29 +4,35 @@ from __future__ import annotations
 
 import io
 import tempfile
-import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from torch import Tensor, nn
 
-from tasks import files, rundir
-from tasks.cache import StageCache, cacheable
+from tasks import files
 from tasks.errors import writing
 from tasks.model import instantiate
-from tasks.rundir import on_cache_hit
 from tasks.split import Split
+from tasks.stage import cache_entry, stage
 from tasks.train import Trained
+
+if TYPE_CHECKING:  # imported where a writer is made: a run that writes no events skips it
+    from torch.utils.tensorboard import SummaryWriter
+
+MODEL, PROGRAM, SPLIT = "model.safetensors", "model.pt2", "split.safetensors"
+METRICS = "metrics.json"
+# TensorBoard reads every file with "tfevents" in its name; fixed names mean a re-run into the
+# same folder replaces the graph and the hparams record instead of adding a second one.
+GRAPH_EVENTS, HPARAMS_EVENTS = "events.out.tfevents.0.graph", "events.out.tfevents.0.hparams"
 
 MAX_TABLE_ROWS = 200
 
 
-@cacheable
 @dataclass(frozen=True)
 class Exported:
     """The expensive part of export-graph, kept as the files' bytes."""
@@ -61,17 +67,29 @@ def export_program(model: nn.Module, sample: Tensor) -> torch.export.ExportedPro
     return torch.export.export(model.eval(), (sample,), dynamic_shapes=({0: batch},))
 
 
-def graph_event_file(model: nn.Module, sample: Tensor) -> bytes:
-    """add_graph into a scratch folder; the event file's bytes can go into any run folder."""
+def event_bytes(write: Callable[[SummaryWriter], None]) -> bytes:
+    """What `write` logs, as the bytes of one event file that can go into any folder.
+
+    TensorBoard's event files are sequences of self-delimiting records, so the files a
+    writer leaves (add_hparams adds one of its own) concatenate into one valid file.
+    """
     from torch.utils.tensorboard import SummaryWriter  # here: only a run that writes events
 
     with tempfile.TemporaryDirectory() as scratch:
-        with SummaryWriter(scratch) as writer, warnings.catch_warnings():
+        with SummaryWriter(scratch) as writer:
+            write(writer)
+        paths = sorted(Path(scratch).rglob("events.out.tfevents.*"))
+        return b"".join(path.read_bytes() for path in paths)
+
+
+def graph_event_file(model: nn.Module, sample: Tensor) -> bytes:
+    def add_graph(writer: SummaryWriter) -> None:
+        with warnings.catch_warnings():
             # add_graph traces with torch.jit, which warns it is deprecated; nothing to act on.
             warnings.simplefilter("ignore", DeprecationWarning)
             writer.add_graph(model, sample)
-        (event_file,) = Path(scratch).glob("events.out.tfevents.*")
-        return event_file.read_bytes()
+
+    return event_bytes(add_graph)
 
 
 def export_model(trained: Trained, sample: Tensor) -> Exported:
@@ -114,20 +132,19 @@ def write_outputs(
 def _write_outputs(
     exported: Exported, trained: Trained, parts: Split, run_dir: Path, config: dict[str, Any]
 ) -> None:
-    from torch.utils.tensorboard import SummaryWriter  # here: only a run that writes events
-
     metrics = metrics_record(trained)
-    files.atomic_write(
-        run_dir / f"events.out.tfevents.{time.time():.0f}.graph", exported.graph_events
-    )
-    with SummaryWriter(str(run_dir)) as writer:
-        final = {"final/train_loss": metrics["final_train_loss"],
-                 "final/val_loss": metrics["final_val_loss"]}  # fmt: skip
-        writer.add_hparams(hparams(config), final, run_name=".")  # ".": this run, no sub-run
-    files.write_safetensors(run_dir / rundir.MODEL, trained.state)
-    files.atomic_write(run_dir / rundir.PROGRAM, exported.program)
-    files.write_safetensors(run_dir / rundir.SPLIT, {"train": parts.train, "val": parts.val})
-    files.write_json(run_dir / rundir.METRICS, metrics)
+    final = {
+        "final/train_loss": metrics["final_train_loss"],
+        "final/val_loss": metrics["final_val_loss"],
+    }
+    files.atomic_write(run_dir / GRAPH_EVENTS, exported.graph_events)
+    # run_name ".": the record belongs to this folder's run, not to a sub-run of its own.
+    record = event_bytes(lambda w: w.add_hparams(hparams(config), final, run_name="."))
+    files.atomic_write(run_dir / HPARAMS_EVENTS, record)
+    files.write_safetensors(run_dir / MODEL, trained.state)
+    files.atomic_write(run_dir / PROGRAM, exported.program)
+    files.write_safetensors(run_dir / SPLIT, {"train": parts.train, "val": parts.val})
+    files.write_json(run_dir / METRICS, metrics)
 
 
 def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:
@@ -165,28 +182,17 @@ def publish(trained: Trained, run_dir: Path) -> None:
     )
 
 
-def export_identity(inputs: dict[str, Any]) -> dict[str, Any]:
-    # The exported files depend on the weights and the sample batch, not on where they go.
-    return {"trained": inputs["trained"], "sample": inputs["sample"]}
-
-
-@task(name="export-graph", cache_policy=StageCache(identity=export_identity))
+@stage(name="export-graph")
 def export_graph(
     trained: Trained, parts: Split, sample: Tensor, run_dir: Path, config: dict[str, Any]
 ) -> Exported:
-    return deliver(export_model(trained, sample), trained, parts, run_dir, config)
-
-
-@on_cache_hit(export_graph)
-def deliver(
-    exported: Exported,
-    trained: Trained,
-    parts: Split,
-    run_dir: Path,
-    config: dict[str, Any],
-    **_: Any,
-) -> Exported:
-    """Write the run folder's files and the UI artifacts: after an export, or a cache hit."""
+    """The program and graph are cached; the run folder's files and the UI artifacts are
+    written on a hit as on a miss."""
+    entry = cache_entry("export-graph", export_model, trained=trained, sample=sample)
+    exported = entry.load(Exported)
+    hit = exported is not None
+    if exported is None:
+        exported = entry.keep(export_model(trained, sample))
     write_outputs(exported, trained, parts, run_dir, config)
     publish(trained, run_dir)
-    return exported
+    return entry.cached(exported) if hit else exported

@@ -1,4 +1,6 @@
-"""Atomic file writes: a crash never leaves a half-written file under its final name."""
+"""Atomic, durable file writes: a crash never leaves a half-written file under its final name,
+and once a write returns, a power loss does not take the file back (where the filesystem
+honours fsync)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,46 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; give them the usual mode
 
 
+def fsync_dir(folder: Path | str) -> None:
+    """Make the names created, renamed or removed in `folder` survive a power loss.
+
+    A rename is an update of the folder, not of the file: without this, the file's bytes are
+    on disk but its new name may not be. Filesystems that can't fsync a folder (some network
+    mounts; Windows can't even open one) are left to their own guarantees.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # EINVAL and friends: this filesystem does not sync folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def make_dirs(folder: Path | str) -> None:
+    """`os.makedirs(folder, exist_ok=True)`, durably: each folder it creates is synced into
+    its parent, so a file later written inside can't vanish with a folder lost to a crash."""
+    folder = Path(os.path.abspath(folder))
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # another process made it meanwhile: as good
+            if not new.is_dir():
+                raise
+        fsync_dir(new.parent)
+
+
 def atomic_write(path: Path | str, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary name in the same folder, fsync, rename over `path`, fsync the
+    folder. A reader sees the old file or the new one, never a mix; an error leaves no
+    temporary file behind."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -35,6 +75,7 @@ def atomic_write(path: Path | str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -1,4 +1,9 @@
-"""build-loaders: training and validation batches, resumable at any (epoch, batch)."""
+"""build-loaders: training and validation batches, resumable at any (epoch, batch).
+
+Batches hold data, never a position: an epoch's order is drawn from a generator that the
+caller makes (`shuffle()`) and passes in, so a retried task, which gets the same Loaders
+object, sees exactly the batches the first attempt saw.
+"""
 
 from __future__ import annotations
 
@@ -8,67 +13,72 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from tasks.data import Dataset
 from tasks.device import resolve_device
 from tasks.split import Split
+from tasks.stage import cache_entry, stage, with_key
 
 Batch = tuple[Tensor, Tensor]
 
 
 class Batches(Protocol):
-    """One epoch of batches per call to `epoch`; `state_dict` is the shuffle position."""
+    """One split's rows in batches; `epoch(generator)` draws that epoch's order from it."""
 
     batch_size: int
 
     def __len__(self) -> int: ...
 
-    def epoch(self, start_batch: int = 0) -> Iterator[Batch]: ...
+    def shuffle(self) -> torch.Generator | None:
+        """A new generator at its state before epoch 0's draw; None if the rows stay in order."""
+        ...
 
-    def state_dict(self) -> dict[str, Tensor]: ...
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+    def epoch(self, generator: torch.Generator | None, start_batch: int = 0) -> Iterator[Batch]:
+        """One epoch's batches from `start_batch` on, in an order drawn from `generator`."""
+        ...
 
 
 def epoch_order(n: int, generator: torch.Generator | None) -> Tensor | None:
-    """This epoch's row order: a permutation drawn from `generator`, or None for in order.
+    """This epoch's row order: one permutation drawn from `generator`, or None for in order.
 
-    One randperm per epoch, the draw a DataLoader's RandomSampler makes from its generator,
-    so the 'tensor' and 'dataloader' paths visit rows in the same order.
+    One randperm per epoch, so the 'tensor' and 'dataloader' paths visit rows in the same
+    order, and the generator's state at an epoch's start says where the epoch stands.
     """
     return None if generator is None else torch.randperm(n, generator=generator)
 
 
-class _GeneratorState:
-    generator: torch.Generator | None
+class _Seeded:
+    seed: int | None  # None: every epoch in row order
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {} if self.generator is None else {"generator": self.generator.get_state()}
+    def shuffle(self) -> torch.Generator | None:
+        # A CPU generator: the same order on every device.
+        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
+    def _check(self, generator: torch.Generator | None) -> None:
+        # Either would silently train on another order than the seed promises.
+        if (generator is None) != (self.seed is None):
+            wanted = "no generator" if self.seed is None else "the generator from shuffle()"
+            raise ValueError(f"these batches need {wanted} to draw an epoch's order")
 
 
-class TensorBatches(_GeneratorState):
+class TensorBatches(_Seeded):
     """Batches as slices of tensors already on the training device: no per-sample collation.
 
     A shuffled epoch gathers the rows once in permuted order, then every batch is a view.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator | None):
-        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int | None):
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
 
     def __len__(self) -> int:
         return math.ceil(self.x.shape[0] / self.batch_size)
 
-    def epoch(self, start_batch: int = 0) -> Iterator[Batch]:
+    def epoch(self, generator: torch.Generator | None, start_batch: int = 0) -> Iterator[Batch]:
+        self._check(generator)
         x, y = self.x, self.y
-        order = epoch_order(x.shape[0], self.generator)
+        order = epoch_order(x.shape[0], generator)
         if order is not None:
             order = order.to(x.device, non_blocking=True)
             x, y = x.index_select(0, order), y.index_select(0, order)
@@ -76,22 +86,20 @@ class TensorBatches(_GeneratorState):
             yield x[start : start + self.batch_size], y[start : start + self.batch_size]
 
 
-class EpochSampler(Sampler[int]):
-    """Yields epoch_order's indices from a start offset, so a resumed epoch skips cheaply."""
+class EpochIndices(Sampler[int]):
+    """The row indices of the epoch being read, which DataLoaderBatches sets before each one."""
 
-    def __init__(self, n: int, generator: torch.Generator | None):
-        self.n, self.generator, self.start = n, generator, 0
+    def __init__(self) -> None:
+        self.indices: list[int] = []
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return len(self.indices)
 
     def __iter__(self) -> Iterator[int]:
-        order = epoch_order(self.n, self.generator)
-        indices = range(self.n) if order is None else order.tolist()
-        yield from indices[self.start :]
+        return iter(self.indices)
 
 
-class DataLoaderBatches(_GeneratorState):
+class DataLoaderBatches(_Seeded):
     """torch DataLoader batches (workers, pinned memory) for data the tensor path can't hold."""
 
     def __init__(
@@ -99,12 +107,14 @@ class DataLoaderBatches(_GeneratorState):
         x: Tensor,
         y: Tensor,
         batch_size: int,
-        generator: torch.Generator | None,
+        seed: int | None,
         device: torch.device,
         num_workers: int,
     ):
-        self.batch_size, self.generator, self.device = batch_size, generator, device
-        self.sampler = EpochSampler(x.shape[0], generator)
+        self.n, self.batch_size, self.seed, self.device = x.shape[0], batch_size, seed, device
+        # Sampling runs in this process; workers only fetch the rows it names. The indices are
+        # set whole at the start of every epoch, so nothing of an earlier epoch carries over.
+        self.sampler = EpochIndices()
         self.loader = DataLoader(
             TensorDataset(x, y),
             batch_size=batch_size,
@@ -115,10 +125,13 @@ class DataLoaderBatches(_GeneratorState):
         )
 
     def __len__(self) -> int:
-        return math.ceil(self.sampler.n / self.batch_size)
+        return math.ceil(self.n / self.batch_size)
 
-    def epoch(self, start_batch: int = 0) -> Iterator[Batch]:
-        self.sampler.start = start_batch * self.batch_size
+    def epoch(self, generator: torch.Generator | None, start_batch: int = 0) -> Iterator[Batch]:
+        self._check(generator)
+        order = epoch_order(self.n, generator)
+        indices = range(self.n) if order is None else order.tolist()
+        self.sampler.indices = list(indices[start_batch * self.batch_size :])
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -142,20 +155,19 @@ def make_loaders(
     num_workers: int,
     device: torch.device,
 ) -> Loaders:
-    shuffle = torch.Generator().manual_seed(shuffle_seed)  # CPU: same order on every device
     x_train, y_train = data.x[parts.train], data.y[parts.train]
     x_val, y_val = data.x[parts.val], data.y[parts.val]
     sample = x_train[:batch_size].clone()
     if kind == "tensor":
-        train = TensorBatches(x_train.to(device), y_train.to(device), batch_size, shuffle)
+        train = TensorBatches(x_train.to(device), y_train.to(device), batch_size, shuffle_seed)
         val = TensorBatches(x_val.to(device), y_val.to(device), batch_size, None)
     else:
-        train = DataLoaderBatches(x_train, y_train, batch_size, shuffle, device, num_workers)
+        train = DataLoaderBatches(x_train, y_train, batch_size, shuffle_seed, device, num_workers)
         val = DataLoaderBatches(x_val, y_val, batch_size, None, device, num_workers)
     return Loaders(train=train, val=val, sample=sample)
 
 
-@task(name="build-loaders", cache_policy=NO_CACHE, persist_result=False)
+@stage(name="build-loaders")
 def build_loaders(
     data: Dataset,
     parts: Split,
@@ -165,6 +177,18 @@ def build_loaders(
     num_workers: int,
     device: str,
 ) -> Loaders:
-    return make_loaders(
+    """Not cached: a cheap view of tensors cached upstream. Its key says which batches these
+    are (data, split, batch size, shuffle), not how they arrive (device, loader kind,
+    workers), so those settings don't split the training cache."""
+    entry = cache_entry(
+        "build-loaders",
+        make_loaders,
+        data=data,
+        parts=parts,
+        batch_size=batch_size,
+        shuffle_seed=shuffle_seed,
+    )
+    loaders = make_loaders(
         data, parts, batch_size, shuffle_seed, kind, num_workers, resolve_device(device)
     )
+    return with_key(loaders, entry.key)

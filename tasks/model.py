@@ -12,12 +12,12 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import torch
-from prefect import task
 from torch import Tensor, nn
 
-from tasks.cache import StageCache, cacheable
 from tasks.errors import InputError
+from tasks.keys import code_fingerprint
 from tasks.rules import MODEL_ENTRY_POINTS
+from tasks.stage import cache_entry, stage
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -63,8 +63,9 @@ def plugin_models() -> dict[str, Callable[[ModelSpec], nn.Module]]:
 
     Only installed, named entry points are loaded — never an import path from a parameter.
     """
-    return {ep.name: ep.load() for ep in entry_points(group=MODEL_ENTRY_POINTS)
-            if ep.name not in MODELS}  # fmt: skip
+    return {
+        ep.name: ep.load() for ep in entry_points(group=MODEL_ENTRY_POINTS) if ep.name not in MODELS
+    }
 
 
 def _builder(name: str) -> Callable[[ModelSpec], nn.Module]:
@@ -115,7 +116,6 @@ def init_weights_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     return module
 
 
-@cacheable
 @dataclass(frozen=True)
 class InitialModel:
     spec: ModelSpec
@@ -142,13 +142,26 @@ def initial_model(spec: ModelSpec, seed: int) -> InitialModel:
     return InitialModel(spec, {k: v.detach().clone() for k, v in module.state_dict().items()})
 
 
-def model_identity(inputs: dict[str, Any]) -> dict[str, Any]:
-    return dataclasses.asdict(_spec(**{k: v for k, v in inputs.items() if k != "seed"})) | {
-        "seed": inputs["seed"]
-    }
+def model_code(name: str) -> dict[str, Any] | None:
+    """What a plugin model's key covers besides the spec: its distribution, version and code
+    (an upgrade, or an edit of an editable install, builds other weights). None for ours,
+    which the stage's own code fingerprint covers."""
+    if name in MODELS:
+        return None
+    for ep in entry_points(group=MODEL_ENTRY_POINTS, name=name):
+        builder = ep.load()
+        package = builder.__module__.split(".")[0]
+        dist = ep.dist
+        return {
+            "entry_point": ep.value,
+            "distribution": dist.name if dist else None,
+            "version": dist.version if dist else None,
+            "code": code_fingerprint(builder, packages=(package,)),
+        }
+    return None  # unknown: initial_model reports it
 
 
-def _spec(
+def model_spec(
     name: str, n_inputs: int, n_outputs: int, hidden: tuple[int, ...], activation: str
 ) -> ModelSpec:
     if name == "linear":  # unused knobs stay out of the spec, and out of the cache key
@@ -156,8 +169,10 @@ def _spec(
     return ModelSpec(name, n_inputs, n_outputs, tuple(hidden), activation)
 
 
-@task(name="build-model", cache_policy=StageCache(identity=model_identity))
+@stage(name="build-model")
 def build_model(
     name: str, n_inputs: int, n_outputs: int, hidden: tuple[int, ...], activation: str, seed: int
 ) -> InitialModel:
-    return initial_model(_spec(name, n_inputs, n_outputs, hidden, activation), seed)
+    spec = model_spec(name, n_inputs, n_outputs, hidden, activation)
+    entry = cache_entry("build-model", initial_model, spec=spec, seed=seed, plugin=model_code(name))
+    return entry.resolve(InitialModel, lambda: initial_model(spec, seed))

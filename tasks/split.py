@@ -6,15 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from prefect import task
 from torch import Tensor
 
-from tasks.cache import StageCache, cacheable
 from tasks.errors import InputError
-from tasks.rules import train_size
+from tasks.rules import SYNTHETIC, train_size
+from tasks.stage import cache_entry, stage
 
 
-@cacheable
 @dataclass(frozen=True)
 class Split:
     train: Tensor  # int64 row indices
@@ -29,14 +27,20 @@ class Split:
         return cls(tensors["train"], tensors["val"])
 
 
-def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
-    """(n_train, n_val) as the seed computes them: n_train = int(n * ratio)."""
+def split_sizes(n: int, val_fraction: float, source: str | None = None) -> tuple[int, int]:
+    """(n_train, n_val) as the seed computes them: n_train = int(n * ratio).
+
+    `source`, the data file the rows come from, is named in the error: a file too small for
+    the split is the file's problem as much as the flag's.
+    """
     n_train = train_size(n, val_fraction)
     if n_train == 0 or n_train == n:
         empty = "training" if n_train == 0 else "validation"
-        raise InputError(
-            f"--val-fraction {val_fraction} leaves the {empty} split empty for {n} rows"
-        )
+        rows = f"{n} row" if n == 1 else f"{n} rows"
+        rule = f"--val-fraction {val_fraction} leaves the {empty} split empty"
+        if source is None:
+            raise InputError(f"{rule} for {rows}")
+        raise InputError(f"data file {source!r} has {rows}: {rule}")
     return n_train, n - n_train
 
 
@@ -47,6 +51,9 @@ def split_indices(n: int, val_fraction: float, seed: int) -> Split:
     return Split(train=perm[:n_train].clone(), val=perm[n_train:].clone())
 
 
-@task(name="split", cache_policy=StageCache())
-def split(n_rows: int, val_fraction: float, seed: int) -> Split:
-    return split_indices(n_rows, val_fraction, seed)
+@stage(name="split")
+def split(n_rows: int, val_fraction: float, seed: int, source: str | None = None) -> Split:
+    """`source` names the data in an error only: the split of N rows is the same for any file."""
+    split_sizes(n_rows, val_fraction, None if source == SYNTHETIC else source)
+    entry = cache_entry("split", split_indices, n=n_rows, val_fraction=val_fraction, seed=seed)
+    return entry.resolve(Split, lambda: split_indices(n_rows, val_fraction, seed))

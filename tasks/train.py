@@ -1,11 +1,9 @@
-"""train-epochs: the seed's train/validation loop, without a host sync per step."""
+"""train-epochs: model and optimizer for each attempt, the epoch loop (tasks/loop.py), losses
+in TensorBoard and the log."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -13,22 +11,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from torch import Tensor, nn
 
-from tasks.cache import StageCache, cacheable, stage_key
-from tasks.checkpoint import Checkpointing, Checkpoints, TrainState
+from tasks.checkpoint import Checkpoints, CheckpointSettings, TrainState
 from tasks.device import resolve_device
 from tasks.errors import InputError, NonFiniteLoss, StorageError, writing
-from tasks.loaders import Batches, Loaders
+from tasks.loaders import Loaders
+from tasks.loop import EpochHook, EpochLoop, LossFn, StopSignals, restore_rng_states, seed_rngs
+from tasks.loop import Interrupted as Interrupted  # raised through train-epochs to its callers
 from tasks.model import InitialModel, ModelSpec, instantiate, spec_from_json
-from tasks.rundir import on_cache_hit
+from tasks.stage import cache_entry, stage
+
+TRAINING_SEED = 0  # of the global RNGs at a fresh start (only a plugin model draws from them)
 
 if TYPE_CHECKING:  # imported where a writer is made: a run that writes no events skips it
     from torch.utils.tensorboard import SummaryWriter
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-EpochHook = Callable[[int, float, float], None]
 
 _ELEMENTWISE: dict[str, Callable[[], nn.Module]] = {
     "mse": lambda: nn.MSELoss(reduction="mean"),
@@ -70,158 +68,6 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-class Interrupted(BaseException):
-    """SIGINT/SIGTERM arrived during training; a checkpoint was written first.
-
-    A BaseException, like KeyboardInterrupt, so Prefect reports a crash and does not retry.
-    """
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved")
-        self.signum = signum
-
-
-class StopSignals:
-    """Turn SIGINT/SIGTERM into a request the loop honours at the next step."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # signals reach only it
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._request)
-        return self
-
-    def _request(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-@dataclass
-class History:
-    train: list[float] = field(default_factory=list)
-    val: list[float] = field(default_factory=list)
-
-
-def _raise_if_non_finite(losses: Tensor, phase: str, epoch: int) -> None:
-    bad = ~torch.isfinite(losses)
-    if bool(bad.any()):
-        raise NonFiniteLoss(phase, epoch, int(bad.nonzero()[0]))
-
-
-def rng_states(device: torch.device) -> dict[str, Tensor]:
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def restore_rng_states(states: dict[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(states["cpu"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def _plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float | None:
-    """The learning rate if `optimizer` is SGD with nothing but a learning rate, else None."""
-    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
-        return None
-    group = optimizer.param_groups[0]
-    plain = not (group["momentum"] or group["weight_decay"] or group["nesterov"]
-                 or group["maximize"] or isinstance(group["lr"], Tensor))  # fmt: skip
-    return float(group["lr"]) if plain else None
-
-
-def fit(
-    model: nn.Module,
-    train: Batches,
-    val: Batches,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
-    on_epoch: EpochHook | None = None,
-    checkpoints: Checkpoints | None = None,
-    resume: TrainState | None = None,
-    stop: StopSignals | None = None,
-) -> History:
-    """The seed's loop, resumable at any (epoch, batch) and checkpointed on a cadence.
-
-    Per-batch losses stay on the device instead of being `.item()`-ed, so the host waits
-    once per epoch, not once per step; kept per batch, they also say which batch went bad.
-    """
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    sgd_lr = _plain_sgd_lr(optimizer)
-
-    def train_step(x: Tensor, y: Tensor) -> Tensor:
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        if sgd_lr is None:
-            optimizer.step()
-        else:  # what SGD.step does for plain SGD, without its ~10 µs of Python per call
-            with torch.no_grad():
-                for p in params:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-sgd_lr)
-        for p in params:  # zero_grad(set_to_none=True), minus the call overhead
-            p.grad = None
-        return loss.detach()
-
-    history = History(list(resume.train_loss), list(resume.val_loss)) if resume else History()
-    start_epoch, start_batch = (resume.epoch, resume.batch) if resume else (0, 0)
-    if resume:
-        train.load_state_dict(resume.loader)
-
-    def snapshot(epoch: int, batch: int, loader: dict[str, Tensor], done: Tensor) -> TrainState:
-        return TrainState(epoch, batch, model.state_dict(), optimizer.state_dict(), loader,
-                          done, list(history.train), list(history.val),
-                          rng_states(device))  # fmt: skip
-
-    for epoch in range(start_epoch, epochs):
-        loader_state = train.state_dict()  # the shuffle generator before this epoch's draw
-        first = start_batch if epoch == start_epoch else 0
-        # Losses stay on the device, one 0-d tensor per batch: no host sync until epoch end.
-        batch_losses = list(resume.batch_losses.to(device).unbind()) if first else []
-        model.train()
-        for x, y in train.epoch(first):
-            batch_losses.append(train_step(x, y))
-            stopping = stop is not None and stop.signum is not None
-            if checkpoints is not None and (stopping or checkpoints.time_due()):
-                done = torch.stack(batch_losses)
-                _raise_if_non_finite(done, "training", epoch)  # keep a bad state out
-                checkpoints.save(snapshot(epoch, len(batch_losses), loader_state, done))
-            if stopping:
-                raise Interrupted(stop.signum)
-        train_losses = torch.stack(batch_losses)
-        model.eval()
-        with torch.no_grad():
-            val_losses = torch.stack([loss_fn(model(x), y) for x, y in val.epoch()])
-        # float64 mean, like np.mean over the seed's Python floats; one host sync per epoch.
-        train_loss, val_loss = torch.stack(
-            [train_losses.double().mean(), val_losses.double().mean()]
-        ).tolist()
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            _raise_if_non_finite(train_losses, "training", epoch)
-            _raise_if_non_finite(val_losses, "validation", epoch)
-        history.train.append(train_loss)
-        history.val.append(val_loss)
-        if on_epoch is not None:
-            on_epoch(epoch, train_loss, val_loss)
-        stopping = stop is not None and stop.signum is not None
-        done = epoch + 1
-        if checkpoints is not None and (stopping or done == epochs or checkpoints.epoch_due(done)):
-            checkpoints.save(snapshot(done, 0, train.state_dict(), train_losses[:0]))
-        if stopping:
-            raise Interrupted(stop.signum)
-    return history
-
-
-@cacheable
 @dataclass(frozen=True)
 class Trained:
     spec: ModelSpec
@@ -233,15 +79,25 @@ class Trained:
     cache_key: str = field(default="", compare=False)
 
     def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        meta = {"spec": dataclasses.asdict(self.spec), "train_loss": self.train_loss,
-                "val_loss": self.val_loss, "epochs_trained": self.epochs_trained,
-                "resumed_from": self.resumed_from}  # fmt: skip
+        meta = {
+            "spec": dataclasses.asdict(self.spec),
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "epochs_trained": self.epochs_trained,
+            "resumed_from": self.resumed_from,
+        }
         return self.state, meta
 
     @classmethod
     def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Trained:
-        return cls(spec_from_json(meta["spec"]), tensors, meta["train_loss"], meta["val_loss"],
-                   meta["epochs_trained"], meta["resumed_from"])  # fmt: skip
+        return cls(
+            spec_from_json(meta["spec"]),
+            tensors,
+            meta["train_loss"],
+            meta["val_loss"],
+            meta["epochs_trained"],
+            meta["resumed_from"],
+        )
 
 
 class Progress:
@@ -280,37 +136,38 @@ def train_model(
     resume: TrainState | None = None,
     stop: StopSignals | None = None,
 ) -> Trained:
+    # Built afresh from the inputs and the checkpoint in every attempt: a retry inherits
+    # nothing from the one that failed.
     model = instantiate(initial.spec, initial.state).to(device)
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
-    if resume is not None:
-        model.load_state_dict(resume.model)
-        # Hyperparameters come from this config (equal by the lineage key); state from disk.
-        opt.load_state_dict({**opt.state_dict(), "state": resume.optimizer["state"]})
-        restore_rng_states(resume.rng, device)
-    history = fit(model, loaders.train, loaders.val, make_loss(loss), opt, epochs, on_epoch,
-                  checkpoints, resume, stop)  # fmt: skip
+    # Training's own draws (dropout, in a plugin model) come from torch's global RNGs: seeded
+    # here or restored from the checkpoint, and the caller's put back afterwards. (They are
+    # the process's: trials of a sweep on threads share them, and such a model with them.)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if resume is None:
+            seed_rngs(TRAINING_SEED, device)
+        else:
+            model.load_state_dict(resume.model)
+            # Hyperparameters come from this config (equal by the lineage key); state from disk.
+            opt.load_state_dict({**opt.state_dict(), "state": resume.optimizer["state"]})
+            restore_rng_states(resume.rng, device)
+        loop = EpochLoop(
+            model,
+            loaders.train,
+            loaders.val,
+            make_loss(loss),
+            opt,
+            epochs,
+            on_epoch,
+            checkpoints,
+            resume,
+            stop,
+        )
+        history = loop.run()
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     resumed_from = {"epoch": resume.epoch, "batch": resume.batch} if resume else None
     epochs_trained = epochs - (resume.epoch if resume else 0)
     return Trained(initial.spec, state, history.train, history.val, epochs_trained, resumed_from)
-
-
-def train_identity(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The result depends on the device type (CPU and CUDA kernels round differently),
-    not on the run folder; momentum only matters to SGD."""
-    key = {k: v for k, v in inputs.items() if k not in ("run_dir", "checkpointing")}
-    key["device"] = resolve_device(inputs["device"]).type
-    if inputs["optimizer"] != "sgd":
-        key.pop("momentum")
-    return key
-
-
-def lineage_key(inputs: dict[str, Any]) -> str:
-    """train-epochs' key without `epochs`: the first N epochs of a run are the same whatever
-    its length, so a longer run of the same config continues from a shorter one's checkpoint."""
-    key = train_identity(inputs)
-    del key["epochs"]
-    return stage_key("train-epochs", train_epochs.fn, key)
 
 
 def log_losses(writer: SummaryWriter, epoch: int, train_loss: float, val_loss: float) -> None:
@@ -341,9 +198,8 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(failure, InputError | NonFiniteLoss | StorageError)
 
 
-@task(
+@stage(
     name="train-epochs",
-    cache_policy=StageCache(identity=train_identity),
     retries=2,
     retry_delay_seconds=[2, 10],
     retry_condition_fn=_worth_retrying,
@@ -359,10 +215,30 @@ def train_epochs(
     epochs: int,
     device: str,
     run_dir: Path,
-    checkpointing: Checkpointing | None = None,
+    checkpointing: CheckpointSettings | None = None,
 ) -> Trained:
-    # locals() here is exactly this call's inputs: the lineage key is computed from them.
-    checkpoints = checkpointing.open(lineage_key(locals())) if checkpointing else None
+    # What the weights depend on: the device's type (CPU and CUDA kernels round differently),
+    # not its name or index; momentum only where SGD uses it; never the run folder.
+    recipe = {
+        "initial": initial,
+        "loaders": loaders,
+        "optimizer": optimizer,
+        "lr": lr,
+        "momentum": momentum if optimizer == "sgd" else None,
+        "weight_decay": weight_decay,
+        "loss": loss,
+        "device": resolve_device(device).type,
+    }
+    entry = cache_entry("train-epochs", train_model, epochs=epochs, **recipe)
+    if (hit := entry.load(Trained)) is not None:
+        loss_writer(run_dir, hit.train_loss, hit.val_loss).close()  # a hit still gets its curves
+        return entry.cached(dataclasses.replace(hit, epochs_trained=0, resumed_from=None))
+    # The first N epochs are the same whatever a run's length, so checkpoints are filed under
+    # the key without `epochs` (the lineage): a longer run of the config continues a shorter.
+    lineage = cache_entry("train-epochs", train_model, **recipe).key
+    # The run folder says whose checkpoints these are: a retry or a re-run into the same folder
+    # takes over the files it wrote, and never touches another run's.
+    checkpoints = checkpointing.open(lineage, str(run_dir)) if checkpointing and lineage else None
     resume = checkpoints.latest(epochs) if checkpoints and checkpointing.resume else None
     logger = get_run_logger()
     if resume is not None:
@@ -381,14 +257,19 @@ def train_epochs(
             log_losses(writer, epoch, train_loss, val_loss)
             progress(epoch, train_loss, val_loss)
 
-        return train_model(
-            initial, loaders, optimizer, lr, momentum, weight_decay, loss, epochs,
-            resolve_device(device), on_epoch, checkpoints, resume, stop,
-        )  # fmt: skip
-
-
-@on_cache_hit(train_epochs)
-def _replay_losses(trained: Trained, run_dir: Path, **_: Any) -> Trained:
-    """A cached training run still gets its loss curves in this run's TensorBoard."""
-    loss_writer(run_dir, trained.train_loss, trained.val_loss).close()
-    return dataclasses.replace(trained, epochs_trained=0, resumed_from=None)
+        trained = train_model(
+            initial,
+            loaders,
+            optimizer,
+            lr,
+            momentum,
+            weight_decay,
+            loss,
+            epochs,
+            resolve_device(device),
+            on_epoch,
+            checkpoints,
+            resume,
+            stop,
+        )
+    return entry.keep(trained)

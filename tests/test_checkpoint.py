@@ -1,28 +1,60 @@
 """Checkpoints and resume, without Prefect: bit-identical results from any (epoch, batch)."""
 
+import errno
+import os
 import signal
 
 import pytest
 import torch
+from torch import nn
 
-from tasks.checkpoint import Checkpoints, TrainState, decode, encode
+import tasks.model
+from tasks.checkpoint import Checkpoints, TrainState, decode, encode, owner_token
 from tasks.data import synthetic
 from tasks.errors import NonFiniteLoss
 from tasks.loaders import make_loaders
+from tasks.loop import Interrupted, StopSignals
 from tasks.model import ModelSpec, initial_model
 from tasks.split import split_indices
-from tasks.train import Interrupted, StopSignals, train_model
+from tasks.store import CacheStore
+from tasks.train import train_model
 
 CPU = torch.device("cpu")
+STEPS = 10  # per epoch: 160 training rows of the default 200, batch 16
 
 
-def _train(checkpoints=None, resume=None, stop=None, optimizer="sgd", momentum=0.0, epochs=6,
-           lr=0.1, n=200):  # fmt: skip
-    data = synthetic(n_samples=n)
-    loaders = make_loaders(data, split_indices(n, 0.2, 13), 16, 42, "tensor", 0, CPU)
-    initial = initial_model(ModelSpec("mlp", 1, 1, (8,), "tanh"), 42)
-    return train_model(initial, loaders, optimizer, lr, momentum, 0.0, "mse", epochs, CPU,
-                       checkpoints=checkpoints, resume=resume, stop=stop)  # fmt: skip
+def _loaders(n=200, kind="tensor"):
+    return make_loaders(synthetic(n_samples=n), split_indices(n, 0.2, 13), 16, 42, kind, 0, CPU)
+
+
+def _train(
+    checkpoints=None,
+    resume=None,
+    stop=None,
+    optimizer="sgd",
+    momentum=0.0,
+    epochs=6,
+    lr=0.1,
+    n=200,
+    loaders=None,
+    model="mlp",
+):
+    loaders = loaders or _loaders(n)
+    initial = initial_model(ModelSpec(model, 1, 1, (8,), "tanh"), 42)
+    return train_model(
+        initial,
+        loaders,
+        optimizer,
+        lr,
+        momentum,
+        0.0,
+        "mse",
+        epochs,
+        CPU,
+        checkpoints=checkpoints,
+        resume=resume,
+        stop=stop,
+    )
 
 
 def _assert_identical(a, b):
@@ -70,18 +102,28 @@ def test_only_the_last_few_checkpoints_are_kept(tmp_path):
 
 def test_a_checkpoint_round_trips_without_pickle():
     state = TrainState(
-        epoch=3, batch=2, model={"0.weight": torch.randn(2, 2)},
-        optimizer={"state": {0: {"momentum_buffer": None, "step": torch.tensor(4.0)}},
-                   "param_groups": [{"lr": 0.1, "betas": [0.9, 0.999], "params": [0]}]},
+        epoch=3,
+        batch=2,
+        model={"0.weight": torch.randn(2, 2)},
+        optimizer={
+            "state": {0: {"momentum_buffer": None, "step": torch.tensor(4.0)}},
+            "param_groups": [{"lr": 0.1, "betas": [0.9, 0.999], "params": [0]}],
+        },
         loader={"generator": torch.Generator().manual_seed(1).get_state()},
-        batch_losses=torch.tensor([0.5, 0.25]), train_loss=[1.0, 0.5, 0.25],
-        val_loss=[1.5, 0.75, 0.3], rng={"cpu": torch.get_rng_state()},
-    )  # fmt: skip
+        batch_losses=torch.tensor([0.5, 0.25]),
+        train_loss=[1.0, 0.5, 0.25],
+        val_loss=[1.5, 0.75, 0.3],
+        rng={"cpu": torch.get_rng_state()},
+    )
     data = encode(state)
     assert not data.startswith(b"\x80\x02")
     back = decode(data)
-    assert (back.epoch, back.batch, back.train_loss, back.val_loss) == (3, 2, state.train_loss,
-                                                                        state.val_loss)  # fmt: skip
+    assert (back.epoch, back.batch, back.train_loss, back.val_loss) == (
+        3,
+        2,
+        state.train_loss,
+        state.val_loss,
+    )
     assert back.optimizer["state"][0]["momentum_buffer"] is None
     assert torch.equal(back.optimizer["state"][0]["step"], torch.tensor(4.0))
     assert torch.equal(back.model["0.weight"], state.model["0.weight"])
@@ -129,10 +171,260 @@ def test_a_stop_request_checkpoints_then_interrupts(tmp_path):
 
 
 def test_the_cache_command_lists_and_prunes_checkpoints(tmp_path):
-    from tasks.cache import list_entries, prune
+    from tasks.prune import list_entries, prune
 
     _train(Checkpoints(str(tmp_path / "checkpoints" / "lineage"), every_epochs=2, every_seconds=0))
     listed = [e.key for e in list_entries(str(tmp_path))]
     assert len(listed) == 3 and all(k.startswith("checkpoints/lineage/ckpt-") for k in listed)
     assert len(prune(str(tmp_path), older_than_s=0)) == 3
     assert not list(tmp_path.glob("checkpoints/lineage/*"))
+
+
+# --- every attempt starts from its inputs and its checkpoint alone ------------------------
+
+
+def _fail_once(monkeypatch, owner, name, n):
+    """Make the nth call of a torch method raise, once: a fault from outside the loop."""
+    real, calls = getattr(owner, name), [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError(f"injected fault at call {n}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dataloader"])
+@pytest.mark.parametrize("step", [1, 7, 25, 41])
+def test_a_retry_given_the_same_loaders_trains_the_uninterrupted_run(monkeypatch, kind, step):
+    """Prefect retries a task with the very objects the failed attempt was given."""
+    reference = _train(loaders=_loaders(kind=kind))
+    loaders = _loaders(kind=kind)
+    _fail_once(monkeypatch, torch.Tensor, "backward", step)
+    with pytest.raises(RuntimeError, match="injected"):
+        _train(loaders=loaders)
+    _assert_identical(_train(loaders=loaders), reference)  # no checkpoint: from the start
+
+
+def test_a_retry_resuming_from_a_checkpoint_trains_the_uninterrupted_run(tmp_path, monkeypatch):
+    reference = _train(optimizer="adam")
+    loaders = _loaders()
+    _fail_once(monkeypatch, torch.optim.Adam, "step", 3 * STEPS + 4)
+    with pytest.raises(RuntimeError, match="injected"):
+        _train(
+            Checkpoints(str(tmp_path), every_epochs=2, every_seconds=0),
+            loaders=loaders,
+            optimizer="adam",
+        )
+    resume = Checkpoints(str(tmp_path)).latest(max_epoch=6)
+    assert (resume.epoch, resume.batch) == (2, 0)
+    _assert_identical(_train(resume=resume, loaders=loaders, optimizer="adam"), reference)
+
+
+def _with_dropout(spec: ModelSpec) -> nn.Module:
+    return nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 1))
+
+
+def test_training_draws_its_own_randomness_and_leaves_the_callers_alone(tmp_path, monkeypatch):
+    """A model that draws from torch's global RNG (dropout, in a plugin model) trains the same
+    whatever that RNG held before, resumes bit for bit, and hands it back as it was."""
+    monkeypatch.setitem(tasks.model.MODELS, "dropout", _with_dropout)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    reference = _train(
+        model="dropout", checkpoints=Checkpoints(str(tmp_path), every_seconds=1e-9, keep=10**6)
+    )
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(2)
+    _assert_identical(_train(model="dropout"), reference)
+    for path in sorted(tmp_path.iterdir())[5:60:11]:  # mid-epoch and epoch-end checkpoints
+        _assert_identical(_train(model="dropout", resume=decode(path.read_bytes())), reference)
+
+
+# --- pruning: a run deletes its own checkpoints, never another run's -----------------------
+
+
+def _names(folder, owner=None):
+    token = owner_token(owner) if owner else None
+    names = sorted(p.name for p in folder.iterdir() if p.name.startswith("ckpt-"))
+    return [n for n in names if token is None or n.split("-")[3] == token]
+
+
+def test_a_run_deletes_only_checkpoints_it_wrote(tmp_path):
+    """Another run of the lineage, longer (epoch 9), shorter or running right now, keeps its
+    files; so does a file named before names carried their run."""
+    others = [
+        f"ckpt-000000009-000000000-{owner_token('long run')}-{'0' * 32}.safetensors",
+        f"ckpt-000000001-000000000-{owner_token('short run')}-{'1' * 32}.safetensors",
+        f"ckpt-000000002-000000000-{'2' * 32}.safetensors",
+    ]
+    for name in others:
+        (tmp_path / name).write_bytes(b"another run's")
+    _train(Checkpoints(str(tmp_path), every_epochs=1, every_seconds=0, keep=2, owner="this run"))
+    assert [n.split("-")[1] for n in _names(tmp_path, "this run")] == ["000000005", "000000006"]
+    assert all((tmp_path / name).read_bytes() == b"another run's" for name in others)
+
+
+def test_a_retry_of_a_run_takes_over_its_earlier_attempts_checkpoints(tmp_path, monkeypatch):
+    """The same run folder is the same run: an attempt prunes what the failed one wrote, and
+    the lineage keeps `keep` of this run's files, not `keep` per attempt."""
+    _fail_once(monkeypatch, torch.Tensor, "backward", 4 * STEPS + 3)
+
+    def opened() -> Checkpoints:
+        return Checkpoints(
+            str(tmp_path), every_epochs=1, every_seconds=0, keep=2, owner="/runs/retried"
+        )
+
+    with pytest.raises(RuntimeError, match="injected"):
+        _train(opened())
+    assert [n.split("-")[1] for n in _names(tmp_path)] == ["000000003", "000000004"]
+    checkpoints = opened()
+    _assert_identical(_train(checkpoints, resume=checkpoints.latest(6)), _train())
+    assert [n.split("-")[1] for n in _names(tmp_path)] == ["000000005", "000000006"]
+
+
+def test_a_partial_write_left_by_a_killed_attempt_of_this_run_is_cleared(tmp_path):
+    mine = f".ckpt-000000003-000000004-{owner_token('me')}-{'a' * 32}.safetensors.x1y2z3.tmp"
+    theirs = f".ckpt-000000003-000000004-{owner_token('them')}-{'a' * 32}.safetensors.q9.tmp"
+    (tmp_path / mine).write_bytes(b"half")
+    (tmp_path / theirs).write_bytes(b"still being written, maybe")
+    _train(Checkpoints(str(tmp_path), every_seconds=0, owner="me"))
+    assert not (tmp_path / mine).exists()
+    assert (tmp_path / theirs).exists()
+
+
+def test_a_checkpoint_deleted_by_someone_else_first_is_harmless(tmp_path, monkeypatch, caplog):
+    """A delete racing another process's (a cache prune, say) finds the file gone: fine."""
+    real = CacheStore(str(tmp_path)).fs.rm_file
+
+    def gone_already(path):
+        real(path)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+    store = CacheStore(str(tmp_path))
+    monkeypatch.setattr(type(store.fs), "rm_file", lambda self, path: gone_already(path))
+    _assert_identical(
+        _train(Checkpoints(str(tmp_path), every_epochs=1, every_seconds=0, keep=1)), _train()
+    )
+    assert len(_names(tmp_path)) == 1
+    assert "cannot delete" not in caplog.text
+
+
+def test_a_checkpoint_that_vanishes_while_resuming_is_skipped_quietly(tmp_path, caplog):
+    _train(Checkpoints(str(tmp_path), every_epochs=2, every_seconds=0, keep=10))
+    checkpoints = Checkpoints(str(tmp_path))
+    listing = checkpoints._listing()
+    (tmp_path / _names(tmp_path)[-1]).unlink()  # pruned by its run after the listing
+    checkpoints._listing = lambda: listing
+    assert checkpoints.latest(max_epoch=6).epoch == 4
+    assert "skipping" not in caplog.text
+
+
+# --- saving is best-effort ---------------------------------------------------------------
+
+
+@pytest.fixture
+def failing_writes(monkeypatch):
+    """Checkpoint writes that fail with the given errno for the first `count` tries."""
+    real = CacheStore.write
+    tries = []
+
+    def install(code, count=10**9):
+        def write(self, path, data):
+            tries.append(path)
+            if len(tries) <= count:
+                raise OSError(code, os.strerror(code), path)
+            return real(self, path, data)
+
+        monkeypatch.setattr(CacheStore, "write", write)
+        return tries
+
+    return install
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (errno.ENOSPC, "no space left on the device"),
+        (errno.EACCES, "not writable (permission denied or read-only)"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_written_is_a_warning_and_training_goes_on(
+    tmp_path, failing_writes, caplog, code, reason
+):
+    reference = _train()
+    tries = failing_writes(code, count=3)
+    checkpoints = Checkpoints(str(tmp_path), every_epochs=1, every_seconds=0, keep=2)
+    _assert_identical(_train(checkpoints), reference)
+    assert len(tries) == 6 and checkpoints.saved == 3  # tried at each epoch; the last 3 landed
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [  # once per cause, not at every failed try; then when it recovers
+        f"cannot write a checkpoint to {str(tmp_path)!r}: {reason}; training goes on "
+        "(this run's last checkpoint: none)",
+        "checkpoints are written again (epoch 4, batch 0)",
+    ]
+    assert [n.split("-")[1] for n in _names(tmp_path)] == ["000000005", "000000006"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_after_a_failed_write_the_next_try_waits_for_the_cadence(tmp_path, failing_writes):
+    failing_writes(errno.ENOSPC)
+    checkpoints = Checkpoints(str(tmp_path), every_seconds=3600)
+    state = decode(encode(_some_state()))
+    assert checkpoints.save(state) is False
+    assert not checkpoints.due(0, 5)  # mid-epoch: only time would make it due
+
+
+def test_unlistable_checkpoints_mean_starting_over_with_a_warning(tmp_path, caplog):
+    checkpoints = Checkpoints(str(tmp_path))
+
+    def refuse():
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    checkpoints._listing = refuse
+    assert checkpoints.latest(max_epoch=6) is None
+    assert "cannot list the checkpoints" in caplog.text and "starting over" in caplog.text
+
+
+# --- what an interrupted run says ---------------------------------------------------------
+
+
+def _stopped() -> StopSignals:
+    stop = StopSignals()
+    stop.signum = signal.SIGTERM
+    return stop
+
+
+def test_a_stop_with_a_failed_save_says_no_checkpoint_was_saved(tmp_path, failing_writes):
+    checkpoints = Checkpoints(str(tmp_path), every_seconds=0, every_epochs=1)
+    _train(checkpoints, epochs=2)  # this run's last checkpoint: epoch 2, batch 0
+    failing_writes(errno.ENOSPC)
+    with pytest.raises(Interrupted) as info:
+        _train(checkpoints, stop=_stopped(), resume=checkpoints.latest(2), epochs=4)
+    assert str(info.value) == (
+        "interrupted by SIGTERM at epoch 2, batch 1; no checkpoint saved (cannot write a "
+        f"checkpoint to {str(tmp_path)!r}: no space left on the device); the next run resumes "
+        "from an older one if there is one (this run's last: epoch 2, batch 0)"
+    )
+
+
+def test_a_stop_without_checkpoints_says_nothing_was_saved():
+    with pytest.raises(Interrupted) as info:
+        _train(stop=_stopped())
+    assert str(info.value) == (
+        "interrupted by SIGTERM at epoch 0, batch 1; checkpoints are off for this run, so "
+        "nothing was saved: the next run starts over"
+    )
+
+
+def _some_state() -> TrainState:
+    return TrainState(
+        epoch=0,
+        batch=5,
+        model={"w": torch.ones(2)},
+        optimizer={"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        loader={},
+        batch_losses=torch.ones(5),
+    )

@@ -152,3 +152,51 @@ def test_script_rejects_bad_flag_before_flow_starts():
     assert "Traceback" not in err
     assert "\n" not in err
     assert err.startswith(f"{PROG}: error: --lr")
+
+
+DEVICE_RULE = "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+NAME_RULE = "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+CE_RULE = (
+    "needs class targets, but the synthetic data's target is continuous (use mse, l1 or huber)"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--device", "gpu"], f"--device: {DEVICE_RULE} (got 'gpu')"),
+        (["--hidden", "0,3"], "--hidden: hidden sizes must be between 1 and 1048576 (got '0,3')"),
+        (["--run-name", "a/b"], f"--run-name: {NAME_RULE} (got 'a/b')"),
+        (["--loss", "cross_entropy"], f"--loss cross_entropy {CE_RULE}"),
+    ],
+)
+def test_a_validator_s_message_is_shown_without_pydantic_s_prefix(argv, line, capsys):
+    code, err = exit_and_stderr(argv, capsys)
+    assert (code, err) == (2, f"{PROG}: error: {line}\n")
+
+
+def _exit_code_and_line(main, argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("cli", "argv", "abbreviated"),
+    [
+        ("flows.train_flow", ["--ep", "3"], "--ep"),
+        ("flows.train_flow", ["--checkpoint-every", "3"], "--checkpoint-every"),
+        ("flows.sweep_flow", ["--grid", "lr=0.1", "--rand", "2"], "--rand"),
+        ("flows.sweep_flow", ["--grid", "lr=0.1", "--ep", "2"], "--ep"),
+        ("flows.cache_cli", ["--cache=x", "list"], "--cache=x"),
+        ("flows.cache_cli", ["prune", "--older", "7d"], "--older"),
+    ],
+)
+def test_no_command_line_accepts_an_abbreviated_flag(cli, argv, abbreviated, capsys):
+    # A flag added later would silently change what an abbreviation means.
+    import importlib
+
+    main = importlib.import_module(cli).main
+    code, line = _exit_code_and_line(main, argv, capsys)
+    assert code == 2
+    assert "unrecognized arguments" in line and abbreviated in line, line

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import tasks.sources
 from tasks.data import Dataset, load_dataset, synthetic
 from tasks.errors import InputError
 
@@ -165,7 +166,19 @@ CSV_ERRORS = [
     ("missing_target", "a,b\n1,2\n", ("zz",), ["'zz'", "not found"]),
     ("duplicate_target", "a,y,y\n1,2,3\n", (), ["'y'", "twice"]),
     ("nan_inf", "a,b\n1,nan\ninf,2\n-inf,nan\n", (), ["2 NaN/Inf", "in x"]),
+    # Quoted, and still not a number: the cell is named as written, comma and all.
+    ("quoted_comma", 'a,b\n"1,5",2\n', (), ["line 2, column 'a': '1,5' is not a number"]),
+    ("quoted_text", 'a,b\n1,2\n3,"x"\n', (), ["line 3, column 'b': 'x' is not a number"]),
 ]
+
+
+def test_csv_with_quoted_numbers_is_read(tmp_path):
+    # What pandas (quoting=csv.QUOTE_NONNUMERIC on strings) and spreadsheets write.
+    source = write_csv(tmp_path / "q.csv", '"a","y"\n"1.5",2\n3,"-4e-1"\n')
+    data = load_dataset(source)
+    assert (data.feature_names, data.target_names) == (("a",), ("y",))
+    assert torch.equal(data.x, torch.tensor([[1.5], [3.0]]))
+    assert torch.equal(data.y, torch.tensor([[2.0], [-0.4]]))
 
 
 @pytest.mark.parametrize(
@@ -267,5 +280,5 @@ def test_permission_denied(tmp_path, monkeypatch):
         def deny(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "_open", deny)
+        monkeypatch.setattr(tasks.sources, "open", deny, raising=False)
     assert_one_line_error(str(path), "permission denied")

@@ -7,6 +7,7 @@ process is killed, with its children, when the module ends.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from .prefect_stack import POOL, REPO, Stack, kill_tree, start, wait_for
@@ -49,12 +51,16 @@ def _params(root: Path, **config) -> dict:
 
 def _checkpoints(root: Path) -> list[tuple[int, int]]:
     names = (p.name.split("-") for p in (root / "cache").glob("checkpoints/*/ckpt-*.safetensors"))
-    return sorted((int(epoch), int(batch)) for _, epoch, batch, _ in names)
+    return sorted((int(epoch), int(batch)) for _, epoch, batch, *_ in names)
 
 
 def _wait_for_epoch(root: Path, epoch: int) -> None:
-    wait_for(f"a checkpoint at epoch {epoch}+", lambda: any(e >= epoch for e, _ in
-             _checkpoints(root)), timeout=120, every=0.05)  # fmt: skip
+    wait_for(
+        f"a checkpoint at epoch {epoch}+",
+        lambda: any(e >= epoch for e, _ in _checkpoints(root)),
+        timeout=300,
+        every=0.05,
+    )
 
 
 def _finished_run_dir(root: Path) -> Path:
@@ -71,7 +77,7 @@ class Reference:
         self.run_id = stack.create_run("train/manual", _params(root, **LONG))
 
     def weights(self) -> bytes:
-        self.stack.wait_for_state(self.run_id, {"Completed"}, timeout=180)
+        self.stack.wait_for_state(self.run_id, {"Completed"}, timeout=400)
         return (_finished_run_dir(self.root) / "model.safetensors").read_bytes()
 
 
@@ -89,8 +95,9 @@ def test_up_deploys_both_deployments_with_schedule_schema_and_automations(stack)
         assert deployment["work_pool_name"] == POOL
         assert deployment["enforce_parameter_schema"] is True
         assert "auto-recover" in deployment["tags"]
-        assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
-                                             {"directory": str(REPO)}}]  # fmt: skip
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+        ]
         assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
         config = deployment["parameter_openapi_schema"]["definitions"]["TrainConfig"]
         assert config["properties"]["lr"]["exclusiveMinimum"] == 0
@@ -104,7 +111,7 @@ def test_up_deploys_both_deployments_with_schedule_schema_and_automations(stack)
     automations = {a["name"]: a for a in stack.api("POST", "/automations/filter").json()}
     silent, rerun, give_up, loop = (automations[n]["trigger"] for n in recovery.NAMES)
     assert silent["within"] == 40 and silent["after"] == ["prefect.flow-run.heartbeat"]
-    assert rerun["match"]["prefect.run-count"] == ["1", "2"] and rerun["within"] == 15
+    assert rerun["match"]["prefect.run-count"] == ["1", "2"] and rerun["within"] == 45
     assert give_up["match"]["prefect.run-count"] == ["3"]
     assert loop["threshold"] == 4
 
@@ -138,8 +145,11 @@ def test_serve_py_registers_its_own_deployment_and_leaves_nightly_alone(stack):
     nightly = stack.deployment("train/nightly")
     server = start([sys.executable, "deployments/serve.py"], stack.env, stack.log("serve"))
     try:
-        wait_for("train/nightly-served", lambda: stack.api(
-            "GET", "/deployments/name/train/nightly-served").is_success, timeout=90)  # fmt: skip
+        wait_for(
+            "train/nightly-served",
+            lambda: stack.api("GET", "/deployments/name/train/nightly-served").is_success,
+            timeout=90,
+        )
     finally:
         kill_tree(server)
     served = stack.deployment("train/nightly-served")
@@ -158,7 +168,7 @@ def test_serve_py_registers_its_own_deployment_and_leaves_nightly_alone(stack):
 def test_a_run_with_custom_parameters_completes_with_them(stack, tmp_path):
     params = _params(tmp_path, epochs=3, lr=0.05, n_samples=64, run_name="custom")
     run_id = stack.create_run("train/manual", params)
-    stack.wait_for_state(run_id, {"Completed"}, timeout=120)
+    stack.wait_for_state(run_id, {"Completed"}, timeout=300)
     config = json.loads((tmp_path / "runs" / "custom" / "config.json").read_text())
     assert (config["epochs"], config["lr"], config["n_samples"]) == (3, 0.05, 64)
     assert json.loads((tmp_path / "runs" / "custom" / "metrics.json").read_text())["epochs"] == 3
@@ -166,10 +176,15 @@ def test_a_run_with_custom_parameters_completes_with_them(stack, tmp_path):
 
 @pytest.mark.parametrize(
     ("config", "field"),
-    [({"lr": -1}, "config.lr"), ({"epochs": "many"}, "config.epochs"),
-     ({"device": "gpu"}, "config.device"), ({"run_name": "../escape"}, "config.run_name"),
-     ({"loss": "hinge"}, "config.loss"), ({"bogus": 1}, "config")],
-)  # fmt: skip
+    [
+        ({"lr": -1}, "config.lr"),
+        ({"epochs": "many"}, "config.epochs"),
+        ({"device": "gpu"}, "config.device"),
+        ({"run_name": "../escape"}, "config.run_name"),
+        ({"loss": "hinge"}, "config.loss"),
+        ({"bogus": 1}, "config"),
+    ],
+)
 def test_an_invalid_parameter_is_rejected_before_a_run_exists(stack, config, field):
     deployment_id = stack.deployment("train/manual")["id"]
     count = {"deployments": {"id": {"any_": [deployment_id]}}}
@@ -199,20 +214,46 @@ def test_a_killed_flow_run_process_is_rerun_and_resumes_from_its_checkpoint(
     stack.flow_run_process(stack.worker, run_id).kill()  # SIGKILL: no last words
     killed = time.monotonic()
 
-    run = stack.wait_for_state(run_id, {"Completed"}, timeout=120)
+    run = stack.wait_for_state(run_id, {"Completed"}, timeout=300)
     print(f"\ncrash recovery: Completed {time.monotonic() - killed:.0f} s after the kill")
-    assert run["run_count"] == 2
-    names = [s["name"] for s in stack.states(run_id)]
-    assert names.index("Crashed") < names.index("AwaitingRetry") < len(names) - 1
+    _assert_one_crash_and_one_rerun(stack, run, crash="Process exited with status code: -9")
     _assert_resumed_and_identical(tmp_path, reference, killed_at=3)
+
+
+def _assert_one_crash_and_one_rerun(stack: Stack, run: dict, crash: str) -> None:
+    """The crash we caused, and only it, was seen and re-run once. Every attempt is accounted
+    for: the first, plus one per AwaitingRetry, the automation's re-run and any flow-level
+    retry of an exception (a loaded server may fail an API call), which is not a crash."""
+    history = _history(stack, run["id"])
+    crashed = [message for _, name, message in history if name == "Crashed"]
+    assert len(crashed) == 1 and crashed[0].startswith(crash), history
+    retries = [message for _, name, message in history if name == "AwaitingRetry"]
+    reruns = [m for m in retries if "re-run by automation" in m]
+    assert len(reruns) == 1, history
+    assert run["run_count"] == 1 + len(retries), history
+    order = [message for _, _, message in history]
+    assert order.index(crashed[0]) < order.index(reruns[0]) < len(order) - 1, history
 
 
 @pytest.fixture(scope="module")
 def crashing_runs(stack, tmp_path_factory):
     """Runs of a flow that always dies, started early: their crashes overlap the next test."""
-    args = [sys.executable, "-m", "prefect", "--no-prompt", "deploy",
-            "tests/crash_flow.py:always_crashes", "-n", "always-crashes", "-p", POOL,
-            "-q", "default", "-t", "auto-recover"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "tests/crash_flow.py:always_crashes",
+        "-n",
+        "always-crashes",
+        "-p",
+        POOL,
+        "-q",
+        "default",
+        "-t",
+        "auto-recover",
+    ]
     done = subprocess.run(args, cwd=REPO, env=stack.env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     marker = tmp_path_factory.mktemp("crash-marker") / "crashed-once"
@@ -230,52 +271,136 @@ def test_a_run_whose_worker_died_is_rerun_by_a_new_worker(
 ):
     stack.api("POST", f"/work_pools/{POOL}/queues/", json={"name": "worker-loss"})
     doomed = stack.start_worker("worker-loss")
-    run_id = stack.create_run("train/manual", _params(tmp_path, **LONG),
-                              work_queue_name="worker-loss")  # fmt: skip
+    run_id = stack.create_run(
+        "train/manual", _params(tmp_path, **LONG), work_queue_name="worker-loss"
+    )
     _wait_for_epoch(tmp_path, 3)
     kill_tree(doomed)  # the worker and its flow-run process, at once: nobody reports anything
     killed = time.monotonic()
     assert stack.run(run_id)["state"]["name"] == "Running"
     stack.start_worker("worker-loss")
 
-    run = stack.wait_for_state(run_id, {"Completed"}, timeout=180)
+    run = stack.wait_for_state(run_id, {"Completed"}, timeout=300)
     print(f"\nworker loss: Completed {time.monotonic() - killed:.0f} s after the kill")
-    assert run["run_count"] == 2
-    messages = [s["message"] or "" for s in stack.states(run_id) if s["name"] == "Crashed"]
-    assert messages and messages[0].startswith("No heartbeat for 40 s")
+    _assert_one_crash_and_one_rerun(stack, run, crash="No heartbeat for 40 s")
     _assert_resumed_and_identical(tmp_path, reference, killed_at=3)
 
 
 def test_a_run_that_always_crashes_stops_after_three_attempts_and_says_why(stack, crashing_runs):
     run_id = crashing_runs["in every attempt"]
-    run = stack.wait_for_state(run_id, {"Failed"}, timeout=180)
+    run = stack.wait_for_state(run_id, {"Failed"}, timeout=600)
     assert run["run_count"] == 3
     assert run["state"]["message"].startswith("Crashed on attempt 3 of 3")
     names = [s["name"] for s in stack.states(run_id)]
     assert names.count("Running") == 3 and names.count("AwaitingRetry") == 2
-    time.sleep(3)
-    assert stack.run(run_id)["state"]["name"] == "Failed"  # and it stays so
+    assert names[-2:] == ["Crashed", "Failed"]
+    _assert_nothing_starts_it_again(stack, last_attempt=3)
+
+
+def _assert_nothing_starts_it_again(stack: Stack, last_attempt: int) -> None:
+    """A Failed run stays so: no installed automation acts on a Failed state, and the only one
+    that schedules a run again acts on a Crashed state of an earlier attempt than the last."""
+    automations = {a["name"]: a for a in stack.api("POST", "/automations/filter").json()}
+    assert sorted(automations) == sorted(recovery.NAMES)
+    for automation in automations.values():
+        trigger = automation["trigger"]
+        assert "prefect.flow-run.Failed" not in trigger.get("after", []), automation["name"]
+        if automation["actions"][0]["state"] == "SCHEDULED":
+            assert trigger["after"] == ["prefect.flow-run.Crashed"], automation["name"]
+            assert str(last_attempt) not in trigger["match"]["prefect.run-count"]
+            assert "0" not in trigger["match"]["prefect.run-count"]  # never-started re-runs
 
 
 def test_a_rerun_that_cannot_even_start_is_stopped_too(stack, crashing_runs):
     run_id = crashing_runs["before it starts"]
-    run = stack.wait_for_state(run_id, {"Failed"}, timeout=180)
+    run = stack.wait_for_state(run_id, {"Failed"}, timeout=600)
     assert run["run_count"] == 1  # its re-runs never got as far as Running
     assert run["state"]["message"].startswith("Crashed 4 times, some before it could start")
-    assert [s["name"] for s in stack.states(run_id)].count("Crashed") == 4
+    names = [s["name"] for s in stack.states(run_id)]
+    assert names.count("Crashed") == 4 and names[-2:] == ["Crashed", "Failed"]
+    # Its run count stays 1: the re-run automation would act on "1", so the crash-loop
+    # automation must have had the last word, and nothing acts on Failed.
+    _assert_nothing_starts_it_again(stack, last_attempt=3)
 
 
-def test_a_run_cancelled_from_the_ui_stays_cancelled(stack, tmp_path):
+def test_a_run_cancelled_from_the_ui_is_cancelled_and_never_crashes(stack, tmp_path):
     run_id = stack.create_run("train/manual", _params(tmp_path, **LONG))
     _wait_for_epoch(tmp_path, 2)
     cancel = {"state": {"type": "CANCELLING", "message": "cancelled in the UI"}}
     stack.api("POST", f"/flow_runs/{run_id}/set_state", json=cancel).raise_for_status()
-    stack.wait_for_state(run_id, {"Cancelled"}, timeout=60)
-    # Past the moment the re-run automation would act on the Crashed state on the way.
-    time.sleep(float(stack.env["TRAINFLOW_CRASH_SETTLE"]) + 3)
-    run = stack.run(run_id)
-    assert run["state"]["name"] == "Cancelled" and run["run_count"] == 1
-    assert "AwaitingRetry" not in [s["name"] for s in stack.states(run_id)]
+    run = stack.wait_for_state(run_id, {"Cancelled"}, timeout=120)
+    assert run["run_count"] == 1
+    # Never Crashed on the way (train-epochs' SIGTERM checkpoint reports a cancellation as
+    # one), so the re-run automation, which acts only on Crashed states, has nothing to act
+    # on: no settle window is needed to keep a cancelled run cancelled.
+    names = [s["name"] for s in stack.states(run_id)]
+    assert "Crashed" not in names and "AwaitingRetry" not in names, _history(stack, run_id)
+    assert names[-2:] == ["Cancelling", "Cancelled"]
+    automations = {a["name"]: a for a in stack.api("POST", "/automations/filter").json()}
+    for automation in automations.values():
+        assert "prefect.flow-run.Cancelled" not in automation["trigger"].get("after", [])
+        assert "prefect.flow-run.Cancelling" not in automation["trigger"].get("after", [])
+
+
+def _history(stack: Stack, run_id: str) -> list[tuple[str, str, str]]:
+    return [(s["timestamp"], s["name"], s["message"] or "") for s in stack.states(run_id)]
+
+
+def _processes_of(worker, run_id: str) -> list[psutil.Process]:
+    """Every process of `worker` running this flow run (two, while a re-run and the process
+    it replaced are both alive)."""
+    found = []
+    for child in psutil.Process(worker.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
+                found.append(child)
+    return found
+
+
+def _files(*folders: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for folder in folders
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_a_run_declared_silent_while_alive_stops_when_its_re_run_takes_over(
+    stack, reference, tmp_path
+):
+    """Split-brain: the first process is paused (SIGSTOP) until the silent-run automation
+    marks its run Crashed and the re-run is training; woken up, it must exit before it
+    writes another checkpoint or run-folder file, and leave the re-run alone."""
+    run_id = stack.create_run("train/manual", _params(tmp_path, **LONG))
+    _wait_for_epoch(tmp_path, 3)
+    [first] = _processes_of(stack.worker, run_id)
+    first.suspend()
+    try:
+        # No heartbeat for 40 s: Crashed; 45 s later: re-run; it resumes and checkpoints.
+        def second_is_training():
+            if stack.run(run_id)["run_count"] != 2:
+                return None
+            others = [p for p in _processes_of(stack.worker, run_id) if p.pid != first.pid]
+            return others[0] if others and _checkpoints(tmp_path)[-1][0] > 3 else None
+
+        second = wait_for("the re-run to train", second_is_training, timeout=300, every=0.2)
+        second.suspend()  # now nothing writes but, possibly, the first process
+        before = _files(tmp_path / "cache", tmp_path / "runs")
+    finally:
+        first.resume()
+    try:
+        # It exits at its first checkpoint: the run is not its own. Within the 40 s heartbeat
+        # window, or the paused re-run would be declared silent in turn.
+        first.wait(timeout=30)
+        assert _files(tmp_path / "cache", tmp_path / "runs") == before
+    finally:
+        second.resume()
+
+    run = stack.wait_for_state(run_id, {"Completed"}, timeout=300)
+    # The fenced process reported nothing: no second Crashed landed on the re-run.
+    _assert_one_crash_and_one_rerun(stack, run, crash="No heartbeat for 40 s")
+    _assert_resumed_and_identical(tmp_path, reference, killed_at=3)
 
 
 # --- the UI -------------------------------------------------------------------------------
@@ -295,9 +420,17 @@ def _browser():
         pytest.skip(reason)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--window-size=1400,1000"):  # fmt: skip
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
 
@@ -336,16 +469,20 @@ def test_the_ui_shows_the_nightly_schedule_and_the_parameter_form(
         browser.save_screenshot(str(shots / "nightly-run-form.png"))
 
         # A bad value is refused when submitted, with the field named, and no run appears.
-        lr = browser.find_element(By.XPATH, "//*[normalize-space()='Lr (Optional)']"
-                                            "/following::input[1]")  # fmt: skip
+        lr = browser.find_element(
+            By.XPATH, "//*[normalize-space()='Lr (Optional)']/following::input[1]"
+        )
         lr.send_keys(Keys.CONTROL, "a", Keys.NULL, "-1")
         next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Submit").click()
         wait.until(lambda _: "Validation failed for field 'config.lr'" in body.text)
         browser.save_screenshot(str(shots / "nightly-run-form-refused.png"))
     finally:
         browser.quit()
-    runs = stack.api("POST", "/flow_runs/filter", json={"deployments": {"id": {"any_": [
-        stack.deployment("train/nightly")["id"]]}}}).json()  # fmt: skip
+    runs = stack.api(
+        "POST",
+        "/flow_runs/filter",
+        json={"deployments": {"id": {"any_": [stack.deployment("train/nightly")["id"]]}}},
+    ).json()
     assert all("auto-scheduled" in run["tags"] for run in runs)  # only the scheduler's
     record_property("screenshots", str(shots))  # in --junitxml reports
     print(f"\nUI screenshots: {shots}")

@@ -46,8 +46,9 @@ def test_default_run_writes_the_whole_run_directory_and_converges(tmp_path):
     # TensorBoard: one training and one validation value per epoch, a graph, hparams.
     for curve in ("loss_training", "loss_validation"):
         assert [step for step, _ in _scalars(run / curve)] == list(range(200))
-    np.testing.assert_allclose([v for _, v in _scalars(run / "loss_validation")],
-                               metrics["val_loss"], rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        [v for _, v in _scalars(run / "loss_validation")], metrics["val_loss"], rtol=1e-6
+    )
     top = EventAccumulator(str(run)).Reload()
     assert top.Graph() is not None
     assert "_hparams_/session_start_info" in top.PluginTagToContent("hparams")
@@ -70,9 +71,15 @@ def test_mlp_on_a_csv_file(tmp_path):
     table[:, 2] = table[:, 0] - 2 * table[:, 1]
     np.savetxt(tmp_path / "data.csv", table, delimiter=",", header="a,b,target", comments="")
     config = TrainConfig(
-        data=str(tmp_path / "data.csv"), model="mlp", hidden=(8,), epochs=5, optimizer="adam",
-        lr=0.01, runs_dir=str(tmp_path / "runs"), run_name="csv",
-    )  # fmt: skip
+        data=str(tmp_path / "data.csv"),
+        model="mlp",
+        hidden=(8,),
+        epochs=5,
+        optimizer="adam",
+        lr=0.01,
+        runs_dir=str(tmp_path / "runs"),
+        run_name="csv",
+    )
     summary = train_flow(config)
     assert summary.epochs == 5
     weights = load_file(tmp_path / "runs" / "csv" / "model.safetensors")
@@ -91,10 +98,22 @@ def test_bad_data_fails_before_training_and_leaves_no_run_directory(tmp_path):
 
 def test_command_line_run_against_a_server(tmp_path, subprocess_env):
     result = subprocess.run(
-        [sys.executable, "flows/train_flow.py", "--epochs", "3",
-         "--runs-dir", str(tmp_path), "--run-name", "cli"],
-        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "flows/train_flow.py",
+            "--epochs",
+            "3",
+            "--runs-dir",
+            str(tmp_path),
+            "--run-name",
+            "cli",
+        ],
+        cwd=REPO,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "run directory:" in result.stdout
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["epochs"] == 3
@@ -102,10 +121,20 @@ def test_command_line_run_against_a_server(tmp_path, subprocess_env):
 
 def test_command_line_reports_bad_data_in_one_line(tmp_path, subprocess_env):
     result = subprocess.run(
-        [sys.executable, "flows/train_flow.py", "--data", str(tmp_path / "missing.npz"),
-         "--runs-dir", str(tmp_path / "runs")],
-        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "flows/train_flow.py",
+            "--data",
+            str(tmp_path / "missing.npz"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        cwd=REPO,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"train_flow.py: error: data file {str(tmp_path / 'missing.npz')!r}: not found"
@@ -116,8 +145,9 @@ def test_the_run_shows_in_the_prefect_ui_as_a_summary_and_a_loss_table(tmp_path)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    state = train_flow(TrainConfig(epochs=300, runs_dir=str(tmp_path), run_name="ui"),
-                       return_state=True)  # fmt: skip
+    state = train_flow(
+        TrainConfig(epochs=300, runs_dir=str(tmp_path), run_name="ui"), return_state=True
+    )
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(

@@ -30,18 +30,59 @@ def postgres_url():
     root = Path(tempfile.mkdtemp(prefix="trainflow-pg-"))  # /tmp: reachable by `postgres`
     shutil.chown(root, "postgres")
     as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(root / "data"),
-                    "--auth=trust", "-U", "postgres"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            *as_postgres,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(root / "data"),
+            "--auth=trust",
+            "-U",
+            "postgres",
+        ],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
-    server = start([*as_postgres, str(bin_dir / "postgres"), "-D", str(root / "data"),
-                    "-h", "127.0.0.1", "-p", str(port), "-k", str(root)],
-                   os.environ.copy(), root / "postgres.log", cwd=root)  # fmt: skip
+    server = start(
+        [
+            *as_postgres,
+            str(bin_dir / "postgres"),
+            "-D",
+            str(root / "data"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-k",
+            str(root),
+        ],
+        os.environ.copy(),
+        root / "postgres.log",
+        cwd=root,
+    )
     try:
         ready = [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
-        wait_for("PostgreSQL", lambda: subprocess.run(ready, capture_output=True).returncode == 0,
-                 timeout=60)  # fmt: skip
-        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
-                        "CREATE DATABASE prefect"], check=True, capture_output=True)  # fmt: skip
+        wait_for(
+            "PostgreSQL",
+            lambda: subprocess.run(ready, capture_output=True).returncode == 0,
+            timeout=60,
+        )
+        subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-c",
+                "CREATE DATABASE prefect",
+            ],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect", port
     finally:
         kill_tree(server)
@@ -66,8 +107,14 @@ def test_a_server_on_postgresql_deploys_and_completes_a_run(postgres_url, tmp_pa
         stack.start_server()
         stack.up()
         stack.start_worker("default")
-        params = {"config": {"runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "c"),
-                             "epochs": 5, "run_name": "on-postgres"}}  # fmt: skip
+        params = {
+            "config": {
+                "runs_dir": str(tmp_path / "runs"),
+                "cache_dir": str(tmp_path / "c"),
+                "epochs": 5,
+                "run_name": "on-postgres",
+            }
+        }
         run_id = stack.create_run("train/manual", params)
         stack.wait_for_state(run_id, {"Completed"}, timeout=240)
     finally:

@@ -41,8 +41,13 @@ def _free_port() -> int:
 def _env(home: Path, port: int, tag: str, **extra: str) -> dict[str, str]:
     """A user's shell: no PREFECT_API_URL, this home, this preferred port."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_PORT": str(port), TAG: tag,
-            **extra}  # fmt: skip
+    return {
+        **env,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_API_PORT": str(port),
+        TAG: tag,
+        **extra,
+    }
 
 
 def _left_alive(*tags: str) -> set[int]:
@@ -64,9 +69,14 @@ def _script(name: str) -> str:
 def _run(cwd: Path, env: dict[str, str], *args: str) -> tuple[int, list[str]]:
     """A whole command, stdout and stderr as one terminal shows them."""
     result = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, timeout=900,
-    )  # fmt: skip
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
     return result.returncode, result.stdout.strip().splitlines()
 
 
@@ -75,9 +85,14 @@ class Running:
 
     def __init__(self, cwd: Path, env: dict[str, str], *args: str):
         self.process = subprocess.Popen(
-            [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, process_group=0,  # as a terminal's job
-        )  # fmt: skip
+            [sys.executable, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            process_group=0,  # as a terminal's job
+        )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -150,8 +165,10 @@ def test_a_new_home_gets_one_announced_server_that_only_stop_removes(tmp_path):
 
     # Killed mid-training, politely or not: the server stays, nothing else does.
     long = ["--epochs", "1000000", "--runs-dir", str(tmp_path / "runs"), "--no-cache"]
-    for tag, signum, code in ((term, signal.SIGTERM, 128 + signal.SIGTERM),
-                              (kill, signal.SIGKILL, -signal.SIGKILL)):  # fmt: skip
+    for tag, signum, code in (
+        (term, signal.SIGTERM, 128 + signal.SIGTERM),
+        (kill, signal.SIGKILL, -signal.SIGKILL),
+    ):
         running = Running(tmp_path, _env(home, port, tag), _script("train_flow.py"), *long)
         running.wait_for(r"epoch \d+/1000000")
         assert running.kill(signum) == code
@@ -196,9 +213,20 @@ def test_a_first_command_sweep_on_dask_reports_every_trial_to_the_server_it_star
     home, port = tmp_path / "prefect-home", _free_port()
     tag = f"sweep-{uuid.uuid4().hex}"
     code, out = _run(
-        tmp_path, _env(home, port, tag), _script("sweep_flow.py"), "--grid", "lr=0.05,0.1",
-        "--epochs", "5", "--runner", "dask", "--max-concurrency", "2", "--sweep-name", "s",
-    )  # fmt: skip
+        tmp_path,
+        _env(home, port, tag),
+        _script("sweep_flow.py"),
+        "--grid",
+        "lr=0.05,0.1",
+        "--epochs",
+        "5",
+        "--runner",
+        "dask",
+        "--max-concurrency",
+        "2",
+        "--sweep-name",
+        "s",
+    )
     assert code == 0, "\n".join(out)
     pid = int(next(STARTED.match(line) for line in out if STARTED.match(line))[2])
     ui = UI_LINE.fullmatch(out[-1])
@@ -206,10 +234,11 @@ def test_a_first_command_sweep_on_dask_reports_every_trial_to_the_server_it_star
     # The trials ran as flow runs in the Dask worker processes: they reached this server
     # only through the address the command handed them.
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/api/flow_runs/filter", method="POST",
+        f"http://127.0.0.1:{port}/api/flow_runs/filter",
+        method="POST",
         data=json.dumps({"flows": {"name": {"any_": ["train"]}}}).encode(),
         headers={"Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         trials = json.load(response)
     assert len(trials) == 2 and {t["state"]["type"] for t in trials} == {"COMPLETED"}
@@ -242,8 +271,13 @@ def test_a_failed_run_ends_with_its_page_then_the_error(tmp_path, prefect_api):
 def test_an_address_where_nothing_answers_is_a_one_line_error(tmp_path):
     home, tag = tmp_path / "prefect-home", f"nothing-{uuid.uuid4().hex}"
     api = f"http://127.0.0.1:{_free_port()}/api"
-    code, out = _run(tmp_path, _env(home, _free_port(), tag, PREFECT_API_URL=api),
-                     _script("train_flow.py"), "--epochs", "2")  # fmt: skip
+    code, out = _run(
+        tmp_path,
+        _env(home, _free_port(), tag, PREFECT_API_URL=api),
+        _script("train_flow.py"),
+        "--epochs",
+        "2",
+    )
     assert code == 1
     assert out[-1] == f"train_flow.py: error: PREFECT_API_URL {api}: no server answers there"
     assert "Traceback" not in "\n".join(out)

@@ -1,21 +1,36 @@
+"""train-epochs' loop: the seed's computation, its optimizers and losses, its fast path."""
+
+import sys
+from dataclasses import dataclass, field
+
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from tasks.data import Dataset, synthetic
 from tasks.errors import InputError, NonFiniteLoss
-from tasks.loaders import EpochSampler, make_loaders
-from tasks.model import ModelSpec, initial_model, instantiate
+from tasks.loaders import Loaders, make_loaders
+from tasks.loop import make_train_step, plain_sgd_lr
+from tasks.model import ModelSpec, initial_model
 from tasks.split import split_indices
 from tasks.train import make_loss, output_width, train_model
+
+from .conftest import REPO
 
 CPU = torch.device("cpu")
 
 
-def _train(data: Dataset, epochs=200, optimizer="sgd", loss="mse", lr=0.1, model="linear",
-           hidden=(), momentum=0.0, kind="tensor"):  # fmt: skip
+def _train(
+    data: Dataset,
+    epochs=200,
+    optimizer="sgd",
+    loss="mse",
+    lr=0.1,
+    model="linear",
+    hidden=(),
+    momentum=0.0,
+    kind="tensor",
+):
     parts = split_indices(len(data), 0.2, 13)
     loaders = make_loaders(data, parts, 16, 42, kind, 0, CPU)
     spec = ModelSpec(model, data.n_features, output_width(loss, data.y), hidden)
@@ -24,50 +39,138 @@ def _train(data: Dataset, epochs=200, optimizer="sgd", loss="mse", lr=0.1, model
     return trained, parts
 
 
-def _seed_loop(data: Dataset, parts, epochs):
-    """The book's chapter-2 loop, written as the seed writes it (.item() per step, np.mean)."""
-    model = instantiate(initial_model(ModelSpec("linear", 1, 1), 42).spec,
-                        initial_model(ModelSpec("linear", 1, 1), 42).state)  # fmt: skip
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.MSELoss(reduction="mean")
-    train_data = TensorDataset(data.x[parts.train], data.y[parts.train])
-    val_data = TensorDataset(data.x[parts.val], data.y[parts.val])
-    sampler = EpochSampler(len(train_data), torch.Generator().manual_seed(42))
-    train_loader = DataLoader(train_data, batch_size=16, sampler=sampler)
-    val_loader = DataLoader(val_data, batch_size=16)
+@dataclass
+class SeedRun:
+    """What benchmarks/seed_script.py's main() did, recorded from outside its code."""
 
-    def train_step(x, y):
-        model.train()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss.item()
-
-    def val_step(x, y):
-        model.eval()
-        return loss_fn(model(x), y).item()
-
-    def mini_batch(loader, step):
-        return np.mean([step(x, y) for x, y in loader])
-
-    losses, val_losses = [], []
-    for _ in range(epochs):
-        losses.append(mini_batch(train_loader, train_step))
-        with torch.no_grad():
-            val_losses.append(mini_batch(val_loader, val_step))
-    return model, losses, val_losses
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+    final: dict[str, torch.Tensor] = field(default_factory=dict)
+    train_batches: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
 
 
-@pytest.mark.parametrize("kind", ["tensor", "dataloader"])
-def test_losses_and_weights_equal_the_seed_loop_in_the_same_order(kind):
-    data = synthetic()
-    trained, parts = _train(data, epochs=30, kind=kind)
-    model, losses, val_losses = _seed_loop(data, parts, epochs=30)
-    np.testing.assert_allclose(trained.train_loss, losses, rtol=1e-6)
-    np.testing.assert_allclose(trained.val_loss, val_losses, rtol=1e-6)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(trained.state[key], value)
+@pytest.fixture(scope="module")
+def seed_run() -> SeedRun:
+    """The book's script as written, default flags on the CPU: its own data, split, global
+    RNG, DataLoader(shuffle=True), step functions and mini_batch. Only the TensorBoard writer
+    is replaced (by a recorder), and its step functions are wrapped to record their batches."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import seed_script
+
+    run = SeedRun()
+    make_train_step_fn = seed_script.make_train_step_fn
+    make_val_step_fn = seed_script.make_val_step_fn
+
+    def recording_train_step_fn(model, loss_fn, optimizer):
+        run.initial = {k: v.clone() for k, v in model.state_dict().items()}
+        run.final = model.state_dict()  # live: holds the final weights once main() returns
+        step = make_train_step_fn(model, loss_fn, optimizer)
+
+        def train_step(x, y):
+            if not run.train_batches or len(run.train_batches[-1]) == 5:  # 80 rows, batch 16
+                run.train_batches.append([])
+            run.train_batches[-1].append((x.clone(), y.clone()))
+            return step(x, y)
+
+        return train_step
+
+    def recording_val_step_fn(model, loss_fn):
+        step = make_val_step_fn(model, loss_fn)
+
+        def val_step(x, y):
+            if len(run.val_batches) < 2:  # 20 rows: the same two batches every epoch
+                run.val_batches.append((x.clone(), y.clone()))
+            return step(x, y)
+
+        return val_step
+
+    class Recorder:
+        def __init__(self, logdir: str) -> None:
+            pass
+
+        def add_graph(self, model, sample) -> None:
+            pass
+
+        def add_scalars(self, main_tag, tag_scalar_dict, global_step) -> None:
+            run.losses.append(tag_scalar_dict["training"])
+            run.val_losses.append(tag_scalar_dict["validation"])
+
+        def close(self) -> None:
+            pass
+
+    with pytest.MonkeyPatch.context() as patch, torch.random.fork_rng(devices=[]):
+        numpy_state = np.random.get_state()
+        patch.setattr(seed_script, "make_train_step_fn", recording_train_step_fn)
+        patch.setattr(seed_script, "make_val_step_fn", recording_val_step_fn)
+        patch.setattr(seed_script, "SummaryWriter", Recorder)
+        patch.setattr(sys, "argv", ["seed_script.py", "--device", "cpu"])
+        try:
+            seed_script.main()
+        finally:
+            np.random.set_state(numpy_state)
+    assert len(run.losses) == len(run.train_batches) == 200
+    return run
+
+
+class Replay:
+    """Batches the seed run drew, epoch after epoch, in its order: trainflow's loop fed exactly
+    what the book's loop was fed."""
+
+    def __init__(self, epochs: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+        self.epochs, self.batch_size, self.size = iter(epochs), 16, len(epochs[0])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def shuffle(self) -> None:
+        return None  # the order is the recording's
+
+    def epoch(self, generator, start_batch=0):
+        assert generator is None and start_batch == 0
+        yield from next(self.epochs)
+
+
+def test_the_seed_run_and_a_default_run_share_data_split_and_initial_weights(seed_run):
+    data, parts = synthetic(), split_indices(100, 0.2, 13)
+    x_train, y_train = data.x[parts.train], data.y[parts.train]
+    x_seen = torch.cat([x for x, _ in seed_run.train_batches[0]])
+    y_seen = torch.cat([y for _, y in seed_run.train_batches[0]])
+    seen, ours = x_seen[:, 0].argsort(), x_train[:, 0].argsort()  # the same rows, in any order
+    assert torch.equal(x_seen[seen], x_train[ours]) and torch.equal(y_seen[seen], y_train[ours])
+    assert torch.equal(torch.cat([x for x, _ in seed_run.val_batches]), data.x[parts.val])
+    assert torch.equal(torch.cat([y for _, y in seed_run.val_batches]), data.y[parts.val])
+    initial = initial_model(ModelSpec("linear", 1, 1), 42).state
+    assert initial.keys() == seed_run.initial.keys()
+    assert all(torch.equal(initial[k], seed_run.initial[k]) for k in initial)
+
+
+def test_on_the_seed_runs_batches_the_loop_computes_its_losses_and_weights_bit_for_bit(seed_run):
+    train, val = Replay(seed_run.train_batches), Replay([seed_run.val_batches] * 200)
+    loaders = Loaders(train=train, val=val, sample=seed_run.train_batches[0][0][0])
+    initial = initial_model(ModelSpec("linear", 1, 1), 42)
+    trained = train_model(initial, loaders, "sgd", 0.1, 0.0, 0.0, "mse", 200, CPU)
+    assert trained.train_loss == seed_run.losses
+    assert trained.val_loss == seed_run.val_losses
+    assert all(torch.equal(trained.state[k], v) for k, v in seed_run.final.items())
+
+
+def test_a_default_run_draws_its_own_batch_order_and_ends_near_the_seed_run(seed_run):
+    """The seed's DataLoader(shuffle=True) draws each epoch's order from torch's global RNG;
+    trainflow draws it from a generator of its own (--shuffle-seed), so the losses differ,
+    and the final weights agree to within 5e-3."""
+    trained, _ = _train(synthetic())
+    assert trained.train_loss != seed_run.losses
+    for key, value in seed_run.final.items():
+        torch.testing.assert_close(trained.state[key], value, rtol=0, atol=5e-3)
+
+
+def test_the_dataloader_path_trains_exactly_what_the_tensor_path_does():
+    tensor, _ = _train(synthetic(), epochs=30)
+    loader, _ = _train(synthetic(), epochs=30, kind="dataloader")
+    assert tensor.train_loss == loader.train_loss and tensor.val_loss == loader.val_loss
+    assert all(torch.equal(tensor.state[k], loader.state[k]) for k in tensor.state)
 
 
 def test_default_run_reaches_the_least_squares_optimum_of_its_training_split():
@@ -84,8 +187,9 @@ def test_default_run_reaches_the_least_squares_optimum_of_its_training_split():
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("loss", ["mse", "l1", "huber"])
 def test_every_optimizer_and_regression_loss_learns(optimizer, loss):
-    trained, _ = _train(synthetic(), epochs=40, optimizer=optimizer, loss=loss, lr=0.05,
-                        model="mlp", hidden=(8,))  # fmt: skip
+    trained, _ = _train(
+        synthetic(), epochs=40, optimizer=optimizer, loss=loss, lr=0.05, model="mlp", hidden=(8,)
+    )
     assert trained.train_loss[-1] < trained.train_loss[0]
 
 
@@ -133,3 +237,133 @@ def test_diverging_training_stops_naming_epoch_and_batch():
     with pytest.raises(NonFiniteLoss, match=r"epoch \d+, batch \d+") as info:
         _train(synthetic(), epochs=50, lr=1e25)
     assert info.value.epoch < 50
+
+
+# --- the plain-SGD fast path: SGD.step's arithmetic, bit for bit -------------------------
+
+
+class _Model(torch.nn.Module):
+    """An MLP with the parameters SGD.step treats specially: a frozen one (no grad at all)
+    and one the forward pass never reaches (its grad stays None)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.hidden = torch.nn.Parameter(torch.randn(3, 8, generator=g, dtype=dtype))
+        self.out = torch.nn.Parameter(torch.randn(8, 1, generator=g, dtype=dtype))
+        self.frozen = torch.nn.Parameter(
+            torch.randn(8, generator=g, dtype=dtype), requires_grad=False
+        )
+        self.unused = torch.nn.Parameter(torch.randn(2, generator=g, dtype=dtype))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.hidden + self.frozen) @ self.out
+
+
+# Learning rates set between steps, as a schedule (#15) will: floats of every size, an int.
+LRS = [0.1, 0.1, 0.05, 0.3, 1e-3, 7.0, 1, 0.1 / 3, 2.5e-7, 0.2]
+
+
+def _twins(dtype, steps, sgd_options, set_lr=None):
+    """The same steps on two copies of a model: one through train-epochs' step function,
+    one through the seed's `make_train_step_fn` as written (optimizer.step(), zero_grad())."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from seed_script import make_train_step_fn
+
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(16, 3, generator=g, dtype=dtype), torch.randn(16, 1, generator=g, dtype=dtype))
+        for _ in range(steps)
+    ]
+    loss_fn = torch.nn.MSELoss()
+    ours, seeds = _Model(dtype), _Model(dtype)
+    params = [p for p in ours.parameters() if p.requires_grad]
+    ours_opt = torch.optim.SGD(params, **sgd_options)
+    seeds_opt = torch.optim.SGD([p for p in seeds.parameters() if p.requires_grad], **sgd_options)
+    our_step = make_train_step(ours, loss_fn, ours_opt)
+    seed_step = make_train_step_fn(seeds, loss_fn, seeds_opt)
+    for i, (x, y) in enumerate(batches):
+        if set_lr is not None:
+            set_lr(ours_opt, i)
+            set_lr(seeds_opt, i)
+        assert our_step(x, y).item() == seed_step(x, y)
+    return ours, seeds
+
+
+def _set_lr(optimizer, i):
+    optimizer.param_groups[0]["lr"] = LRS[i]
+
+
+@pytest.fixture
+def sgd_steps(monkeypatch):
+    """Count SGD.step calls: zero on the fast path, so the comparison below is not step
+    against step."""
+    calls = []
+    real = torch.optim.SGD.step
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "options",
+    [{"lr": 0.1}, {"lr": 0.1, "foreach": False}, {"lr": 1}, {"lr": 3e-4}],
+    ids=["lr", "foreach-false", "int-lr", "small-lr"],
+)
+@pytest.mark.parametrize("changing_lr", [False, True], ids=["fixed", "lr-set-each-step"])
+def test_the_fast_path_equals_sgd_step_bit_for_bit(sgd_steps, dtype, options, changing_lr):
+    ours, seeds = _twins(dtype, len(LRS), options, _set_lr if changing_lr else None)
+    assert len(sgd_steps) == len(LRS)  # the seed's twin only: ours took the fast path
+    for (name, a), b in zip(ours.named_parameters(), seeds.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert a.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"momentum": 0.9},
+        {"weight_decay": 0.01},
+        {"momentum": 0.5, "nesterov": True},
+        {"maximize": True},
+        {"dampening": 0.1},
+        {"foreach": True},
+        {"fused": True},
+        {"lr": torch.tensor(0.1)},
+    ],
+    ids=[
+        "momentum",
+        "weight-decay",
+        "nesterov",
+        "maximize",
+        "dampening",
+        "foreach",
+        "fused",
+        "tensor-lr",
+    ],
+)
+def test_any_other_option_goes_through_sgd_step_and_still_equals_it(sgd_steps, options):
+    ours, seeds = _twins(torch.float32, 6, {"lr": 0.1, **options})
+    assert len(sgd_steps) == 12  # both twins called SGD.step at every step
+    for a, b in zip(ours.parameters(), seeds.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_lr_scheduler_or_a_hook_sends_steps_through_sgd_step(sgd_steps):
+    """A scheduler wraps optimizer.step (to check the call order), hooks must run: both are
+    honoured, so the fast path only ever replaces a bare SGD.step."""
+    model = _Model(torch.float32)
+    optimizer = torch.optim.SGD([model.hidden], lr=0.1)
+    assert plain_sgd_lr(optimizer) == 0.1
+    torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    assert plain_sgd_lr(optimizer) is None
+    hooked = torch.optim.SGD([model.hidden], lr=0.1)
+    hooked.register_step_post_hook(lambda *args: None)
+    assert plain_sgd_lr(hooked) is None
+    on_cuda_like = torch.optim.SGD([torch.nn.Parameter(torch.ones(1, device="meta"))], lr=0.1)
+    assert plain_sgd_lr(on_cuda_like) is None  # off the CPU, SGD runs its foreach kernels

@@ -1,0 +1,293 @@
+"""The epoch loop of train-epochs: steps, a pause point after each where it checkpoints or
+stops, and the state it starts from."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+from tasks import fence
+from tasks.checkpoint import Checkpoints, TrainState
+from tasks.errors import NonFiniteLoss
+from tasks.loaders import Batches
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+EpochHook = Callable[[int, float, float], None]
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived during training; the message says what was saved.
+
+    A BaseException, like KeyboardInterrupt, so Prefect reports a crash and does not retry.
+    """
+
+    def __init__(self, signum: int, epoch: int, batch: int, outcome: str):
+        where = f"epoch {epoch}, batch {batch}"
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at {where}; {outcome}")
+        self.signum = signum
+
+
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a request the loop honours at the next step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signals reach only it
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass
+class History:
+    train: list[float] = field(default_factory=list)
+    val: list[float] = field(default_factory=list)
+
+
+def rng_states(device: torch.device) -> dict[str, Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def seed_rngs(seed: int, device: torch.device) -> None:
+    """Seed the global RNGs training may draw from (CPU, and this CUDA device only)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+def plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float | None:
+    """The learning rate when `SGD.step` would do nothing but `p.add_(p.grad, alpha=-lr)` on
+    each parameter, one tensor at a time; None when it would do anything else.
+
+    That is: SGD itself (not a subclass), one parameter group on the CPU (elsewhere SGD runs
+    foreach kernels), every option but `lr` at its default, `lr` a number, and no hook or
+    wrapper around `step` (an LR scheduler wraps it, and hooks must run).
+    tests/test_train.py compares this path with `SGD.step` bit for bit.
+    """
+    return _plain_lr(optimizer) if _sgd_on_the_cpu(optimizer) else None
+
+
+def _sgd_on_the_cpu(optimizer: torch.optim.Optimizer) -> bool:
+    # What a loop can't change: the optimizer's class, its groups and where the parameters are.
+    return (
+        type(optimizer) is torch.optim.SGD
+        and len(optimizer.param_groups) == 1
+        and all(p.device.type == "cpu" for p in optimizer.param_groups[0]["params"])
+    )
+
+
+def _plain_lr(optimizer: torch.optim.Optimizer) -> float | None:
+    # What may change between steps (a schedule sets `lr`, anyone can add a hook): per step.
+    group = optimizer.param_groups[0]
+    if (
+        group["momentum"] != 0
+        or group["dampening"] != 0
+        or group["weight_decay"] != 0
+        or group["nesterov"]
+        or group["maximize"]
+        or group["foreach"]
+        or group["fused"]
+        or group["differentiable"]
+        or isinstance(group["lr"], Tensor)
+        or "step" in vars(optimizer)  # a wrapper, e.g. an LR scheduler's call tracking
+        or optimizer._optimizer_step_pre_hooks
+        or optimizer._optimizer_step_post_hooks
+        or _global_optimizer_pre_hooks
+        or _global_optimizer_post_hooks
+        or getattr(optimizer, "grad_scale", None) is not None  # set by a GradScaler
+    ):
+        return None
+    return group["lr"]
+
+
+def make_train_step(
+    model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The seed's train step (forward, backward, step, zero_grad), returning the loss on the
+    device instead of `.item()`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    sgd_on_the_cpu = _sgd_on_the_cpu(optimizer)
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        lr = _plain_lr(optimizer) if sgd_on_the_cpu else None  # = plain_sgd_lr(optimizer)
+        if lr is None:
+            optimizer.step()
+        else:  # SGD.step's own arithmetic, without its ~10 µs of Python per call
+            with torch.no_grad():
+                for p in optimizer.param_groups[0]["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-lr)
+        for p in params:  # zero_grad(set_to_none=True), minus the call overhead
+            p.grad = None
+        return loss.detach()
+
+    return step
+
+
+def _first_bad(losses: Tensor | np.ndarray) -> int:
+    bad = ~np.isfinite(np.asarray(losses))
+    return int(np.flatnonzero(bad)[0]) if bad.any() else -1
+
+
+class EpochLoop:
+    """One attempt at training: epochs of steps, and a pause point after every step and every
+    epoch where it checkpoints or stops.
+
+    An attempt starts from its arguments and `resume` alone: the shuffle generator is made
+    here, the model and optimizer by the caller for this attempt, so a retried task trains
+    exactly what an uninterrupted one does. Per-batch losses stay on the device instead of
+    being `.item()`-ed, so the host waits once per epoch, not once per step; kept per batch,
+    they also say which batch went bad.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Batches,
+        val: Batches,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        on_epoch: EpochHook | None = None,
+        checkpoints: Checkpoints | None = None,
+        resume: TrainState | None = None,
+        stop: StopSignals | None = None,
+    ):
+        self.model, self.train, self.val, self.loss_fn = model, train, val, loss_fn
+        self.optimizer, self.epochs, self.on_epoch = optimizer, epochs, on_epoch
+        self.checkpoints, self.stop = checkpoints, stop
+        self.device = next(model.parameters()).device
+        self.step = make_train_step(model, loss_fn, optimizer)
+        self.shuffle = train.shuffle()
+        self.history, self.start_epoch, self.start_losses = History(), 0, []
+        if resume is not None:
+            self.history = History(list(resume.train_loss), list(resume.val_loss))
+            self.start_epoch = resume.epoch
+            self.start_losses = list(resume.batch_losses.to(self.device).unbind())
+            if self.shuffle is not None:
+                self.shuffle.set_state(resume.loader["generator"])
+
+    def run(self) -> History:
+        batch_losses = self.start_losses
+        for epoch in range(self.start_epoch, self.epochs):
+            self.train_epoch(epoch, batch_losses)
+            self.end_epoch(epoch, torch.stack(batch_losses), self.validate())
+            batch_losses = []
+        return self.history
+
+    def train_epoch(self, epoch: int, batch_losses: list[Tensor]) -> None:
+        """The epoch's remaining steps; `batch_losses` holds the done ones' and grows."""
+        # A checkpoint in this epoch saves the generator as it was before the epoch's draw,
+        # so a resumed attempt draws the same order and skips the batches already done.
+        at_start = self._shuffle_state()
+        self.model.train()
+        for x, y in self.train.epoch(self.shuffle, start_batch=len(batch_losses)):
+            batch_losses.append(self.step(x, y))
+            self.pause(epoch, batch_losses, at_start)
+
+    def validate(self) -> Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            return torch.stack([self.loss_fn(self.model(x), y) for x, y in self.val.epoch(None)])
+
+    def end_epoch(self, epoch: int, train_losses: Tensor, val_losses: Tensor) -> None:
+        # The epoch's one host sync. The means are the seed's `np.mean` over its Python floats
+        # (float64, numpy's summation order), bit for bit.
+        losses = torch.cat([train_losses, val_losses]).double().cpu().numpy()
+        train, val = losses[: len(train_losses)], losses[len(train_losses) :]
+        train_loss, val_loss = float(np.mean(train)), float(np.mean(val))
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss("training", epoch, _first_bad(train))
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss("validation", epoch, _first_bad(val))
+        self.history.train.append(train_loss)
+        self.history.val.append(val_loss)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, train_loss, val_loss)
+        self.pause(epoch + 1, [], self._shuffle_state())
+
+    def pause(self, epoch: int, batch_losses: list[Tensor], shuffle: dict[str, Tensor]) -> None:
+        """After every step, and after every epoch as batch 0 of the next: the one place that
+        decides whether to checkpoint (the cadence, the end, a stop request) and to stop.
+
+        `batch_losses` are the epoch's so far; `shuffle`, the generator before its draw.
+        """
+        batch = len(batch_losses)
+        stopping = self.stop is not None and self.stop.signum is not None
+        finished = (epoch, batch) == (self.epochs, 0)
+        saved = None
+        if (
+            self.checkpoints is not None
+            and (stopping or finished or self.checkpoints.due(epoch, batch))
+            and fence.hold()  # split-brain: exits if a re-run took this flow run over
+        ):
+            saved = self.checkpoints.save(self._state(epoch, batch_losses, shuffle))
+        if stopping:
+            # A cancellation from the UI is reported Cancelled, not Crashed (no re-run).
+            cancelled = fence.cancellation(self.stop.signum)
+            raise cancelled or Interrupted(self.stop.signum, epoch, batch, self._outcome(saved))
+
+    def _outcome(self, saved: bool | None) -> str:
+        """What an interrupted run leaves for the next one, truthfully."""
+        if self.checkpoints is None:
+            return (
+                "checkpoints are off for this run, so nothing was saved: the next run starts over"
+            )
+        if saved:
+            return "checkpoint saved: the next run of this config resumes there"
+        return (
+            f"no checkpoint saved ({self.checkpoints.error}); the next run resumes from an older "
+            f"one if there is one (this run's last: {self.checkpoints.describe_last()})"
+        )
+
+    def _shuffle_state(self) -> dict[str, Tensor]:
+        return {} if self.shuffle is None else {"generator": self.shuffle.get_state()}
+
+    def _state(
+        self, epoch: int, batch_losses: list[Tensor], shuffle: dict[str, Tensor]
+    ) -> TrainState:
+        done = torch.stack(batch_losses) if batch_losses else torch.empty(0, device=self.device)
+        if (bad := _first_bad(done.cpu())) >= 0:  # a diverged state is no place to resume
+            raise NonFiniteLoss("training", epoch, bad)
+        return TrainState(
+            epoch,
+            len(batch_losses),
+            self.model.state_dict(),
+            self.optimizer.state_dict(),
+            shuffle,
+            done,
+            list(self.history.train),
+            list(self.history.val),
+            rng_states(self.device),
+        )

@@ -1,0 +1,154 @@
+"""Test-only faults for a child process, injected from outside trainflow's code.
+
+The harness puts this folder first on a child's PYTHONPATH, so Python imports this module
+at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of:
+
+    signal:SIG:step:N                 send SIG (KILL, TERM, INT) to itself at the Nth
+                                      `torch.Tensor.backward` call, i.e. training step N
+    signal:KILL:KIND:N:MOMENT         SIGKILL itself during the Nth write of a KIND file
+                                      (checkpoint, train-record: train-epochs' cache record,
+                                      model: the run folder's model.safetensors), at MOMENT:
+                                      fsync (its bytes are written, not yet synced),
+                                      replace (synced, not yet renamed) or renamed (renamed,
+                                      folder not yet synced)
+    lockstep:PEER_LOG                 record every checkpoint write and delete, and after
+                                      the Nth checkpoint wait until the peer process (which
+                                      logs to PEER_LOG) has written its Nth or has exited
+
+Every event is appended to TRAINFLOW_FAULT_LOG as a JSON line, the fault's own line written
+before it strikes, so a test proves where a kill landed instead of guessing from timing.
+"""
+
+import atexit
+import json
+import os
+import re
+import signal
+import time
+
+FAULT = os.environ.get("TRAINFLOW_FAULT", "")
+LOG = os.environ.get("TRAINFLOW_FAULT_LOG", "")
+KINDS = {
+    "checkpoint": re.compile(r".*/ckpt-\d{9}-\d{9}-[^/]*\.safetensors"),
+    "train-record": re.compile(r".*/records/train-epochs-[^/]+"),
+    "model": re.compile(r".*/model\.safetensors"),
+}
+
+
+def log(event: str, **fields: object) -> None:
+    with open(LOG, "a") as f:
+        f.write(json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def strike(signame: str, **where: object) -> None:
+    log("strike", signal=signame, **where)
+    # To this thread, and Python's handler (for TERM and INT) has run when this returns.
+    signal.raise_signal(getattr(signal, f"SIG{signame}"))
+
+
+def kind_of(path: str) -> str | None:
+    for kind, pattern in KINDS.items():
+        if pattern.fullmatch(os.path.abspath(path)):
+            return kind
+    return None
+
+
+def on_step(signame: str, n: int) -> None:
+    import torch  # this child trains anyway; imported here only for this fault
+
+    real = torch.Tensor.backward
+    calls = 0
+
+    def backward(self, *args, **kwargs):
+        nonlocal calls
+        result = real(self, *args, **kwargs)
+        calls += 1
+        if calls == n:
+            strike(signame, step=n)
+        return result
+
+    torch.Tensor.backward = backward
+
+
+def on_write(kind: str, n: int, moment: str) -> None:
+    real_fsync, real_replace = os.fsync, os.replace
+    writes = 0
+
+    def fsync(fd):
+        # The temporary file's fsync comes before its rename: that is the n-th write starting.
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        name = re.sub(r"^\.(.*)\.[^.]+\.tmp$", r"\1", os.path.basename(path))
+        final = os.path.join(os.path.dirname(path), name)
+        is_ours = moment == "fsync" and not os.path.isdir(path) and kind_of(final) == kind
+        if is_ours and writes + 1 == n:
+            strike("KILL", kind=kind, write=n, moment=moment, path=path)
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        nonlocal writes
+        if kind_of(os.fspath(dst)) != kind:
+            return real_replace(src, dst, *args, **kwargs)
+        writes += 1
+        if writes == n and moment == "replace":
+            strike("KILL", kind=kind, write=n, moment=moment, path=os.fspath(dst))
+        result = real_replace(src, dst, *args, **kwargs)
+        if writes == n and moment == "renamed":
+            strike("KILL", kind=kind, write=n, moment=moment, path=os.fspath(dst))
+        return result
+
+    os.fsync, os.replace = fsync, replace
+
+
+def lockstep(peer_log: str) -> None:
+    real_replace, real_remove = os.replace, os.remove
+    written = 0
+
+    def peer_checkpoints() -> tuple[int, bool]:
+        try:
+            with open(peer_log) as f:
+                events = [json.loads(line)["event"] for line in f]
+        except FileNotFoundError:
+            return 0, False
+        return events.count("checkpoint"), "exit" in events
+
+    def replace(src, dst, *args, **kwargs):
+        nonlocal written
+        result = real_replace(src, dst, *args, **kwargs)
+        if kind_of(os.fspath(dst)) == "checkpoint":
+            written += 1
+            folder = os.path.dirname(os.fspath(dst))
+            log("checkpoint", name=os.path.basename(dst), listing=sorted(os.listdir(folder)))
+            deadline = time.monotonic() + 300
+            while True:  # a barrier, not a race: both runs hold n checkpoints before going on
+                count, exited = peer_checkpoints()
+                if count >= written or exited:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the peer run never reached this checkpoint")
+                time.sleep(0.01)
+        return result
+
+    def remove(path, *args, **kwargs):
+        if kind_of(os.fspath(path)) == "checkpoint":
+            log("remove", name=os.path.basename(path))
+        return real_remove(path, *args, **kwargs)
+
+    os.replace, os.remove = replace, remove
+    atexit.register(log, "exit")
+
+
+if FAULT:
+    log("start", fault=FAULT)
+    mode, _, spec = FAULT.partition(":")
+    if mode == "signal":
+        signame, target, *rest = spec.split(":")
+        if target == "step":
+            on_step(signame, int(rest[0]))
+        else:
+            on_write(target, int(rest[0]), rest[1])
+    elif mode == "lockstep":
+        lockstep(spec)
+    else:
+        raise ValueError(f"unknown TRAINFLOW_FAULT {FAULT!r}")

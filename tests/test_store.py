@@ -1,0 +1,362 @@
+"""The cache's bytes (tasks/store.py), listing and pruning (tasks/prune.py), the cache CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+import torch
+
+from flows import cache_cli
+from tasks.data import Dataset
+from tasks.export import Exported
+from tasks.keys import FORMAT
+from tasks.model import InitialModel, ModelSpec, initial_model
+from tasks.prune import list_entries, prune
+from tasks.split import Split, split_indices
+from tasks.store import CacheStore, CorruptEntry
+from tasks.train import Trained
+
+SPEC = ModelSpec("mlp", 3, 2, (4,))
+
+
+@pytest.fixture(params=["local", "memory"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A cache root on the local disk or on fsspec's in-memory filesystem."""
+    if request.param == "local":
+        yield str(tmp_path / "c")
+        return
+    url = f"memory://trainflow-test-{uuid.uuid4().hex}"
+    yield url
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _fs(root: str) -> tuple[Any, str]:
+    store = CacheStore(root)
+    return store.fs, store.root
+
+
+def _dataset() -> Dataset:
+    x = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    return Dataset(x, x.sum(1, keepdim=True), ("a", "b", "c"), ("t",))
+
+
+ARTIFACTS = {
+    Dataset: _dataset,
+    Split: lambda: split_indices(10, 0.3, 13),
+    InitialModel: lambda: initial_model(SPEC, 0),
+    Trained: lambda: Trained(SPEC, initial_model(SPEC, 1).state, [1.0, 0.5], [1.5, 0.75], 2),
+    Exported: lambda: Exported(b"\x00\x01program\xff" * 7, b"graph-events"),
+}
+
+
+def _assert_same(a: Any, b: Any) -> None:
+    assert type(a) is type(b)
+    for f in dataclasses.fields(a):
+        if f.name == "cache_key":
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), f.name
+        elif isinstance(x, dict) and any(isinstance(v, torch.Tensor) for v in x.values()):
+            assert x.keys() == y.keys(), f.name
+            for k in x:
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), f"{f.name}[{k}]"
+        else:
+            assert x == y, f.name
+
+
+def _key(stage: str, n: int) -> str:
+    return f"{stage}-{n:040x}"
+
+
+# --- entries --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ARTIFACTS, ids=lambda k: k.__name__)
+def test_every_stage_output_round_trips(kind, root):
+    value = ARTIFACTS[kind]()
+    store = CacheStore(root)
+    store.put(_key("stage", 1), value)
+    _assert_same(store.get(_key("stage", 1), kind), value)
+    fs, base = _fs(root)
+    record = json.loads(fs.cat_file(f"{base}/records/{_key('stage', 1)}.json"))
+    assert record["artifact"] == kind.__qualname__ and record["format"] == FORMAT
+    assert set(record["blob"]) == {"xxh3", "size"}
+    assert base not in json.dumps(record)  # no path: the folder can move
+
+
+def test_a_missing_entry_is_a_plain_miss(root):
+    assert CacheStore(root).get(_key("split", 1), Split) is None
+
+
+def test_an_entry_is_read_as_the_kind_the_stage_expects_only(root):
+    store = CacheStore(root)
+    store.put(_key("split", 1), split_indices(10, 0.3, 13))
+    with pytest.raises(CorruptEntry, match="not a Dataset"):
+        store.get(_key("split", 1), Dataset)
+
+
+def test_equal_outputs_share_one_blob_and_no_temporary_file_is_left(root):
+    store = CacheStore(root)
+    store.put(_key("split", 1), split_indices(10, 0.3, 13))
+    store.put(_key("split", 2), split_indices(10, 0.3, 13))
+    store.put(_key("split", 3), split_indices(10, 0.3, 14))
+    fs, base = _fs(root)
+    assert len(fs.glob(f"{base}/blobs/*.safetensors")) == 2
+    assert not [p for p in fs.find(base) if ".tmp" in p]
+
+
+def test_a_moved_or_copied_cache_reads_from_where_it_is_now(tmp_path):
+    CacheStore(str(tmp_path / "old")).put(_key("split", 1), split_indices(10, 0.3, 13))
+    shutil.copytree(tmp_path / "old", tmp_path / "copy")
+    os.rename(tmp_path / "old", tmp_path / "moved")
+    for folder in ("moved", "copy"):
+        _assert_same(
+            CacheStore(str(tmp_path / folder)).get(_key("split", 1), Split),
+            split_indices(10, 0.3, 13),
+        )
+    # The copy is independent: damage to the moved one doesn't show through it.
+    shutil.rmtree(tmp_path / "moved" / "blobs")
+    assert CacheStore(str(tmp_path / "copy")).get(_key("split", 1), Split) is not None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "format": FORMAT,
+            "artifact": "Split",
+            "meta": {},
+            "blob": {"xxh3": "../../etc", "size": 0},
+        },
+        {"format": FORMAT, "artifact": "Split", "meta": {}, "blob": {"xxh3": "0" * 32}},
+        {"format": FORMAT + 1, "artifact": "Split", "meta": {}, "blob": {}},
+        {"format": FORMAT, "artifact": "Split", "meta": {}, "blob": {"xxh3": "0" * 32, "size": 1}},
+        {},
+        [],
+        None,
+    ],
+    ids=["path-as-blob-name", "no-size", "other-format", "missing-blob", "empty", "list", "null"],
+)
+def test_a_foreign_record_is_a_corrupt_entry(record, root):
+    store = CacheStore(root)
+    store.write(store.path("records", f"{_key('split', 1)}.json"), json.dumps(record).encode())
+    with pytest.raises(CorruptEntry):
+        store.get(_key("split", 1), Split)
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_pickle_is_never_unpickled(root, tmp_path):
+    marker = tmp_path / "pwned"
+    store = CacheStore(root)
+    store.write(store.path("records", f"{_key('split', 1)}.json"), pickle.dumps(_Exploit(marker)))
+    with pytest.raises(CorruptEntry):
+        store.get(_key("split", 1), Split)
+    assert not marker.exists()
+
+
+def _stored_once(root: str) -> tuple[CacheStore, str]:
+    store = CacheStore(root)
+    store.put(_key("build-model", 1), initial_model(SPEC, 0))
+    store.get(_key("build-model", 1), InitialModel)  # read once: no memo may hide what follows
+    fs, base = _fs(root)
+    (blob,) = fs.glob(f"{base}/blobs/*.safetensors")
+    return store, blob
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "remove", "replace"])
+def test_a_damaged_blob_is_a_corrupt_entry(root, damage):
+    store, blob = _stored_once(root)
+    data = bytearray(store.fs.cat_file(blob))
+    if damage == "truncate":
+        store.fs.pipe_file(blob, bytes(data[:-7]))
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        store.fs.pipe_file(blob, bytes(data))
+    elif damage == "remove":
+        store.fs.rm_file(blob)
+    else:  # same size, another inode, mtime put back
+        stat = store.fs.info(blob)
+        store.fs.rm_file(blob)
+        data[-1] ^= 0x20
+        store.fs.pipe_file(blob, bytes(data))
+        if store.local:
+            os.utime(blob, ns=(int(stat["mtime"] * 1e9),) * 2)
+    with pytest.raises(CorruptEntry):
+        store.get(_key("build-model", 1), InitialModel)
+
+
+# --- listing and pruning ---------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+def _put(root: str, key: str, value: Any, created: float) -> None:
+    store = CacheStore(root)
+    store.put(key, value)
+    path = store.path("records", f"{key}.json")
+    record = json.loads(store.read(path))
+    store.write(path, json.dumps({**record, "created": created}).encode())
+
+
+@pytest.fixture
+def populated(root: str) -> tuple[str, float]:
+    """Four entries, 10, 5, 2 and 0.1 days old; the oldest and the newest share a blob."""
+    import time
+
+    now = time.time()
+    _put(root, _key("split", 1), split_indices(10, 0.3, 1), now - 10 * DAY)
+    _put(root, _key("build-model", 2), initial_model(SPEC, 0), now - 5 * DAY)
+    _put(root, _key("load-tensors", 3), _dataset(), now - 2 * DAY)
+    _put(root, _key("split", 4), split_indices(10, 0.3, 1), now - 0.1 * DAY)
+    return root, now
+
+
+def _blob_names(root: str) -> set[str]:
+    fs, base = _fs(root)
+    return {Path(p).name.removesuffix(".safetensors") for p in fs.glob(f"{base}/blobs/*")}
+
+
+def test_list_entries_oldest_first_with_sizes(populated):
+    root, now = populated
+    entries = list_entries(root)
+    expected = [_key("split", 1), _key("build-model", 2), _key("load-tensors", 3), _key("split", 4)]
+    assert [e.key for e in entries] == expected
+    assert entries[0].created == pytest.approx(now - 10 * DAY)
+    assert entries[0].blob == entries[3].blob != entries[1].blob
+    assert {e.blob for e in entries} == _blob_names(root)
+    fs, base = _fs(root)
+    for e in entries:
+        record = fs.size(f"{base}/records/{e.key}.json")
+        assert e.size == record + fs.size(f"{base}/blobs/{e.blob}.safetensors")
+
+
+def test_list_entries_of_an_empty_or_missing_cache(root):
+    assert list_entries(root) == []
+
+
+def test_list_entries_skips_foreign_names_and_puts_unreadable_records_first(populated):
+    root, _ = populated
+    store = CacheStore(root)
+    store.write(store.path("records", "not-a-key.json"), b"{}")
+    store.write(store.path("records", f"{_key('split', 9)}.json"), b"garbage")
+    entries = list_entries(root)
+    assert "not-a-key" not in [e.key for e in entries]
+    assert entries[0].key == _key("split", 9)
+    assert entries[0].created == 0.0 and entries[0].blob is None
+
+
+def test_prune_older_than_removes_old_entries_and_unshared_blobs(populated):
+    root, _ = populated
+    before = {e.key: e for e in list_entries(root)}
+    removed = prune(root, older_than_s=3 * DAY)
+    assert [e.key for e in removed] == [_key("split", 1), _key("build-model", 2)]
+    assert [e.key for e in list_entries(root)] == [_key("load-tensors", 3), _key("split", 4)]
+    # The 10-day-old split's blob is shared with the kept newest entry: it stays, and loads.
+    kept = {before[_key("load-tensors", 3)].blob, before[_key("split", 4)].blob}
+    assert _blob_names(root) == kept
+    _assert_same(CacheStore(root).get(_key("split", 4), Split), split_indices(10, 0.3, 1))
+    assert prune(root, older_than_s=3 * DAY) == []
+
+
+def test_prune_max_bytes_removes_oldest_until_under_the_limit(populated):
+    root, _ = populated
+    entries = list_entries(root)
+    total = sum(e.size for e in entries)
+    removed = prune(root, max_bytes=total - entries[0].size - entries[1].size + 1)
+    assert [e.key for e in removed] == [entries[0].key, entries[1].key]
+    assert sum(e.size for e in list_entries(root)) <= total - entries[0].size - entries[1].size
+    assert prune(root, max_bytes=10**12) == []
+    assert len(prune(root, max_bytes=0)) == 2
+    assert list_entries(root) == [] and _blob_names(root) == set()
+
+
+def test_two_prunes_at_once_do_not_trip_over_each_other(populated):
+    root, _ = populated
+    entries = list_entries(root)
+    store = CacheStore(root)
+    for entry in entries:  # another prune removed everything first
+        store.remove(entry)
+        if entry.blob:
+            store.remove_blob(entry.blob)
+    for entry in entries:  # this one's deletes now find nothing: harmless
+        store.remove(entry)
+        if entry.blob:
+            store.remove_blob(entry.blob)
+    assert list_entries(root) == []
+
+
+# --- flows/cache_cli.py -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("10GB", 10**10), ("500mb", 500 * 10**6), ("1.5k", 1500), ("42", 42), (" 2 TB ", 2 * 10**12)],
+)
+def test_parse_size(text, size):
+    assert cache_cli.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "ten", "10XB", "-1GB", "1e9"])
+def test_parse_size_rejects_bad_sizes(text):
+    with pytest.raises(cache_cli.argparse.ArgumentTypeError):
+        cache_cli.parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("7d", 7 * 86400), ("12h", 43200), ("2w", 1209600), ("90s", 90)]
+)
+def test_parse_age(text, seconds):
+    assert cache_cli.parse_age(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["7", "7y", "d", "-1d"])
+def test_parse_age_rejects_bad_ages(text):
+    with pytest.raises(cache_cli.argparse.ArgumentTypeError):
+        cache_cli.parse_age(text)
+
+
+def test_cli_list_prints_one_line_per_entry_and_a_summary(populated, capsys):
+    root, _ = populated
+    assert cache_cli.main(["--cache-dir", root, "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    assert lines[0].endswith(_key("split", 1))
+    assert lines[-1].startswith("4 entries, ") and lines[-1].endswith(f" in {root}")
+
+
+def test_cli_list_of_an_empty_cache(capsys):
+    assert cache_cli.main(["--cache-dir", "nothing-here", "list"]) == 0
+    assert capsys.readouterr().out.strip() == "0 entries, 0 B in nothing-here"
+
+
+def test_cli_prune_needs_an_option(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cache_cli.main(["--cache-dir", str(tmp_path), "prune"])
+    assert exit_info.value.code == 2
+    assert "--older-than" in capsys.readouterr().err
+
+
+def test_cli_prune_removes_old_entries(populated, capsys):
+    root, _ = populated
+    assert cache_cli.main(["--cache-dir", root, "prune", "--older-than", "3d"]) == 0
+    assert capsys.readouterr().out.startswith("removed 2 entries, ")
+    assert len(list_entries(root)) == 2
