@@ -4,8 +4,10 @@
     python benchmarks/run.py --sections cache     # one section
     python benchmarks/run.py --json out.json      # also write the numbers as JSON
 
-Each measurement runs in a fresh child process (so one can't warm the next), against one
-local Prefect server the benchmark starts on 127.0.0.1 and stops at the end.
+Each measurement runs in a fresh child process (so one can't warm the next). The e2e section
+runs first and prepares nothing: `python flows/train_flow.py` finds or starts its server as
+it does for a user. The other sections share one server the benchmark starts (the same
+way, flows/server.py) in its own PREFECT_HOME and stops at the end.
 """
 
 from __future__ import annotations
@@ -171,7 +173,58 @@ def child_loop(kind: str, scale_name: str, epochs: str, device: str) -> dict[str
     }
 
 
+def child_tensorboard(calls: str) -> dict[str, Any]:
+    """What train-epochs' per-epoch TensorBoard write costs (its own call, `log_losses`)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tasks.train import log_losses
+
+    with tempfile.TemporaryDirectory() as folder, SummaryWriter(folder) as writer:
+        for epoch in range(50):  # the first calls create the per-curve writers
+            log_losses(writer, epoch, 0.5, 0.5)
+        start = time.perf_counter()
+        for epoch in range(50, 50 + int(calls)):
+            log_losses(writer, epoch, 0.5, 0.5)
+        seconds = time.perf_counter() - start
+    return {"ms_per_epoch": seconds / int(calls) * 1e3}
+
+
+def child_requests(cache_dir: str) -> dict[str, Any]:
+    """A cached default run in this process: the API requests it waits for, and their time."""
+    import threading
+
+    import httpx
+
+    from flows.train_flow import main as train_main
+
+    waited: list[tuple[str, float]] = []
+    send = httpx.Client.send
+
+    def timed_send(self: httpx.Client, request: httpx.Request, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return send(self, request, *args, **kwargs)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                waited.append((f"{request.method} {request.url.path}", time.perf_counter() - start))
+
+    argv = ["--cache-dir", cache_dir, "--runs-dir", "runs"]
+    assert train_main(argv) == 0  # fills the cache
+    httpx.Client.send = timed_send  # type: ignore[method-assign]
+    start = time.perf_counter()
+    assert train_main(argv) == 0
+    resources = sorted({path.split("/")[2] for path, _ in waited})  # /api/<resource>/…
+    return {
+        "seconds": time.perf_counter() - start,
+        "requests": len(waited),
+        "request_seconds": sum(t for _, t in waited),
+        "paths": resources,
+    }
+
+
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
+    "tensorboard": child_tensorboard,
+    "requests": child_requests,
     "loop": child_loop,
     "checkpoint": child_checkpoint,
     "flow": lambda *a: child_flow(list(a)),
@@ -210,59 +263,25 @@ def fmt(stat: dict[str, float], unit: str = "s") -> str:
 
 
 class Server:
-    """A local Prefect server for the children, so no measurement pays an ephemeral start."""
+    """The other sections' Prefect server, started and stopped the way the CLI does it
+    (flows/server.py), in the benchmark's own PREFECT_HOME."""
 
     def __init__(self, home: Path):
-        self.port = _free_port()
-        self.env = {
-            **os.environ,
-            "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": f"http://127.0.0.1:{self.port}/api",
-        }
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--no-ui",
-            ],
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        self.env = {**env, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
+        start = subprocess.run(
+            [sys.executable, "-m", "flows.server", "start"],
             env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
-        import urllib.request
-
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/health", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("the Prefect server did not start within 180 s")
+        if start.returncode != 0:
+            raise RuntimeError(f"the Prefect server did not start:\n{start.stderr}")
+        self.env["PREFECT_API_URL"] = start.stdout.strip().splitlines()[-1] + "/api"
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        subprocess.run([sys.executable, "-m", "flows.server", "stop"], env=self.env, timeout=120)
 
 
 def bench_cache(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict[str, Any]:
@@ -429,60 +448,197 @@ def bench_loop(
     return out
 
 
-def _timed_process(env: dict[str, str], *command: str) -> float:
+# --- whole processes, as a user runs them --------------------------------------------------
+
+FLOW = REPO / "flows" / "train_flow.py"
+IMPORT_TORCH, IMPORT_TORCH_PREFECT = "import torch", "import torch, prefect"
+SEED = HERE.parent / "seed_script.py"
+
+
+def _user_env(home: Path, cwd: Path) -> dict[str, str]:
+    """A user's shell: no PREFECT_API_URL (the CLI finds or starts its server), their own
+    PREFECT_HOME, bytecode cached as usual."""
+    drop = {"PREFECT_API_URL", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "PREFECT_HOME": str(home), "BENCH_CWD": str(cwd)}
+
+
+def _timed(env: dict[str, str], *argv: str) -> tuple[float, float]:
+    """`python ARGV…`: wall time, and CPU time (user + system) of the command and the children
+    it waited for: a second view that other load on the machine disturbs much less."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, *command],
+        [sys.executable, *argv],
         cwd=env["BENCH_CWD"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=3600,
     )
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
-        raise RuntimeError(f"{command} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+        raise RuntimeError(f"python {' '.join(argv)} failed:\n{result.stderr[-3000:]}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, cpu
 
 
-def bench_e2e(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict[str, Any]:
-    """Whole processes at 2,000 epochs: the seed script vs `python flows/train_flow.py`."""
-    flow = str(REPO / "flows" / "train_flow.py")
-    seed = str(HERE.parent / "seed_script.py")
-    # Prefect's temporary server: its own PREFECT_HOME, migrated by a warm-up run first.
-    ephemeral = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    ephemeral["PREFECT_HOME"] = str(Path(env["BENCH_CWD"]) / "prefect-ephemeral")
-    _timed_process(ephemeral, flow, "--epochs", "2", "--cache-dir", "warm-up")
-    times: dict[str, list[float]] = {k: [] for k in ("seed", "ephemeral", "server", "cached")}
-    for i in range(repeat):
-        times["seed"].append(_timed_process(env, seed, "--epochs", "2000", "--logdir", f"s{i}"))
-        args = ("--epochs", "2000")
-        times["ephemeral"].append(_timed_process(ephemeral, flow, *args, "--cache-dir", f"e{i}"))
-        times["server"].append(_timed_process(env, flow, *args, "--cache-dir", f"c{i}"))
-        times["cached"].append(_timed_process(env, flow, *args, "--cache-dir", f"c{i}"))
-    out = {k: median(v) for k, v in times.items()}
-    base = out["seed"]["median"]
+def _stop_server(home: Path) -> None:
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
+    subprocess.run(
+        [sys.executable, "-m", "flows.server", "stop"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def _shown(script: Path, *args: str) -> str:
+    return " ".join(["$ python", str(script.relative_to(REPO)), *args])
+
+
+def _ratio(ours: dict[str, float], seed: dict[str, float]) -> str:
+    return f"{ours['median'] / seed['median']:.2f}× the seed"
+
+
+def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """`python flows/train_flow.py` against the seed script, whole processes, interleaved.
+
+    No server is prepared: each new PREFECT_HOME's first run starts the one later runs use,
+    exactly as for a user. (d) uses a new home each time; (a)-(c) the last one's server.
+    """
+    times: dict[str, list[float]] = {}
+    cpu_times: dict[str, list[float]] = {}
+
+    def run(key: str, env: dict[str, str], script: Path | str, *args: str) -> None:
+        wall, cpu = _timed(env, str(script), *args)
+        times.setdefault(key, []).append(wall)
+        cpu_times.setdefault(key, []).append(cpu)
+
+    homes = [scratch / f"home-{i}" for i in range(repeat)]
+    try:
+        for i, home in enumerate(homes):
+            # (d) a new clone: a new PREFECT_HOME and folder, so a server start, a cold cache.
+            env = _user_env(home, scratch / f"clone-{i}")
+            Path(env["BENCH_CWD"]).mkdir(parents=True)
+            run("seed_200", env, SEED)
+            run("first_run", env, FLOW)
+            if i < repeat - 1:
+                _stop_server(home)
+        # The last clone has had its first run: its default config is cached, its server up.
+        for _ in range(repeat):
+            run("seed_200", env, SEED)
+            run("cached", env, FLOW)
+            run("cached_heartbeats", {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "180"}, FLOW)
+            run("import_torch", env, "-c", IMPORT_TORCH)
+            run("import_torch_prefect", env, "-c", IMPORT_TORCH_PREFECT)
+        for i in range(repeat):
+            for epochs in ("2000", "12000"):
+                run(f"seed_{epochs}", env, SEED, "--epochs", epochs)
+                cold = ("--epochs", epochs, "--cache-dir", f"cold-{epochs}-{i}")
+                run(f"cold_{epochs}", env, FLOW, *cold)
+    finally:
+        for home in homes:
+            _stop_server(home)
+
+    out: dict[str, Any] = {k: median(v) for k, v in times.items()}
+    out["cpu"] = {k: median(v) for k, v in cpu_times.items()}
+    out["samples"], out["cpu_samples"] = times, cpu_times
+    for who in ("seed", "cold"):  # per epoch: pairwise differences of interleaved runs
+        for stats, samples in ((out, times), (out["cpu"], cpu_times)):
+            pairs = zip(samples[f"{who}_2000"], samples[f"{who}_12000"], strict=True)
+            stats[f"{who}_per_epoch"] = median([(b - a) / 10_000 * 1e3 for a, b in pairs])
+
+    def row(label: str, key: str, seed: str | None, command: str, target: str = "") -> None:
+        wall, cpu = out[key], out["cpu"][key]
+        value = f"{fmt(wall)}, CPU {cpu['median']:.2f} s"
+        if seed:
+            value += (
+                f"   {wall['median'] / out[seed]['median']:.2f}× the seed "
+                f"(CPU {cpu['median'] / out['cpu'][seed]['median']:.2f}×)"
+            )
+        rows.extend([(label, value + target), ("", command)])
+
+    row(
+        "e2e (d) first run, new PREFECT_HOME",
+        "first_run",
+        "seed_200",
+        _shown(FLOW) + "   [new PREFECT_HOME, new folder; starts the server]",
+    )
+    row("e2e (a) seed script, 200 epochs", "seed_200", None, _shown(SEED))
+    row(
+        "e2e (a) trainflow, every stage cached",
+        "cached",
+        "seed_200",
+        _shown(FLOW) + "   [after the first run]",
+        "   target ≤ 1.0×",
+    )
+    row(
+        "e2e (a) same, heartbeats on",
+        "cached_heartbeats",
+        "seed_200",
+        "$ PREFECT_FLOWS_HEARTBEAT_FREQUENCY=180 python flows/train_flow.py",
+    )
+    row("e2e (b) seed script, 2,000 epochs", "seed_2000", None, _shown(SEED, "--epochs", "2000"))
+    row(
+        "e2e (b) trainflow cold, 2,000 epochs",
+        "cold_2000",
+        "seed_2000",
+        _shown(FLOW, "--epochs", "2000", "--cache-dir", "cold-2000-I"),
+        "   target ≤ 1.0×",
+    )
+    row("e2e (c) seed script, 12,000 epochs", "seed_12000", None, _shown(SEED, "--epochs", "12000"))
+    row(
+        "e2e (c) trainflow cold, 12,000 epochs",
+        "cold_12000",
+        None,
+        _shown(FLOW, "--epochs", "12000", "--cache-dir", "cold-12000-I"),
+    )
+    seed, ours = out["seed_per_epoch"], out["cold_per_epoch"]
+    cpu_seed, cpu_ours = out["cpu"]["seed_per_epoch"], out["cpu"]["cold_per_epoch"]
+    rows.append(
+        (
+            "e2e (c) per epoch: seed → trainflow",
+            f"{fmt(seed, 'ms')} → {fmt(ours, 'ms')}: {seed['median'] / ours['median']:.2f}× faster "
+            f"(CPU {cpu_seed['median']:.3f} → {cpu_ours['median']:.3f} ms: "
+            f"{cpu_seed['median'] / cpu_ours['median']:.2f}×)   target ≥ 3×",
+        )
+    )
+    row("e2e imports: torch", "import_torch", None, f'$ python -c "{IMPORT_TORCH}"')
+    row(
+        "e2e imports: torch, prefect",
+        "import_torch_prefect",
+        None,
+        f'$ python -c "{IMPORT_TORCH_PREFECT}"',
+    )
+    return out
+
+
+def bench_overhead(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict:
+    """Prefect's share of a cached run, and TensorBoard's of an epoch."""
+    runs = [spawn(env, "requests", f"cache-requests-{i}") for i in range(repeat)]
+    tb = median([spawn(env, "tensorboard", "2000")["ms_per_epoch"] for _ in range(repeat)])
+    out = {
+        "flow": median([r["seconds"] for r in runs]),
+        "requests": runs[-1]["requests"],
+        "paths": runs[-1]["paths"],
+        "request_seconds": median([r["request_seconds"] for r in runs]),
+        "tensorboard_ms_per_epoch": tb,
+    }
     rows += [
-        ("e2e 2000 epochs: seed script", fmt(out["seed"])),
+        ("overhead: cached run, main()", fmt(out["flow"]) + " (in a process already warm)"),
         (
-            "e2e: trainflow, temporary server",
-            fmt(out["ephemeral"])
-            + f"   {out['ephemeral']['median'] / base:.2f}× the seed   target ≤ 1.0×",
+            "overhead: API requests it waits for",
+            f"{out['requests']} ({', '.join(out['paths'])}): {fmt(out['request_seconds'])}",
         ),
-        (
-            "e2e: trainflow, running server",
-            fmt(out["server"])
-            + f"   {out['server']['median'] / base:.2f}× the seed   target ≤ 1.0×",
-        ),
-        (
-            "e2e: trainflow, cached re-run",
-            fmt(out["cached"])
-            + f"   {out['cached']['median'] / out['server']['median']:.2f}× its cold run",
-        ),
+        ("overhead: TensorBoard write per epoch", fmt(tb, "ms") + "  (add_scalars, 2 curves)"),
     ]
     return out
 
 
-SECTIONS = ("loop", "e2e", "cache", "data", "checkpoint")
+SECTIONS = ("e2e", "loop", "overhead", "cache", "data", "checkpoint")
 
 
 def main() -> int:
@@ -505,21 +661,24 @@ def main() -> int:
     rows: list[tuple[str, str]] = []
     results: dict[str, Any] = {"repeat": args.repeat}
     with tempfile.TemporaryDirectory(prefix="trainflow-bench-") as scratch:
-        server = Server(Path(scratch) / "prefect")
-        env = {**server.env, "BENCH_CWD": scratch, "PYTHONPATH": str(REPO)}
-        try:
-            if "loop" in sections:
-                results["loop"] = bench_loop(env, args.repeat, rows, args.device)
-            if "e2e" in sections:
-                results["e2e"] = bench_e2e(env, args.repeat, rows)
-            if "cache" in sections:
-                results["cache"] = bench_cache(env, args.repeat, rows)
-            if "checkpoint" in sections:
-                results["checkpoint"] = bench_checkpoint(env, args.repeat, rows)
-            if "data" in sections:
-                results["data"] = bench_data(env, args.repeat, rows, args.data_gb)
-        finally:
-            server.stop()
+        if "e2e" in sections:  # first, and with no other server up: as a user has it
+            results["e2e"] = bench_e2e(Path(scratch) / "e2e", args.repeat, rows)
+        if set(sections) - {"e2e"}:
+            server = Server(Path(scratch) / "prefect")
+            env = {**server.env, "BENCH_CWD": scratch}
+            try:
+                if "loop" in sections:
+                    results["loop"] = bench_loop(env, args.repeat, rows, args.device)
+                if "overhead" in sections:
+                    results["overhead"] = bench_overhead(env, args.repeat, rows)
+                if "cache" in sections:
+                    results["cache"] = bench_cache(env, args.repeat, rows)
+                if "checkpoint" in sections:
+                    results["checkpoint"] = bench_checkpoint(env, args.repeat, rows)
+                if "data" in sections:
+                    results["data"] = bench_data(env, args.repeat, rows, args.data_gb)
+            finally:
+                server.stop()
     width = max(len(name) for name, _ in rows)
     print(f"\n{'measurement':<{width}}  median (min–max) over {args.repeat} runs")
     for name, value in rows:

@@ -6,18 +6,22 @@ import sys
 import time
 
 if __name__ == "__main__":
-    # Validate the flags before the heavy imports: a bad one exits 2 right away.
+    # Validate the flags before the heavy imports (a bad one exits 2 right away), then find
+    # the Prefect server, so one that must start boots while torch loads (see train_flow.py).
+    from flows import runtime
     from flows.cli import parse_config
     from flows.config import PredictConfig
 
     parse_config(PredictConfig, sys.argv[1:], prog="predict_flow.py")
+    runtime.start_early()
 
 from prefect import flow
 from prefect.transactions import transaction
 
 from flows.cli import parse_config
 from flows.config import PredictConfig
-from flows.runtime import command_line_run
+from flows.runtime import command_line_run, fail, run_url
+from flows.server import ServerError
 from tasks.errors import InputError, StorageError, quiet_input_errors
 from tasks.predict import (
     PredictSummary,
@@ -56,21 +60,23 @@ def predict_flow(config: PredictConfig = PredictConfig()) -> PredictSummary:  # 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(PredictConfig, argv, prog="predict_flow.py")
     quiet_input_errors()
+    url = None
     try:
         with command_line_run():
-            summary = predict_flow.with_options(retries=0)(config)
+            state = predict_flow.with_options(retries=0)(config, return_state=True)
+            url = run_url(state)
+            summary = state.result()  # the run's own error, if it failed
     except InputError as exc:
-        print(f"predict_flow.py: error: {exc}", file=sys.stderr)
-        return 2
-    except StorageError as exc:
-        print(f"predict_flow.py: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"predict_flow.py: error: {exc}", 2, url)
+    except (ServerError, StorageError) as exc:
+        return fail(f"predict_flow.py: error: {exc}", 1, url)
     metrics = ", ".join(f"{name} {value:.6g}" for name, value in summary.metrics.items())
     print(
         f"{summary.stage_table()}\n\n"
         f"scored {summary.rows:,} rows in {summary.seconds:.2f} s with {summary.run_dir}"
         + (f"\nmetrics: {metrics}" if metrics else "")
-        + f"\npredictions: {summary.out}"
+        + f"\npredictions: {summary.out}\nPrefect UI: {url}",
+        flush=True,
     )
     return 0
 

@@ -1,70 +1,112 @@
-"""How a command-line run talks to Prefect: a server of the user's, or a temporary one.
+"""How a command-line run reaches Prefect: the server PREFECT_API_URL names, else the local
+server command-line runs share (flows/server.py) — never a temporary server per run.
 
-Without PREFECT_API_URL, Prefect starts a temporary API server for the run, which takes
-seconds (mostly its imports). `start_early` kicks that off in a thread before the CLI
-imports torch and the stages, so the server boots on the other core meanwhile.
+Every entry point (train, sweep, predict) runs its flow inside `command_line_run()`.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
 
-_early_start: threading.Thread | None = None
+from flows import server as local
+from flows.server import Server, ServerError
 
+HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 
-def _uses_temporary_server() -> bool:
-    from prefect.settings import PREFECT_API_URL
-
-    return not PREFECT_API_URL.value()
+_found: Server | None = None
 
 
 def start_early() -> None:
-    global _early_start
-    if _uses_temporary_server() and _early_start is None:
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # read by the server
-        # The same singleton Prefect's client starts on first use: started now, found then.
-        # Imported here, not in the thread: imports hold the GIL, and the sooner the server
-        # process exists, the more of its boot overlaps with ours.
-        from prefect.server.api.server import SubprocessASGIServer
+    """Find the server now, before torch loads: a server that must start boots meanwhile."""
+    global _found
+    with suppress(ServerError):  # said in one line by command_line_run, which tries again
+        _found = _found or _find()
 
-        _early_start = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
-        _early_start.start()
+
+def _find() -> Server:
+    import prefect
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_API_PORT
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        return Server(configured)
+    home = Path(PREFECT_HOME.value())
+    found = local.find_or_start(home, PREFECT_SERVER_API_PORT.value(), prefect.__version__)
+    for line in found.news:
+        print(line, file=sys.stderr, flush=True)
+    return found
 
 
 @contextmanager
-def command_line_run() -> Iterator[None]:
-    """Settings for one `python flows/train_flow.py` run.
+def command_line_run() -> Iterator[Server]:
+    """Settings for one command-line run, against the server it found (ServerError if none).
 
-    With PREFECT_API_URL set, the run goes to that server, heartbeats and all (a deployment's
-    crash detection relies on them). Without it, the temporary server dies with this process:
-    nobody can act on its heartbeats, so they are turned off, which also saves the second the
-    flow waits at exit for the heartbeat thread to wake up; and that server sends no
-    telemetry from a machine that may well be offline.
+    PREFECT_API_URL goes into the environment, so every process started from here on (Dask
+    or Ray workers, whatever the runner) reports to the same server. Flow heartbeats are off
+    unless configured: only deployments' crash automations act on them, and a run waits up
+    to a second at exit for the heartbeat thread.
     """
-    if not _uses_temporary_server():
-        yield
-        return
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_HOME, temporary_settings
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if _early_start is not None:
-        _early_start.join()  # one server: let the early start finish before the client looks
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+    server = _found or _find()
+    if server.pid is not None or server.started:
+        local.wait_until_ready(server, Path(PREFECT_HOME.value()))
+    elif not local.answers(server.api_url):
+        raise ServerError(f"PREFECT_API_URL {server.api_url}: no server answers there")
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    refresh_global_settings_context()  # Prefect read the environment at import
+    updates: dict[Any, Any] = {}
+    if not _heartbeats_configured():
+        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+    try:
+        with temporary_settings(updates=updates):
+            yield server
+    finally:
+        _drain()
+        # The environment as it was, for processes started later by a caller that goes on
+        # (tests); Prefect's settings keep the server, which its clients may still need
+        # while they drain at exit (with no address, they would start a temporary server).
+        if before is None:
+            del os.environ["PREFECT_API_URL"]
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
-def share_with_worker_processes() -> None:
-    """Dask or Ray workers are other processes: point them at this run's API server too, so
-    their flow runs land in the same place instead of each starting a temporary server."""
-    if not _uses_temporary_server():
-        return
-    if _early_start is not None:
-        _early_start.join()
-    from prefect.server.api.server import SubprocessASGIServer
+def run_url(state: Any) -> str:
+    """The Prefect UI page of the flow run that ended in `state`."""
+    from prefect.settings import PREFECT_UI_URL
 
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url  # read by processes started from now on
+    return f"{PREFECT_UI_URL.value()}/runs/flow-run/{state.state_details.flow_run_id}"
+
+
+def _drain() -> None:
+    """Send the run's last logs and events now, not at interpreter exit: a slow drain there
+    logs "Still processing items" after the command's last line."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
+
+
+def _heartbeats_configured() -> bool:
+    from prefect.settings import load_current_profile
+
+    if any(name in os.environ for name in HEARTBEAT_SETTINGS):
+        return True
+    return any(setting.name in HEARTBEAT_SETTINGS for setting in load_current_profile().settings)
+
+
+def fail(message: str, code: int, url: str | None) -> int:
+    """The run's page, if it got one, then the error as the very last line; the exit code."""
+    if url is not None:
+        print(f"Prefect UI: {url}", flush=True)
+    print(message, file=sys.stderr, flush=True)
+    return code

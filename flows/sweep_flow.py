@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from flows.cli import build_parser, describe
 from flows.config import TrainConfig
-from flows.runtime import command_line_run, share_with_worker_processes
+from flows.runtime import command_line_run, run_url
+from flows.server import ServerError
 from flows.train_flow import train_flow
 from tasks.errors import InputError, quiet_input_errors
 from tasks.files import write_json
@@ -208,25 +209,33 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         parser.error(str(exc))
     address = options["dask_address"] if options["runner"] == "dask" else options["ray_address"]
-    if options["runner"] != "threads":
-        share_with_worker_processes()
     runner = task_runner(options["runner"], options["max_concurrency"], address)
     quiet_input_errors()
-    with command_line_run():
-        ranked = sweep_flow.with_options(task_runner=runner)(
-            base,
-            grid,
-            options["random"],
-            options["seed"],
-            options["max_concurrency"],
-            options["sweep_name"],
-        )
+    try:
+        # Inside: the runner's worker processes start with the server's address in their
+        # environment, whichever runner it is.
+        with command_line_run():
+            state = sweep_flow.with_options(task_runner=runner)(
+                base,
+                grid,
+                options["random"],
+                options["seed"],
+                options["max_concurrency"],
+                options["sweep_name"],
+                return_state=True,
+            )
+            url = run_url(state)
+            ranked = state.result()
+    except ServerError as exc:
+        print(f"sweep_flow.py: error: {exc}", file=sys.stderr)
+        return 1
     for r in ranked:
         loss = f"{r['final_val_loss']:.6f}" if r["status"] == "completed" else r["error"]
         print(f"{r['rank'] or '-':>4}  {r['run_name']:<40} {loss}")
     completed = [r for r in ranked if r["status"] == "completed"]
     if completed:
         print(f"tensorboard --logdir {Path(completed[0]['run_dir']).parent}")
+    print(f"Prefect UI: {url}")
     return 0 if completed else 1
 
 

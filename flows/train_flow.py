@@ -7,7 +7,7 @@ import sys
 
 if __name__ == "__main__":
     # Before the heavy imports below: validate the flags (a bad one exits 2 right away), then
-    # let Prefect's temporary API server boot on the other core while torch loads.
+    # find the Prefect server, so one that must start boots on the other core while torch loads.
     from flows import runtime
     from flows.cli import parse_config
     from flows.config import TrainConfig
@@ -20,7 +20,8 @@ from prefect.transactions import transaction
 
 from flows.cli import parse_config
 from flows.config import TrainConfig
-from flows.runtime import command_line_run
+from flows.runtime import command_line_run, fail, run_url
+from flows.server import ServerError
 from tasks.data import load_tensors
 from tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_errors
 from tasks.export import export_graph
@@ -102,25 +103,30 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, prog="train_flow.py")
     quiet_input_errors()
+    url = None
     try:
         with command_line_run():
-            summary = train_flow.with_options(retries=0)(config)
+            state = train_flow.with_options(retries=0)(config, return_state=True)
+            url = run_url(state)
+            summary = state.result()  # the run's own error, if it failed
+    except ServerError as exc:
+        return fail(f"train_flow.py: error: {exc}", 1, url)
     except InputError as exc:
-        print(f"train_flow.py: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"train_flow.py: error: {exc}", 2, url)
     except (StorageError, NonFiniteLoss) as exc:
-        print(f"train_flow.py: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"train_flow.py: error: {exc}", 1, url)
     except Interrupted as exc:
-        print(f"train_flow.py: {exc}", file=sys.stderr)  # says what was saved, if anything
-        return 128 + exc.signum
+        # The message says what was saved, if anything.
+        return fail(f"train_flow.py: {exc}", 128 + exc.signum, url)
     print(
         f"{summary.stage_table()}\n\n"
         f"done: {summary.epochs} epochs ({summary.epochs_trained} trained in this run), "
         f"training loss {summary.final_train_loss:.6f}, "
         f"validation loss {summary.final_val_loss:.6f}\n"
         f"run directory: {summary.run_dir}\n"
-        f"tensorboard --logdir {summary.run_dir}"
+        f"tensorboard --logdir {summary.run_dir}\n"
+        f"Prefect UI: {url}",
+        flush=True,
     )
     return 0
 

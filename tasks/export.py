@@ -8,12 +8,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
 
 from tasks import files
 from tasks.errors import writing
@@ -21,6 +20,9 @@ from tasks.model import instantiate
 from tasks.split import Split
 from tasks.stage import cache_entry, stage
 from tasks.train import Trained
+
+if TYPE_CHECKING:  # imported where a writer is made: a run that writes no events skips it
+    from torch.utils.tensorboard import SummaryWriter
 
 MODEL, PROGRAM, SPLIT = "model.safetensors", "model.pt2", "split.safetensors"
 METRICS = "metrics.json"
@@ -72,6 +74,8 @@ def event_bytes(write: Callable[[SummaryWriter], None]) -> bytes:
     TensorBoard's event files are sequences of self-delimiting records, so the files a
     writer leaves (add_hparams adds one of its own) concatenate into one valid file.
     """
+    from torch.utils.tensorboard import SummaryWriter  # here: only a run that writes events
+
     with tempfile.TemporaryDirectory() as scratch:
         with SummaryWriter(scratch) as writer:
             write(writer)

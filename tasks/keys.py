@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import linecache
 import os
 import re
 import textwrap
@@ -187,6 +188,9 @@ class _DropDocstrings(ast.NodeTransformer):
 
 def normalized_source(obj: Any) -> str:
     """The AST of `obj`'s source without comments, formatting or docstrings."""
+    found = _definition(obj)
+    if found is not None:
+        return found
     try:
         source = textwrap.dedent(inspect.getsource(obj))
     except (OSError, TypeError):
@@ -196,6 +200,52 @@ def normalized_source(obj: Any) -> str:
     except SyntaxError:  # a lambda's source line can hold more than the lambda
         return source
     return ast.dump(_DropDocstrings().visit(tree), annotate_fields=False)
+
+
+def _definition(obj: Any) -> str | None:
+    """normalized_source of a function or class, from its file parsed once per process (and
+    per version of the file) rather than once per object, as inspect.getsource does: a third
+    of a cached run's key time. None where the file doesn't say (a lambda, no file)."""
+    try:
+        filename = inspect.getsourcefile(obj)
+        qualname = obj.__qualname__
+    except (AttributeError, TypeError):
+        return None
+    if not filename:
+        return None
+    linecache.checkcache(filename)  # what inspect.getsource reads, as fresh as it has it
+    candidates = _definitions("".join(linecache.getlines(filename))).get(qualname, [])
+    if inspect.isclass(obj):  # the first class of that name, as inspect.getsource finds it
+        node = candidates[0][1] if candidates else None
+    else:
+        first_line = getattr(getattr(obj, "__code__", None), "co_firstlineno", None)
+        node = next((node for line, node in candidates if line == first_line), None)
+    if node is None:
+        return None
+    return ast.dump(ast.Module(body=[node], type_ignores=[]), annotate_fields=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _definitions(text: str) -> dict[str, list[tuple[int, ast.stmt]]]:
+    """Each def and class of a module's text, docstrings dropped, by qualified name, with its
+    first line (decorators included)."""
+    try:
+        tree = _DropDocstrings().visit(ast.parse(text))
+    except SyntaxError:
+        return {}
+    found: dict[str, list[tuple[int, ast.stmt]]] = {}
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                qualname = prefix + node.name
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                found.setdefault(qualname, []).append((first, node))
+                inner = ".<locals>." if not isinstance(node, ast.ClassDef) else "."
+                visit(node.body, qualname + inner)
+
+    visit(tree.body, "")
+    return found
 
 
 def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:

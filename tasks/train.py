@@ -8,12 +8,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prefect import get_run_logger
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
 
 from tasks.checkpoint import Checkpoints, CheckpointSettings, TrainState
 from tasks.device import resolve_device
@@ -35,6 +34,9 @@ from tasks.options import TrainingOptions
 from tasks.stage import cache_entry, stage
 
 TRAINING_SEED = 0  # of the global RNGs at a fresh start (only a plugin model draws from them)
+
+if TYPE_CHECKING:  # imported where a writer is made: a run that writes no events skips it
+    from torch.utils.tensorboard import SummaryWriter
 
 _ELEMENTWISE: dict[str, Callable[[], nn.Module]] = {
     "mse": lambda: nn.MSELoss(reduction="mean"),
@@ -255,6 +257,8 @@ def loss_writer(
     charts live in the folder's own event file: an earlier attempt's goes, except the graph
     and hparams files export-graph writes under fixed ".0." names.
     """
+    from torch.utils.tensorboard import SummaryWriter
+
     for curve in ("loss_training", "loss_validation"):
         for old in (run_dir / curve).glob("events.out.tfevents.*"):
             old.unlink()

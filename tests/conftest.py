@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before Prefect is imported anywhere: keep the suite off the user's ~/.prefect.
@@ -26,6 +27,19 @@ def prefect_api() -> str:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_server_left_in_the_session_home() -> Iterator[None]:
+    """A command-line run without PREFECT_API_URL starts the shared local server in its
+    PREFECT_HOME and leaves it up (flows/server.py). In the session's home that is a test
+    that forgot `subprocess_env`: stop the server, and fail the session."""
+    yield
+    from flows.server import read_record, stop
+
+    home = _SESSION_HOME / "prefect"
+    if read_record(home) is not None:
+        pytest.fail(f"a test started a Prefect server in the session's home: {stop(home)}")
 
 
 @pytest.fixture

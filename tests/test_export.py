@@ -1,10 +1,15 @@
 import io
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from tasks.export import export_program, hparams, thinned
 from tasks.model import ModelSpec, initial_model, instantiate
+
+from .conftest import REPO
 
 
 @pytest.mark.parametrize("sample_rows", [1, 16])
@@ -32,3 +37,31 @@ def test_hparams_are_tensorboard_friendly():
         "hidden": "(8, 4)",
         "model": "mlp",
     }
+
+
+# What torch.export.export loads on top of `import torch`: seconds on 2 cores. (`import torch`
+# itself imports the torch.export package and torch._decomp: torch/__init__.py does.)
+EXPORT_MACHINERY = {"torch.export._trace", "torch._dynamo"}
+
+
+def _imported(importtime_log: str) -> set[str]:
+    """Module names from `python -X importtime` ("import time: self | cumulative | name")."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in importtime_log.splitlines()
+        if line.startswith("import time:")
+    }
+
+
+def test_only_a_run_that_exports_loads_the_export_machinery(tmp_path, subprocess_env):
+    script = str(REPO / "flows" / "train_flow.py")
+    command = [sys.executable, "-X", "importtime", script, "--epochs", "3", "--runs-dir", "runs"]
+    cold, cached = (
+        subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=600)
+        for _ in range(2)
+    )
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert _imported(cold.stderr) >= EXPORT_MACHINERY  # the check sees an export
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert re.search(r"^export-graph\s+Cached\b", cached.stdout, re.MULTILINE), cached.stdout
+    assert not EXPORT_MACHINERY & _imported(cached.stderr)

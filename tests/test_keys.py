@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
+import inspect
 import json
 import linecache
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +332,26 @@ def test_a_file_edited_within_the_settle_window_is_never_memoised(tmp_path, monk
     with open(path, "r+b") as f:
         f.write(b"a,b\n1,3\n")
     assert file_digest(path) != first
+
+
+def test_sources_read_from_the_parsed_file_are_the_ones_inspect_getsource_gives():
+    # normalized_source parses each file once; keys must stay what inspect.getsource gave.
+    import tasks.export
+    import tasks.loop
+    import tasks.train
+
+    defined = [
+        obj
+        for module in (tasks.export, tasks.loop, tasks.train, keys)
+        for obj in vars(module).values()
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__
+    ]
+    methods = [m for c in defined if inspect.isclass(c) for m in keys._functions_of(c)]
+    checked = 0
+    for obj in defined + methods:
+        source = keys._definition(obj)
+        if source is not None:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+            assert source == ast.dump(keys._DropDocstrings().visit(tree), annotate_fields=False)
+            checked += 1
+    assert checked > 50
