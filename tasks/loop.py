@@ -310,7 +310,8 @@ class EpochLoop:
                 return [torch.stack(losses)]
             # Concatenated once with the training losses in end_epoch (cat promotes dtypes):
             # every op counts at the seed's scale, 5 steps an epoch.
-            return [torch.stack(losses), self.metrics.raw(torch.cat(outputs))]
+            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            return [torch.stack(losses), *self.metrics.parts(out)]
 
     def end_epoch(self, epoch: int, train_losses: Tensor, val_results: list[Tensor]) -> None:
         # The epoch's one host sync. The means are the seed's `np.mean` over its Python floats
