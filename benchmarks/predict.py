@@ -28,7 +28,7 @@ FEATURES = ("a", "b", "c", "d")
 BARE_LOOP = """
 import sys, numpy as np, torch
 model, data, out = sys.argv[1:]
-table = np.loadtxt(data, delimiter=",", skiprows=1, dtype=np.float32, ndmin=2)
+table = np.loadtxt(data, delimiter=",", skiprows=1, dtype=np.float32, ndmin=2, usecols=range(4))
 program = torch.export.load(model).module()
 x = torch.from_numpy(table)
 with torch.no_grad():

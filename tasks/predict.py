@@ -165,7 +165,8 @@ def read_run(folder: Path) -> ModelRun:
         config = json.loads((folder / CONFIG).read_text())
         columns = json.loads((folder / COLUMNS).read_text())
         features, targets = tuple(columns["features"]), tuple(columns["targets"])
-        config["loss"]
+        if not isinstance(config.get("loss"), str):  # how outputs become predictions
+            raise ValueError(f"{CONFIG} names no loss")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"--model {folder}: unreadable {CONFIG} or {COLUMNS} ({exc})") from None
     return ModelRun(
