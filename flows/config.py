@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from tasks.options import TrainingOptions
 from tasks.rules import DEFAULT_CACHE_DIR, SYNTHETIC, model_names, train_size
@@ -25,6 +33,16 @@ def _split_commas(value: object) -> object:
 
 
 CommaList = BeforeValidator(_split_commas)
+
+
+def _known_device(device: str) -> str:
+    if not re.fullmatch(DEVICE, device):
+        raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return device
+
+
+# A torch device by name; checked the same way for training and for prediction.
+KnownDevice = AfterValidator(_known_device)
 
 
 class TrainConfig(BaseModel):
@@ -141,7 +159,7 @@ class TrainConfig(BaseModel):
         description="'bf16': autocast the forward pass to bfloat16 (the loss and the optimizer "
         "stay float32); needs a CPU or a CUDA device that has bfloat16.",
     )
-    device: str = Field(
+    device: Annotated[str, KnownDevice] = Field(
         "auto",
         description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps'.",
         json_schema_extra={"pattern": DEVICE},
@@ -244,13 +262,6 @@ class TrainConfig(BaseModel):
             raise ValueError("hidden sizes must be between 1 and 1048576")
         return sizes
 
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, device: str) -> str:
-        if not re.fullmatch(DEVICE, device):
-            raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        return device
-
     @field_validator("run_name")
     @classmethod
     def _plain_run_name(cls, name: str | None) -> str | None:
@@ -290,7 +301,11 @@ class PredictConfig(BaseModel):
         "in the model's run folder.",
     )
     batch_size: int = Field(65536, ge=1, le=2**31 - 1, description="Rows per forward pass.")
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    device: Annotated[str, KnownDevice] = Field(
+        "auto",
+        description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.",
+        json_schema_extra={"pattern": DEVICE},
+    )
     cache_dir: str | None = Field(
         None,
         min_length=1,
@@ -298,13 +313,6 @@ class PredictConfig(BaseModel):
     )
     refresh_cache: bool = Field(False, description="Score again and overwrite the cache entry.")
     no_cache: bool = Field(False, description="Bypass the cache: neither read nor write it.")
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, device: str) -> str:
-        if not re.fullmatch(DEVICE, device):
-            raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        return device
 
     @field_validator("out")
     @classmethod
