@@ -62,6 +62,12 @@ class ModelRun:
         return self.config["loss"]
 
     @property
+    def schema(self) -> dict[str, Any]:
+        """What besides the program's bytes decides the scores: which columns go in, in which
+        order, and the loss the metrics are computed with."""
+        return {"features": self.features, "targets": self.targets, "loss": self.loss}
+
+    @property
     def program(self) -> Path:
         return Path(self.folder) / PROGRAM
 
@@ -307,6 +313,7 @@ def score(
             "score",
             score_rows,
             program=run.program_digest,
+            model=run.schema,
             data=recipe,
             batch_size=batch_size,
             device=device_type,
@@ -319,6 +326,7 @@ def score(
             "score",
             score_rows,
             program=run.program_digest,
+            model=run.schema,
             data=data,
             batch_size=batch_size,
             device=device_type,

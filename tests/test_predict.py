@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,22 @@ def test_the_run_folder_records_its_columns(trained):
         "features": ["a", "b"],
         "targets": ["y"],
     }
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_same_program_under_another_column_order_is_scored_again(trained, tmp_path):
+    """The cache keys the model by its program's bytes *and* its column schema: a run folder
+    whose columns.json names the features in another order (the same model.pt2 bytes) must
+    not be served the first folder's scores."""
+    twin = tmp_path / "twin"
+    shutil.copytree(trained, twin)
+    (twin / "columns.json").write_text(json.dumps({"features": ["b", "a"], "targets": ["y"]}))
+    table = _table(tmp_path / "t.csv", rows=50, seed=5, target=False)
+    cache = str(tmp_path / "cache")
+    outs = []
+    for folder in (trained, twin):
+        out = tmp_path / f"{folder.name}.csv"
+        args = ["--model", str(folder), "--data", str(table), "--out", str(out)]
+        assert predict([*args, "--cache-dir", cache]) == 0
+        outs.append([float(r["prediction"]) for r in _read(out)])
+    assert outs[0] != outs[1]  # b and a swapped in: other numbers, not a cache hit
