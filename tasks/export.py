@@ -142,28 +142,17 @@ def write_outputs(
 ) -> None:
     """Every file of the run folder that export-graph owns, on a miss and on a hit alike."""
     with writing(f"the run folder {str(run_dir)!r}"):
-        _write_outputs(exported, trained, parts, run_dir, config, columns)
-
-
-def _write_outputs(
-    exported: Exported,
-    trained: Trained,
-    parts: Split,
-    run_dir: Path,
-    config: dict[str, Any],
-    columns: dict[str, list[str]],
-) -> None:
-    metrics = metrics_record(trained)
-    final = {f"final/{name}": value for name, value in final_values(trained).items()}
-    files.atomic_write(run_dir / GRAPH_EVENTS, exported.graph_events)
-    # run_name ".": the record belongs to this folder's run, not to a sub-run of its own.
-    record = event_bytes(lambda w: w.add_hparams(hparams(config), final, run_name="."))
-    files.atomic_write(run_dir / HPARAMS_EVENTS, record)
-    files.write_safetensors(run_dir / MODEL, trained.state)
-    files.atomic_write(run_dir / PROGRAM, exported.program)
-    files.write_safetensors(run_dir / SPLIT, {"train": parts.train, "val": parts.val})
-    files.write_json(run_dir / COLUMNS, columns)
-    files.write_json(run_dir / METRICS, metrics)  # last: a run folder with it is complete
+        metrics = metrics_record(trained)
+        final = {f"final/{name}": value for name, value in final_values(trained).items()}
+        files.atomic_write(run_dir / GRAPH_EVENTS, exported.graph_events)
+        # run_name ".": the record belongs to this folder's run, not to a sub-run of its own.
+        record = event_bytes(lambda w: w.add_hparams(hparams(config), final, run_name="."))
+        files.atomic_write(run_dir / HPARAMS_EVENTS, record)
+        files.write_safetensors(run_dir / MODEL, trained.state)
+        files.atomic_write(run_dir / PROGRAM, exported.program)
+        files.write_safetensors(run_dir / SPLIT, {"train": parts.train, "val": parts.val})
+        files.write_json(run_dir / COLUMNS, columns)
+        files.write_json(run_dir / METRICS, metrics)  # last: a run folder with it is complete
 
 
 def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:
