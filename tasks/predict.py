@@ -8,6 +8,7 @@ which order, the program takes, and which are targets).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import uuid
@@ -31,7 +32,7 @@ from tasks.export import COLUMNS, METRICS, PROGRAM
 from tasks.keys import file_digest
 from tasks.metrics import ValMetrics
 from tasks.rules import DEFAULT_CACHE_DIR
-from tasks.rundir import CONFIG, StageRecord
+from tasks.rundir import CONFIG, StageRecord, stage_table
 from tasks.sources import DataFile, Identity, suffix_of
 from tasks.stage import (
     cache_enabled,
@@ -374,10 +375,7 @@ class PredictSummary:
     stages: list[StageRecord] = field(default_factory=list)
 
     def stage_table(self) -> str:
-        lines = [f"{'stage':<18} {'state':<10} {'seconds':>8}  key"]
-        for s in self.stages:
-            lines.append(f"{s.name:<18} {s.state:<10} {s.seconds:>8.3f}  {s.key or '-'}")
-        return "\n".join(lines)
+        return stage_table([dataclasses.asdict(record) for record in self.stages])
 
 
 @contextmanager

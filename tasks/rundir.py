@@ -55,6 +55,15 @@ def generate_run_name() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
+def stage_table(stages: list[dict[str, Any]]) -> str:
+    """The terminal's table of a run's stages (as stages.json holds them)."""
+    lines = [f"{'stage':<14} {'state':<10} {'seconds':>8}  key"]
+    for s in stages:
+        key = s["key"] or "-"
+        lines.append(f"{s['name']:<14} {s['state']:<10} {s['seconds']:>8.3f}  {key}")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class StageRecord:
     name: str
@@ -124,11 +133,7 @@ class RunSummary:
     stages: list[dict[str, Any]]
 
     def stage_table(self) -> str:
-        lines = [f"{'stage':<14} {'state':<10} {'seconds':>8}  key"]
-        for s in self.stages:
-            key = s["key"] or "-"
-            lines.append(f"{s['name']:<14} {s['state']:<10} {s['seconds']:>8.3f}  {key}")
-        return "\n".join(lines)
+        return stage_table(self.stages)
 
 
 def config_conflict(folder: Path, config: dict[str, Any]) -> str | None:

@@ -180,10 +180,10 @@ def test_predictions_equal_the_exported_model_and_a_rerun_is_cached(trained, tmp
     got = np.array([float(r["prediction"]) for r in rows])
     assert np.array_equal(got.astype(np.float32), _expected(trained, table).astype(np.float32))
     first = capsys.readouterr().out
-    assert "score              Completed" in first
+    assert "score          Completed" in first
     out.unlink()
     assert predict(args) == 0
-    assert "score              Cached" in capsys.readouterr().out
+    assert "score          Cached" in capsys.readouterr().out
     assert _read(out) == rows
 
 
