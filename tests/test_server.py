@@ -208,10 +208,13 @@ def test_ctrl_c_while_a_new_server_boots_leaves_just_that_server(tmp_path):
     assert _gone(pid) and _left_alive(tag) == set() and read_record(home) is None
 
 
-def test_a_first_command_sweep_on_dask_reports_every_trial_to_the_server_it_started(tmp_path):
-    pytest.importorskip("prefect_dask")
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_a_first_command_sweep_reports_every_trial_to_the_server_it_started(tmp_path, runner):
+    # Prefect #16397: a sweep as a new user's first command once died before its first trial.
+    if runner == "dask":
+        pytest.importorskip("prefect_dask")
     home, port = tmp_path / "prefect-home", _free_port()
-    tag = f"sweep-{uuid.uuid4().hex}"
+    tag = f"sweep-{runner}-{uuid.uuid4().hex}"
     code, out = _run(
         tmp_path,
         _env(home, port, tag),
@@ -221,7 +224,7 @@ def test_a_first_command_sweep_on_dask_reports_every_trial_to_the_server_it_star
         "--epochs",
         "5",
         "--runner",
-        "dask",
+        runner,
         "--max-concurrency",
         "2",
         "--sweep-name",
@@ -231,8 +234,8 @@ def test_a_first_command_sweep_on_dask_reports_every_trial_to_the_server_it_star
     pid = int(next(STARTED.match(line) for line in out if STARTED.match(line))[2])
     ui = UI_LINE.fullmatch(out[-1])
     assert ui and int(ui[1]) == port
-    # The trials ran as flow runs in the Dask worker processes: they reached this server
-    # only through the address the command handed them.
+    # The trials ran as flow runs (on Dask: in worker processes, which reached this server
+    # only through the address the command handed them).
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/api/flow_runs/filter",
         method="POST",
@@ -243,7 +246,7 @@ def test_a_first_command_sweep_on_dask_reports_every_trial_to_the_server_it_star
         trials = json.load(response)
     assert len(trials) == 2 and {t["state"]["type"] for t in trials} == {"COMPLETED"}
     assert {t["parent_task_run_id"] is not None for t in trials} == {True}
-    assert _left_alive(tag) == {pid}  # the Dask cluster went with the command
+    assert _left_alive(tag) == {pid}  # a Dask cluster went with the command
     code, out = _run(tmp_path, _env(home, port, "stop"), "-m", "flows.server", "stop")
     assert code == 0 and _gone(pid) and _left_alive(tag) == set()
 
