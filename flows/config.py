@@ -297,8 +297,8 @@ class PredictConfig(BaseModel):
     )
     out: str | None = Field(
         None,
-        description="Output .csv or .npz (local path or fsspec URL); default: predictions.csv "
-        "in the model's run folder.",
+        description="Output .csv, .parquet or .npz (local path or fsspec URL); default: "
+        "predictions.csv in the model's run folder.",
     )
     batch_size: int = Field(65536, ge=1, le=2**31 - 1, description="Rows per forward pass.")
     device: Annotated[str, KnownDevice] = Field(
@@ -317,6 +317,6 @@ class PredictConfig(BaseModel):
     @field_validator("out")
     @classmethod
     def _known_output_format(cls, out: str | None) -> str | None:
-        if out is not None and not out.lower().endswith((".csv", ".npz")):
-            raise ValueError("must be a .csv or .npz file")
+        if out is not None and not out.lower().endswith((".csv", ".parquet", ".npz")):
+            raise ValueError("must be a .csv, .parquet or .npz file")
         return out

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -82,11 +83,38 @@ def test_metrics_match_an_independent_computation():
     assert metrics(logits, classes, "cross_entropy")["accuracy"] == pytest.approx(2 / 3)
 
 
+def _hard_floats(n: int) -> np.ndarray:
+    """Values whose shortest round-trip text is long or odd: random doubles, a subnormal,
+    huge and tiny exponents, negative zero."""
+    edge = [0.1, 1e-30, 12345.678901, 5e-324, 1.7976931348623157e308, -0.0, 2.0**-1074 * 3]
+    return np.concatenate([edge, np.random.default_rng(0).standard_normal(n) * 1e3])
+
+
 def test_a_csv_output_reads_back_exactly():
-    columns = {"row": np.arange(3), "prediction": np.array([0.1, 1e-30, 12345.678901])}
+    values = _hard_floats(1000)
+    columns = {"row": np.arange(len(values)), "prediction": values}
+    text = output_bytes(columns, ".csv").decode()
+    assert text.splitlines()[0] == "row,prediction"  # a plain header, as a spreadsheet writes
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert [r["row"] for r in table] == [str(i) for i in range(len(values))]  # ids, not floats
+    assert np.array_equal([float(r["prediction"]) for r in table], values)
+    assert np.array_equal(np.signbit([float(r["prediction"]) for r in table]), np.signbit(values))
+
+
+def test_a_column_name_that_needs_quotes_keeps_the_csv_readable():
+    columns = {"row": np.arange(2), 'prediction_"a,b"': np.array([1.5, 2.5])}
     table = list(csv.DictReader(io.StringIO(output_bytes(columns, ".csv").decode())))
-    assert [int(r["row"]) for r in table] == [0, 1, 2]
-    assert np.array_equal([float(r["prediction"]) for r in table], columns["prediction"])
+    assert [r['prediction_"a,b"'] for r in table] == ["1.5", "2.5"]
+
+
+def test_a_parquet_output_reads_back_exactly():
+    values = _hard_floats(100)
+    columns = {"row": np.arange(len(values)), "prediction": values, "prob_0": values / 2}
+    table = pq.read_table(io.BytesIO(output_bytes(columns, ".parquet")))
+    assert table.column_names == list(columns)
+    assert table.schema.field("row").type == "int64"
+    for name, column in columns.items():
+        assert np.array_equal(table[name].to_numpy(), column)
 
 
 @pytest.mark.parametrize(
@@ -185,6 +213,12 @@ def test_predictions_equal_the_exported_model_and_a_rerun_is_cached(trained, tmp
     assert predict(args) == 0
     assert "score          Cached" in capsys.readouterr().out
     assert _read(out) == rows
+    # The cached scores in another format: the same numbers, bit for bit.
+    parquet = tmp_path / "p.parquet"
+    assert predict([*args[: args.index("--out")], "--out", str(parquet), *args[-4:]]) == 0
+    written = pq.read_table(parquet)
+    assert written["row"].to_pylist() == list(range(1000))
+    assert np.array_equal(written["prediction"].to_numpy(), got)
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -225,7 +259,7 @@ def _files(folder: Path) -> dict[str, bytes]:
         ("missing-model", "--model .*nope: no such run folder", 2),
         ("extra-column", "unexpected column\\(s\\) c", 2),
         ("unwritable-output", "cannot write the output", 1),
-        ("bad-format", "--out: must be a .csv or .npz file", 2),
+        ("bad-format", "--out: must be a .csv, .parquet or .npz file", 2),
         ("synthetic-for-two-features", "--data synthetic: the model takes a, b, synthetic", 2),
     ],
 )
