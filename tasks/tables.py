@@ -43,7 +43,9 @@ class Columns:
     """Columns of one table, in the order asked for: numbers as float32, a categorical
     column as the ids of its values in `categories[name]` (UNKNOWN for a missing value)."""
 
-    values: np.ndarray  # N×C float32, C-contiguous
+    # N×C float32 in column-major order: each column is written as one block, and a caller
+    # takes its row-major x and y out of it in one copy each.
+    values: np.ndarray
     categories: dict[str, tuple[str, ...]]
 
 
@@ -107,7 +109,7 @@ def read_columns(
     counted.done(table.num_rows)
     if table.num_rows == 0:
         raise InputError(f"data file {source!r}: has a header but no data rows")
-    values = np.empty((table.num_rows, len(names)), dtype=np.float32)
+    values = np.empty((table.num_rows, len(names)), dtype=np.float32, order="F")
     categories: dict[str, tuple[str, ...]] = {}
     for j, name in enumerate(names):
         column = table.column(name)
@@ -180,7 +182,6 @@ def _is_text(kind: pa.DataType, suffix: str, column: pa.ChunkedArray) -> bool:
     """A categorical column: text in Parquet/Feather; in a CSV, text no cell of which looks
     like a number (a column mixing the two is numbers with a bad cell)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
@@ -189,6 +190,8 @@ def _is_text(kind: pa.DataType, suffix: str, column: pa.ChunkedArray) -> bool:
         return textual
     if not (textual or pa.types.is_date(kind)):
         return False
+    import pyarrow.compute as pc  # here: ~0.3 s of imports an all-number table never needs
+
     strings = column.cast(pa.string())
     return not pc.any(pc.match_substring_regex(strings, NUMBER_LIKE, ignore_case=True)).as_py()
 
