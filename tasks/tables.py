@@ -108,7 +108,8 @@ def read_columns(
         raise InputError(f"data file {source!r}: not a readable {suffix} file ({exc})") from None
     counted.done(table.num_rows)
     if table.num_rows == 0:
-        raise InputError(f"data file {source!r}: has a header but no data rows")
+        has = "has a header but" if suffix == ".csv" else "has"
+        raise InputError(f"data file {source!r}: {has} no data rows")
     values = np.empty((table.num_rows, len(names)), dtype=np.float32, order="F")
     categories: dict[str, tuple[str, ...]] = {}
     for j, name in enumerate(names):

@@ -294,3 +294,38 @@ def test_a_cached_run_on_a_table_never_imports_pyarrow(tmp_path, subprocess_env)
     warnings = [line for line in cached.stderr.splitlines() if "WARNING" in line]
     assert re.search(r"^load-tensors\s+Cached\b", cached.stdout, re.MULTILINE), warnings
     assert not {name for name in _imported(cached.stderr) if name.split(".")[0] == "pyarrow"}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_categorical_run_extended_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from flows.config import TrainConfig
+    from flows.train_flow import train_flow
+
+    data = tmp_path / "train.csv"
+    _colored_table(data, 40, 3, ["red", "green", "blue", "green"])
+
+    def run(name: str, epochs: int, cache: str):
+        config = TrainConfig(
+            data=str(data),
+            epochs=epochs,
+            model="mlp",
+            hidden=(4,),
+            standardize=True,
+            runs_dir=str(tmp_path / "runs"),
+            run_name=name,
+            cache_dir=str(tmp_path / cache),
+        )
+        return train_flow(config)
+
+    run("short", 3, "shared")
+    extended = run("extended", 6, "shared")
+    assert extended.resumed_from == {"epoch": 3, "batch": 0} and extended.epochs_trained == 3
+    whole = run("whole", 6, "own")
+    assert whole.resumed_from is None
+    weights = [load_file(Path(s.run_dir) / "model.safetensors") for s in (extended, whole)]
+    assert weights[0].keys() == weights[1].keys() and "standardize.mean" in weights[0]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    losses = [json.loads((Path(s.run_dir) / "metrics.json").read_text()) for s in (extended, whole)]
+    assert losses[0]["val_loss"] == losses[1]["val_loss"]
