@@ -54,12 +54,18 @@ class TrainConfig(BaseModel):
     data: str = Field(
         SYNTHETIC,
         min_length=1,
-        description="'synthetic' (the tutorial's y = 1 + 2x + noise) or a .csv/.npz/.pt/.pth "
-        "file: a local path or any fsspec URL.",
+        description="'synthetic' (the tutorial's y = 1 + 2x + noise) or a .csv/.parquet/"
+        ".feather/.arrow/.npz/.pt/.pth file: a local path or any fsspec URL.",
     )
     target: Annotated[tuple[str, ...], CommaList] = Field(
         (),
-        description="CSV target column name(s), comma-separated; default: the last column.",
+        description="A table's target column name(s), comma-separated; default: the last column.",
+    )
+    features: Annotated[tuple[str, ...], CommaList] = Field(
+        (),
+        description="A table's feature column name(s), comma-separated; only these are read "
+        "(Parquet/Feather skip the rest on disk); default: every column but the targets. A "
+        "text column is categorical (one-hot, vocabulary from the training rows).",
     )
     data_identity: Literal["content", "version"] = Field(
         "content",
@@ -288,7 +294,8 @@ class PredictConfig(BaseModel):
     data: str | None = Field(
         None,
         min_length=1,
-        description="Rows to score: a .csv/.npz/.pt/.pth file (local or fsspec URL) with the "
+        description="Rows to score: a .csv/.parquet/.feather/.arrow/.npz/.pt/.pth file (local "
+        "or fsspec URL) with the "
         "model's feature columns (target columns optional: with them, metrics are reported), or "
         "'synthetic'; default: the data the model was trained on.",
     )

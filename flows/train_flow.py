@@ -22,7 +22,7 @@ from flows.cli import parse_config
 from flows.config import TrainConfig
 from flows.runtime import command_line_run, fail, run_url
 from flows.server import ServerError
-from tasks.data import load_tensors
+from tasks.data import load_tensors, training_categories
 from tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_errors
 from tasks.export import export_graph
 from tasks.loaders import build_loaders
@@ -44,6 +44,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
             data = load_tensors(
                 source=cfg.data,
                 target=cfg.target,
+                features=cfg.features,
                 n_samples=cfg.n_samples,
                 data_seed=cfg.data_seed,
                 noise=cfg.noise,
@@ -55,6 +56,8 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
                 seed=cfg.split_seed,
                 source=cfg.data,
             )
+            # A text column's vocabulary is the training rows' (README, "Categorical columns").
+            data = training_categories(data=data, train=parts.train)
             loaders = build_loaders(
                 data=data,
                 parts=parts,
@@ -67,6 +70,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
             initial = build_model(
                 name=cfg.model,
                 n_inputs=data.n_features,
+                categories=data.category_slots,
                 n_outputs=output_width(cfg.loss, data.y),
                 hidden=cfg.hidden,
                 activation=cfg.activation,

@@ -40,6 +40,13 @@ class ModelSpec:
     hidden: tuple[int, ...] = ()
     activation: str = "relu"
     standardize: bool = False  # a Standardize module in front (its statistics are weights)
+    # (input column, one-hot width) per categorical column: a OneHot module in front of all.
+    categories: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def encoded_inputs(self) -> int:
+        """The width after OneHot: each categorical column becomes its one-hot slots."""
+        return self.n_inputs + sum(width - 1 for _, width in self.categories)
 
 
 class Standardize(nn.Module):
@@ -53,6 +60,32 @@ class Standardize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
+
+
+class OneHot(nn.Module):
+    """Category ids (0: unknown, 1…: the vocabulary in columns.json) to one-hot slots in place
+    of their columns; other columns pass through. An id outside the vocabulary, fractional or
+    NaN lands in the unknown slot: the exported program takes any row and never fails on one.
+    No weights: the slot counts are the spec's."""
+
+    def __init__(self, n_inputs: int, categories: tuple[tuple[int, int], ...]):
+        super().__init__()
+        self.n_inputs = n_inputs
+        self.widths = dict(categories)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts, start = [], 0
+        for column, width in sorted(self.widths.items()):
+            if column > start:
+                parts.append(x[:, start:column])
+            ids = x[:, column]
+            known = (ids >= 1) & (ids < width) & (ids == torch.floor(ids))
+            slot = torch.where(known, ids, torch.zeros_like(ids)).long()
+            parts.append((slot.unsqueeze(1) == torch.arange(width, device=x.device)).to(x.dtype))
+            start = column + 1
+        if start < self.n_inputs:
+            parts.append(x[:, start:])
+        return torch.cat(parts, dim=1)
 
 
 def feature_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,6 +102,20 @@ def standardized(spec: ModelSpec, module: nn.Module) -> nn.Module:
     """`module` behind a Standardize; a Sequential's layers keep their names ("0.weight"…)."""
     layers = list(module.named_children()) if type(module) is nn.Sequential else [("model", module)]
     return nn.Sequential(OrderedDict([("standardize", Standardize(spec.n_inputs)), *layers]))
+
+
+def encoded(spec: ModelSpec, module: nn.Module) -> nn.Module:
+    """`module` behind a OneHot, named as `standardized` names its front layer."""
+    layers = list(module.named_children()) if type(module) is nn.Sequential else [("model", module)]
+    front = ("one_hot", OneHot(spec.n_inputs, spec.categories))
+    return nn.Sequential(OrderedDict([front, *layers]))
+
+
+def inner_spec(spec: ModelSpec) -> ModelSpec:
+    """What the model behind OneHot sees: numbers only, the encoded width."""
+    if not spec.categories:
+        return spec
+    return dataclasses.replace(spec, n_inputs=spec.encoded_inputs, categories=())
 
 
 def _linear(spec: ModelSpec) -> nn.Module:
@@ -121,14 +168,17 @@ def _seeded_plugin(name: str, spec: ModelSpec, seed: int) -> nn.Module:
 
 def instantiate(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.Module:
     """Build the architecture (no RNG use) and load `state` into it, if given."""
+    inner = inner_spec(spec)
     if spec.name not in MODELS:  # a plugin may keep buffers that meta tensors would lose
-        module = _seeded_plugin(spec.name, spec, 0)
+        module = _seeded_plugin(spec.name, inner, 0)
     else:
         with torch.device("meta"):  # skips PyTorch's init, which draws from the global RNG
-            module = MODELS[spec.name](spec)
+            module = MODELS[spec.name](inner)
         module = module.to_empty(device="cpu")
     if spec.standardize:
-        module = standardized(spec, module)
+        module = standardized(inner, module)
+    if spec.categories:
+        module = encoded(spec, module)
     if state is not None:
         module.load_state_dict(state)
     return module
@@ -166,7 +216,8 @@ class InitialModel:
 
 
 def spec_from_json(spec: dict[str, Any]) -> ModelSpec:
-    return ModelSpec(**{**spec, "hidden": tuple(spec["hidden"])})
+    categories = tuple((int(column), int(width)) for column, width in spec["categories"])
+    return ModelSpec(**{**spec, "hidden": tuple(spec["hidden"]), "categories": categories})
 
 
 def initial_model(spec: ModelSpec, seed: int, train_x: Tensor | None = None) -> InitialModel:
@@ -175,12 +226,16 @@ def initial_model(spec: ModelSpec, seed: int, train_x: Tensor | None = None) -> 
     if spec.name in MODELS:
         module = init_weights_(instantiate(spec), torch.Generator().manual_seed(seed))
     else:
-        module = _seeded_plugin(spec.name, spec, seed)
-        module = standardized(spec, module) if spec.standardize else module
+        inner = inner_spec(spec)
+        module = _seeded_plugin(spec.name, inner, seed)
+        module = standardized(inner, module) if spec.standardize else module
+        module = encoded(spec, module) if spec.categories else module
     if spec.standardize:
         if train_x is None:
             raise ValueError("standardize needs the training rows")
-        mean, std = feature_statistics(train_x)
+        # The statistics of what Standardize sees: one-hot slots, not category ids.
+        rows = OneHot(spec.n_inputs, spec.categories)(train_x) if spec.categories else train_x
+        mean, std = feature_statistics(rows)
         module.standardize.mean.copy_(mean)
         module.standardize.std.copy_(std)
     return InitialModel(spec, {k: v.detach().clone() for k, v in module.state_dict().items()})
@@ -212,10 +267,13 @@ def model_spec(
     hidden: tuple[int, ...],
     activation: str,
     standardize: bool = False,
+    categories: tuple[tuple[int, int], ...] = (),
 ) -> ModelSpec:
     if name == "linear":  # unused knobs stay out of the spec, and out of the cache key
         hidden, activation = (), "relu"
-    return ModelSpec(name, n_inputs, n_outputs, tuple(hidden), activation, standardize)
+    return ModelSpec(
+        name, n_inputs, n_outputs, tuple(hidden), activation, standardize, tuple(categories)
+    )
 
 
 @stage(name="build-model")
@@ -229,10 +287,12 @@ def build_model(
     standardize: bool = False,
     data: Dataset | None = None,
     parts: Split | None = None,
+    categories: tuple[tuple[int, int], ...] = (),
 ) -> InitialModel:
     """`data` and `parts` matter only with `standardize` (its statistics come from the
-    training rows), and only then are they part of the key."""
-    spec = model_spec(name, n_inputs, n_outputs, hidden, activation, standardize)
+    training rows), and only then are they part of the key. `categories`: the data's
+    categorical columns (Dataset.category_slots), one-hot encoded inside the model."""
+    spec = model_spec(name, n_inputs, n_outputs, hidden, activation, standardize, categories)
     rows = (data, parts) if standardize else None
     entry = cache_entry(
         "build-model", initial_model, spec=spec, seed=seed, plugin=model_code(name), rows=rows

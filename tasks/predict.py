@@ -25,7 +25,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from torch import Tensor
 
 from tasks import files
-from tasks.data import SYNTHETIC, check_format, read_csv_columns, read_file, synthetic
+from tasks.data import SYNTHETIC, check_format, read_file, read_table_columns, synthetic
 from tasks.device import resolve_device
 from tasks.errors import InputError, writing
 from tasks.export import COLUMNS, METRICS, PROGRAM
@@ -43,6 +43,7 @@ from tasks.stage import (
     using_cache,
 )
 from tasks.store import CacheStore
+from tasks.tables import TABLE_FORMATS
 from tasks.train import make_loss
 
 FLOW_RUN = "prefect.flow-run."
@@ -57,6 +58,8 @@ class ModelRun:
     targets: tuple[str, ...]
     config: dict[str, Any]  # the training run's TrainConfig, as JSON
     program_digest: str  # of model.pt2's bytes: what the cache keys the model by
+    # Per categorical feature, the training rows' vocabulary: a value's id is 1 + its index.
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     @property
     def loss(self) -> str:
@@ -65,8 +68,9 @@ class ModelRun:
     @property
     def schema(self) -> dict[str, Any]:
         """What besides the program's bytes decides the scores: which columns go in, in which
-        order, and the loss the metrics are computed with."""
-        return {"features": self.features, "targets": self.targets, "loss": self.loss}
+        order, how text becomes ids, and the loss the metrics are computed with."""
+        schema = {"features": self.features, "targets": self.targets, "loss": self.loss}
+        return schema | ({"categories": self.categories} if self.categories else {})
 
     @property
     def program(self) -> Path:
@@ -172,12 +176,16 @@ def read_run(folder: Path) -> ModelRun:
         config = json.loads((folder / CONFIG).read_text())
         columns = json.loads((folder / COLUMNS).read_text())
         features, targets = tuple(columns["features"]), tuple(columns["targets"])
+        categories = {
+            name: tuple(str(value) for value in values)
+            for name, values in columns.get("categories", {}).items()
+        }
         if not isinstance(config.get("loss"), str):  # how outputs become predictions
             raise ValueError(f"{CONFIG} names no loss")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"--model {folder}: unreadable {CONFIG} or {COLUMNS} ({exc})") from None
     return ModelRun(
-        str(folder.absolute()), features, targets, config, file_digest(folder / PROGRAM)
+        str(folder.absolute()), features, targets, config, file_digest(folder / PROGRAM), categories
     )
 
 
@@ -197,9 +205,10 @@ def read_rows(file: DataFile | None, run: ModelRun) -> tuple[Tensor, Tensor | No
                 f"synthetic data has {', '.join(data.feature_names)}"
             )
         return data.x, data.y
-    if check_format(file.url, ()) == ".csv":
+    if check_format(file.url, ()) in TABLE_FORMATS:
         with file.open() as f:
-            x, y = read_csv_columns(f, file.url, run.features, run.targets)
+            # By name, text through the training vocabulary: an unseen value is UNKNOWN.
+            x, y = read_table_columns(f, file.url, run.features, run.targets, run.categories)
         return x, y
     data = read_file(file)  # .npz and .pt hold arrays 'x' and 'y', as in training
     if data.n_features != len(run.features):

@@ -20,7 +20,7 @@ import torch
 
 from flows.predict_flow import main as predict
 from flows.train_flow import main as train
-from tasks.data import read_csv_columns
+from tasks.data import read_table_columns
 from tasks.errors import InputError
 from tasks.predict import (
     ModelRun,
@@ -127,11 +127,11 @@ def test_a_parquet_output_reads_back_exactly():
 )
 def test_columns_that_do_not_match_the_model_are_named(text, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        read_csv_columns(io.BytesIO(text.encode()), "t.csv", ("a", "b"), ("y",))
+        read_table_columns(io.BytesIO(text.encode()), "t.csv", ("a", "b"), ("y",))
 
 
 def test_features_are_taken_by_name_in_the_models_order():
-    x, y = read_csv_columns(io.BytesIO(b"b,a\n2,1\n4,3\n"), "t.csv", ("a", "b"), ("y",))
+    x, y = read_table_columns(io.BytesIO(b"b,a\n2,1\n4,3\n"), "t.csv", ("a", "b"), ("y",))
     assert x.tolist() == [[1, 2], [3, 4]]
     assert y is None
 

@@ -1,0 +1,331 @@
+"""Tables through pyarrow (tasks/tables.py): CSV, Parquet and Feather give the same tensors,
+--features reads only its columns, and a text column is categorical from end to end: its
+vocabulary comes from the training rows, model.pt2 takes ids, predict takes the raw text."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+import pytest
+import torch
+from prefect.states import State
+
+import tasks.tables
+from flows.predict_flow import main as predict
+from flows.train_flow import main as train
+from tasks.data import load_dataset, load_tensors, training_categories
+from tasks.errors import InputError
+from tasks.model import OneHot, initial_model, instantiate, model_spec
+from tasks.split import split_indices
+from tasks.stage import using_cache
+
+from .conftest import REPO
+from .test_export import _imported
+
+TABLE = pa.table(
+    {
+        "a": [1.5, -2.0, 3.25, 0.0, 7.0],
+        "color": ["red", "blue", "red", "green", "blue"],
+        "n": [1, 2, 3, 4, 5],
+        "y": [0.5, 1.0, -1.5, 2.0, 3.0],
+    }
+)
+CSV_TEXT = "a,color,n,y\n1.5,red,1,0.5\n-2,blue,2,1\n3.25, red,3,-1.5\n0,green,4,2\n7,blue,5,3\n"
+
+
+def _write(folder: Path, table: pa.Table = TABLE, text: str = CSV_TEXT) -> dict[str, Path]:
+    paths = {
+        ".parquet": folder / "t.parquet",
+        ".feather": folder / "t.feather",
+        ".arrow": folder / "t.arrow",
+        ".csv": folder / "t.csv",
+    }
+    pq.write_table(table, paths[".parquet"])
+    feather.write_feather(table, paths[".feather"])
+    with pa.ipc.new_file(paths[".arrow"], table.schema) as writer:
+        writer.write_table(table)
+    paths[".csv"].write_text(text)
+    return paths
+
+
+def test_csv_parquet_and_feather_of_one_table_give_equal_tensors(tmp_path):
+    loaded = {suffix: load_dataset(str(path)) for suffix, path in _write(tmp_path).items()}
+    first = loaded[".csv"]
+    assert first.feature_names == ("a", "color", "n") and first.target_names == ("y",)
+    assert first.categories == {"color": ("blue", "green", "red")}
+    # ids are 1 + the index in the sorted vocabulary; " red" in the CSV is "red"
+    assert first.x[:, 1].tolist() == [3.0, 1.0, 3.0, 2.0, 1.0]
+    assert first.x.dtype == first.y.dtype == torch.float32
+    for suffix, data in loaded.items():
+        assert torch.equal(data.x, first.x), suffix
+        assert torch.equal(data.y, first.y), suffix
+        assert data.feature_names == first.feature_names and data.categories == first.categories
+
+
+def _key(path: Path, cache: Path, **options) -> str:
+    """load-tensors' key for the file, run as the stage body (a hit answers a State)."""
+    with using_cache(str(cache), "use"):
+        out = load_tensors.fn(str(path), (), 100, 42, 0.1, **options)
+    return (out.result() if isinstance(out, State) else out).cache_key
+
+
+def test_cache_keys_differ_per_format_and_features_and_are_stable(tmp_path):
+    paths = _write(tmp_path)
+    cache = tmp_path / "cache"
+    keys = {suffix: _key(path, cache) for suffix, path in paths.items()}
+    assert len(set(keys.values())) == len(keys)
+    assert all(key.startswith("load-tensors-") for key in keys.values())
+    assert {suffix: _key(path, cache) for suffix, path in paths.items()} == keys  # hits
+    subset = _key(paths[".parquet"], cache, features=("a",))
+    assert subset not in keys.values()
+    assert _key(paths[".parquet"], cache, features=("a",)) == subset
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes(paths[".parquet"].read_bytes())
+    assert _key(copy, cache) == keys[".parquet"]  # by content, not by name
+
+
+def test_features_read_only_their_columns(tmp_path):
+    # A list column: reading it would fail conversion to numbers.
+    table = TABLE.append_column("tags", pa.array([[1], [2], [], [3], [4]]))
+    pq.write_table(table, tmp_path / "t.parquet")
+    feather.write_feather(table, tmp_path / "t.feather")
+    for name in ("t.parquet", "t.feather"):
+        source = str(tmp_path / name)
+        with pytest.raises(InputError, match=r"column 'tags' holds list<.*> values, not numbers"):
+            load_dataset(source)
+        data = load_dataset(source, ("y",), features=("n", "a"))
+        assert data.feature_names == ("n", "a")
+        assert data.x.tolist() == [[1, 1.5], [2, -2], [3, 3.25], [4, 0], [5, 7]]
+    # A CSV is tokenized whole, but an unselected column's cells are never converted.
+    source = tmp_path / "bad.csv"
+    source.write_text("a,bad,y\n1,2,3\n4,oops,6\n")
+    assert load_dataset(str(source), features=("a",)).x.tolist() == [[1.0], [4.0]]
+    with pytest.raises(InputError, match=r"line 3, column 'bad': 'oops' is not a number"):
+        load_dataset(str(source))
+
+
+@pytest.mark.parametrize(
+    ("features", "target", "message"),
+    [
+        (("zz",), (), "feature column 'zz' not found"),
+        (("a", "a"), (), "appears twice"),
+        (("a", "y"), (), "y both feature and target"),
+    ],
+)
+def test_bad_feature_selections_are_one_line_errors(tmp_path, features, target, message):
+    source = str(_write(tmp_path)[".parquet"])
+    with pytest.raises(InputError, match=message) as info:
+        load_dataset(source, target, features=features)
+    assert repr(source) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_features_need_a_table(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones(2), y=np.ones(2))
+    with pytest.raises(InputError, match=r"--features applies to tables"):
+        load_dataset(str(path), features=("x",))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # A column mixing numbers and text is numbers with a bad cell, not a category.
+        ("a,c,y\n1,2,1\n2,red,2\n", "line 3, column 'c': 'red' is not a number"),
+        ("a,c,y\n1,red,1\n2,3,2\n", "line 2, column 'c': 'red' is not a number"),
+        # Decimal commas are a number format we don't read, never a vocabulary.
+        ('a,c,y\n1,"1,5",1\n2,"2,5",2\n', "line 2, column 'c': '1,5' is not a number"),
+        # A text target: no categorical targets (yet).
+        ("a,y\n1,cat\n2,dog\n", "line 2, column 'y': 'cat' is not a number"),
+        ("a,c,y\n1,red,1\n2,blue\n", "line 3 has 2 fields, the header has 3"),
+    ],
+)
+def test_bad_cells_are_named_by_line_and_column(tmp_path, text, message):
+    source = tmp_path / "d.csv"
+    source.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_dataset(str(source))
+
+
+def test_typed_tables_name_the_bad_column(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"a": [1.0, 2.0], "y": ["x", "z"]}), path)
+    with pytest.raises(InputError, match=r"column 'y' holds text, not numbers"):
+        load_dataset(str(path))
+    pq.write_table(pa.table({"a": [1.0, None, None], "y": [1.0, 2.0, 3.0]}), path)
+    with pytest.raises(InputError, match=r"column 'a' has 2 missing value\(s\), first at row 1"):
+        load_dataset(str(path))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match=r"not a readable \.parquet file"):
+        load_dataset(str(tmp_path / "junk.parquet"))
+
+
+def test_bad_input_leaves_the_cache_as_it_was(tmp_path):
+    paths = _write(tmp_path)
+    cache = tmp_path / "cache"
+    _key(paths[".parquet"], cache)
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    assert before
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"a": [1.0, 2.0], "y": ["x", "z"]}), bad)
+    with pytest.raises(InputError):
+        _key(bad, cache)
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before
+
+
+def test_the_vocabulary_is_the_training_rows_and_the_rest_is_unknown(tmp_path):
+    data = load_dataset(str(_write(tmp_path)[".csv"]))
+    narrowed = training_categories(data, torch.tensor([0, 1, 4]))  # red, blue, blue
+    assert narrowed.categories == {"color": ("blue", "red")}
+    assert narrowed.x[:, 1].tolist() == [2.0, 1.0, 2.0, 0.0, 1.0]  # green: unknown (0)
+    assert torch.equal(narrowed.x[:, [0, 2]], data.x[:, [0, 2]])
+    plain = load_dataset("synthetic")
+    assert training_categories(plain, torch.arange(10)) is plain  # the seed's path: untouched
+
+
+def test_one_hot_puts_anything_outside_the_vocabulary_in_the_unknown_slot():
+    layer = OneHot(3, ((1, 3),))
+    x = torch.tensor([[5.0, 1, 7], [6, 2, 8], [7, 0, 9], [8, 3, 1], [9, -1, 2], [1, 1.5, 3]])
+    x = torch.cat([x, torch.tensor([[0.0, float("nan"), 4]])])
+    out = layer(x)
+    assert out[:, 0].tolist() == x[:, 0].tolist() and out[:, 4].tolist() == x[:, 2].tolist()
+    assert out[:, 1:4].argmax(1).tolist() == [1, 2, 0, 0, 0, 0, 0]
+    assert out[:, 1:4].sum(1).tolist() == [1.0] * 7
+
+
+def test_an_encoded_model_exports_and_standardizes_one_hot_slots():
+    from tasks.export import export_program
+
+    spec = model_spec("mlp", 3, 1, (4,), "relu", standardize=True, categories=((1, 3),))
+    train_x = torch.tensor([[0.0, 1, 2], [1, 2, 3], [2, 1, 4], [3, 2, 5]])
+    state = initial_model(spec, 7, train_x).state
+    assert state["standardize.mean"].tolist() == [1.5, 0.0, 0.5, 0.5, 3.5]  # a, 3 slots, c
+    model = instantiate(spec, state)
+    program = export_program(model, train_x).module()
+    rows = torch.tensor([[1.0, 9, 2], [2, 1, 3], [0, 2, 1]])
+    assert torch.equal(program(rows), model(rows))
+
+
+# --- end to end: train on text, predict on raw text -------------------------------------------
+
+
+def _colored_table(path: Path, rows: int, seed: int, colors: list[str]) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    effect = {"red": 2.0, "green": -1.0, "blue": 0.5}
+    lines = []
+    for i in range(rows):
+        a, color = float(rng.normal()), colors[i % len(colors)]
+        lines.append([repr(a), color, repr(1 + a + effect.get(color, 0.0))])
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["a", "color", "y"], *lines])
+    return lines
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_categorical_column_round_trips_through_model_pt2_and_predict(tmp_path, capsys):
+    rows = 60
+    colors = ["red", "green", "blue"] * 20
+    colors[int(split_indices(rows, 0.2, 13).val[0])] = "violet"  # a validation row's only
+    data = tmp_path / "train.csv"
+    _colored_table(data, rows, 1, colors)
+    runs = tmp_path / "runs"
+    args = ["--data", str(data), "--epochs", "20", "--runs-dir", str(runs), "--run-name", "m"]
+    assert train([*args, "--no-cache", "--lr", "0.05"]) == 0
+    run = runs / "m"
+    columns = json.loads((run / "columns.json").read_text())
+    assert columns == {
+        "features": ["a", "color"],
+        "targets": ["y"],
+        "categories": {"color": ["blue", "green", "red"]},  # no violet: it is not a training row
+    }
+
+    # New rows with the same colours, one never seen ("cyan"), and Parquet: predict reads both.
+    new = tmp_path / "new.csv"
+    lines = _colored_table(new, 9, 2, ["red", "cyan", "blue", "green", "violet"])
+    table = pa.table(
+        {"color": [r[1] for r in lines], "a": [float(r[0]) for r in lines]}  # any column order
+    )
+    pq.write_table(table, tmp_path / "new.parquet")
+    vocabulary = {"blue": 1, "green": 2, "red": 3}
+    ids = torch.tensor([[float(r[0]), vocabulary.get(r[1], 0)] for r in lines])
+    with torch.no_grad():
+        expected = torch.export.load(run / "model.pt2").module()(ids)[:, 0].double().numpy()
+    for source in (new, tmp_path / "new.parquet"):
+        out = tmp_path / f"{source.stem}{source.suffix}.csv"
+        assert predict(["--model", str(run), "--data", str(source), "--out", str(out)]) == 0
+        got = np.array([float(r["prediction"]) for r in csv.DictReader(out.open())])
+        assert np.array_equal(got.astype(np.float32), expected.astype(np.float32)), source
+    assert sum(r[1] in ("cyan", "violet") for r in lines) == 3  # scored as unknown (id 0)
+    capsys.readouterr()
+
+
+def test_slow_loads_report_rows_and_speed(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(tasks.tables, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(tasks.tables, "PROGRESS_EVERY_S", 0.0)
+    source = _write(tmp_path)[".csv"]
+    with caplog.at_level(logging.INFO, logger="trainflow.data"):
+        load_dataset(str(source))
+    messages = [r.getMessage() for r in caplog.records if r.name == "trainflow.data"]
+    assert any("loading" in m and "MB/s" in m for m in messages), messages
+    assert any(m.startswith(f"loaded {source}: 5 rows") and "MB/s" in m for m in messages)
+
+
+def test_a_cached_run_on_a_table_never_imports_pyarrow(tmp_path, subprocess_env):
+    source = _write(tmp_path)[".csv"]
+    script = str(REPO / "flows" / "train_flow.py")
+    command = [sys.executable, "-X", "importtime", script, "--data", str(source), "--epochs", "2"]
+    command += ["--val-fraction", "0.4", "--runs-dir", "runs"]
+    cold, cached = (
+        subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=600)
+        for _ in range(2)
+    )
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert "pyarrow" in _imported(cold.stderr)  # the check sees a read
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    warnings = [line for line in cached.stderr.splitlines() if "WARNING" in line]
+    assert re.search(r"^load-tensors\s+Cached\b", cached.stdout, re.MULTILINE), warnings
+    assert not {name for name in _imported(cached.stderr) if name.split(".")[0] == "pyarrow"}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_categorical_run_extended_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from flows.config import TrainConfig
+    from flows.train_flow import train_flow
+
+    data = tmp_path / "train.csv"
+    _colored_table(data, 40, 3, ["red", "green", "blue", "green"])
+
+    def run(name: str, epochs: int, cache: str):
+        config = TrainConfig(
+            data=str(data),
+            epochs=epochs,
+            model="mlp",
+            hidden=(4,),
+            standardize=True,
+            runs_dir=str(tmp_path / "runs"),
+            run_name=name,
+            cache_dir=str(tmp_path / cache),
+        )
+        return train_flow(config)
+
+    run("short", 3, "shared")
+    extended = run("extended", 6, "shared")
+    assert extended.resumed_from == {"epoch": 3, "batch": 0} and extended.epochs_trained == 3
+    whole = run("whole", 6, "own")
+    assert whole.resumed_from is None
+    weights = [load_file(Path(s.run_dir) / "model.safetensors") for s in (extended, whole)]
+    assert weights[0].keys() == weights[1].keys() and "standardize.mean" in weights[0]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    losses = [json.loads((Path(s.run_dir) / "metrics.json").read_text()) for s in (extended, whole)]
+    assert losses[0]["val_loss"] == losses[1]["val_loss"]
