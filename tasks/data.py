@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -17,7 +17,7 @@ from torch import Tensor
 from tasks.errors import InputError
 from tasks.sources import DataFile, Identity, suffix_of
 from tasks.stage import cache_enabled, cache_entry, stage
-from tasks.tables import TABLE_FORMATS, UNKNOWN, column_names, read_columns
+from tasks.tables import TABLE_FORMATS, UNKNOWN, column_names, iter_columns, read_columns
 
 SYNTHETIC = "synthetic"
 EXTENSIONS = (*TABLE_FORMATS, ".npz", ".pt", ".pth")
@@ -201,8 +201,38 @@ def read_table_columns(
     """The `required` columns, and the `optional` ones if the file has all of them, as float32
     tensors in the given order; any other column, or a part of `optional`, is an error. A
     column in `categories` becomes the ids of its values in that vocabulary (predict)."""
+    names, has_optional = _scored_columns(f, source, required, optional)
+    vocabularies = dict(categories or {})
     suffix = suffix_of(source)
-    header = column_names(f, suffix, source)
+    table = read_columns(f, suffix, source, names, frozenset(vocabularies), vocabularies).values
+    return _x_and_y(table, len(required), has_optional)
+
+
+def table_row_blocks(
+    f: IO[bytes],
+    source: str,
+    required: tuple[str, ...],
+    optional: tuple[str, ...],
+    categories: Mapping[str, tuple[str, ...]],
+    rows_per_block: int,
+) -> tuple[bool, Iterator[tuple[Tensor, Tensor | None]]]:
+    """`read_table_columns`, a block of rows at a time: whether the file has the `optional`
+    columns (checked before any row is read), and the blocks' (x, y)."""
+    names, has_optional = _scored_columns(f, source, required, optional)
+    blocks = iter_columns(f, suffix_of(source), source, names, dict(categories), rows_per_block)
+    return has_optional, (_x_and_y(block, len(required), has_optional) for block in blocks)
+
+
+def _x_and_y(table: np.ndarray, n_x: int, has_y: bool) -> tuple[Tensor, Tensor | None]:
+    x = torch.from_numpy(np.ascontiguousarray(table[:, :n_x]))
+    return x, torch.from_numpy(np.ascontiguousarray(table[:, n_x:])) if has_y else None
+
+
+def _scored_columns(
+    f: IO[bytes], source: str, required: tuple[str, ...], optional: tuple[str, ...]
+) -> tuple[tuple[str, ...], bool]:
+    """The columns to read, by the header alone, and whether `optional` is among them."""
+    header = column_names(f, suffix_of(source), source)
     missing = [name for name in required if name not in header]
     if missing:
         raise InputError(f"data file {source!r}: missing column(s) {', '.join(missing)}")
@@ -218,13 +248,7 @@ def read_table_columns(
         raise InputError(f"data file {source!r}: unexpected column(s) {', '.join(extra)}")
     if len(set(header)) != len(header):
         raise InputError(f"data file {source!r}: a column name appears twice")
-    vocabularies = dict(categories or {})
-    names = (*required, *(optional if present else ()))
-    table = read_columns(f, suffix, source, names, frozenset(vocabularies), vocabularies).values
-    x = torch.from_numpy(np.ascontiguousarray(table[:, : len(required)]))
-    if not present:
-        return x, None
-    return x, torch.from_numpy(np.ascontiguousarray(table[:, len(required) :]))
+    return (*required, *(optional if present else ())), bool(present)
 
 
 def _from_table(

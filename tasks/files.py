@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
@@ -59,16 +61,17 @@ def make_dirs(folder: Path | str) -> None:
         fsync_dir(new.parent)
 
 
-def atomic_write(path: Path | str, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename over `path`, fsync the
-    folder. A reader sees the old file or the new one, never a mix; an error leaves no
-    temporary file behind."""
+@contextmanager
+def atomic_file(path: Path | str) -> Iterator[BinaryIO]:
+    """A file to write `path`'s new bytes into, at a temporary name in the same folder; when
+    the block ends: fsync, rename over `path`, fsync the folder. A reader sees the old file or
+    the new one, never a mix; an error leaves no temporary file behind."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,6 +79,12 @@ def atomic_write(path: Path | str, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path | str, data: bytes) -> None:
+    """`data` as `path`'s content, whole or not at all (`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def write_json(path: Path, obj: Any) -> None:

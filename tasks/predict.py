@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from torch import Tensor
 
 from tasks import files
-from tasks.data import SYNTHETIC, check_format, read_file, read_table_columns, synthetic
+from tasks.data import SYNTHETIC, check_format, read_file, synthetic, table_row_blocks
 from tasks.device import resolve_device
 from tasks.errors import InputError, writing
 from tasks.export import COLUMNS, METRICS, PROGRAM
@@ -192,8 +193,14 @@ def read_run(folder: Path) -> ModelRun:
 # --- scoring ----------------------------------------------------------------------------------
 
 
-def read_rows(file: DataFile | None, run: ModelRun) -> tuple[Tensor, Tensor | None]:
-    """The feature columns the model takes, in its order, and the targets if the data has them.
+ROWS_PER_BLOCK = 1 << 18  # rows read at a time: a table larger than memory streams through
+
+
+def row_blocks(
+    file: DataFile | None, run: ModelRun, rows_per_block: int = ROWS_PER_BLOCK
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """The feature columns the model takes, in its order, and the targets if the data has them,
+    a block of rows at a time: a table (CSV, Parquet, Feather) is never read whole.
 
     `file` None means 'synthetic', by the recipe the run was trained with."""
     if file is None:
@@ -204,29 +211,41 @@ def read_rows(file: DataFile | None, run: ModelRun) -> tuple[Tensor, Tensor | No
                 f"--data synthetic: the model takes {', '.join(run.features)}, "
                 f"synthetic data has {', '.join(data.feature_names)}"
             )
-        return data.x, data.y
+        yield data.x, data.y
+        return
     if check_format(file.url, ()) in TABLE_FORMATS:
         with file.open() as f:
             # By name, text through the training vocabulary: an unseen value is UNKNOWN.
-            x, y = read_table_columns(f, file.url, run.features, run.targets, run.categories)
-        return x, y
-    data = read_file(file)  # .npz and .pt hold arrays 'x' and 'y', as in training
+            _, blocks = table_row_blocks(
+                f, file.url, run.features, run.targets, run.categories, rows_per_block
+            )
+            yield from blocks
+        return
+    data = read_file(file)  # .npz and .pt hold arrays 'x' and 'y', as in training: whole
     if data.n_features != len(run.features):
         raise InputError(
             f"data file {file.url!r}: x has {data.n_features} columns, the model takes "
             f"{len(run.features)} ({', '.join(run.features)})"
         )
-    return data.x, data.y
+    yield data.x, data.y
 
 
-def apply_program(program: Path, x: Tensor, batch_size: int, device: str) -> Tensor:
-    """The exported model on every row, `batch_size` rows per call; outputs on the CPU."""
+def apply_program(program: Path, blocks: Iterable[Tensor], batch_size: int, device: str) -> Tensor:
+    """The exported model on every row of the blocks, in calls of exactly `batch_size` rows
+    (the last one fewer) whatever the blocks' sizes: the batches, and so the rounding, of
+    one whole tensor. Outputs on the CPU."""
     target = resolve_device(device)
     module = torch.export.load(program).module().to(target)
-    outputs = []
+    outputs, pending = [], torch.empty(0)
     with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            outputs.append(module(x[start : start + batch_size].to(target)).cpu())
+        for block in blocks:
+            x = torch.cat([pending, block]) if len(pending) else block
+            whole = len(x) - len(x) % batch_size
+            for start in range(0, whole, batch_size):
+                outputs.append(module(x[start : start + batch_size].to(target)).cpu())
+            pending = x[whole:]
+        if len(pending):
+            outputs.append(module(pending.to(target)).cpu())
     return torch.cat(outputs)
 
 
@@ -241,18 +260,35 @@ def metrics(outputs: Tensor, y: Tensor, loss: str) -> dict[str, float]:
     }
 
 
-def score_rows(run: ModelRun, file: DataFile | None, batch_size: int, device: str) -> Scores:
-    x, y = read_rows(file, run)
-    outputs = apply_program(run.program, x, batch_size, device)
+def score_rows(
+    run: ModelRun,
+    file: DataFile | None,
+    batch_size: int,
+    device: str,
+    rows_per_block: int = ROWS_PER_BLOCK,
+) -> Scores:
+    """Outputs for every row; what stays in memory is the outputs and the targets, not the
+    features (README: "Batch prediction", its limit)."""
+    targets: list[Tensor] = []
+
+    def features() -> Iterator[Tensor]:
+        for x, y in row_blocks(file, run, rows_per_block):
+            if y is not None:
+                targets.append(y)
+            yield x
+
+    outputs = apply_program(run.program, features(), batch_size, device)
+    y = torch.cat(targets) if targets else None
     return Scores(outputs, metrics(outputs, y, run.loss) if y is not None else {})
 
 
-def prediction_columns(scores: Scores, run: ModelRun) -> dict[str, np.ndarray]:
+def prediction_columns(scores: Scores, run: ModelRun, first_row: int = 0) -> dict[str, np.ndarray]:
     """`row`, then `prediction` (one per target, `prediction_<target>`, when several), then
-    for classification `prob_<class>` per class."""
+    for classification `prob_<class>` per class. `scores` may be a block of rows starting at
+    input row `first_row`."""
     out = scores.outputs.double()
     n = out.shape[0]
-    columns: dict[str, np.ndarray] = {"row": np.arange(n, dtype=np.int64)}
+    columns: dict[str, np.ndarray] = {"row": np.arange(first_row, first_row + n, dtype=np.int64)}
     if run.loss == "cross_entropy":
         probs = torch.softmax(out, dim=1)
         columns[_name("prediction", run.targets, 0)] = probs.argmax(1).numpy()
@@ -275,42 +311,71 @@ def _name(prefix: str, targets: tuple[str, ...], i: int) -> str:
     return prefix if len(targets) <= 1 else f"{prefix}_{targets[i]}"
 
 
-def output_bytes(columns: dict[str, np.ndarray], suffix: str) -> bytes:
-    """The output file's bytes. CSV and Parquet by Arrow's C++ writers: `np.savetxt` formats
-    one row at a time in Python and took ten times as long as scoring a 10⁶-row file."""
-    buffer = io.BytesIO()
+def prediction_blocks(
+    scores: Scores, run: ModelRun, rows_per_block: int = ROWS_PER_BLOCK
+) -> Iterator[dict[str, np.ndarray]]:
+    """The output's columns a block of rows at a time: the float64 columns of a whole large
+    output never sit in memory at once."""
+    for start in range(0, len(scores), rows_per_block):
+        block = Scores(scores.outputs[start : start + rows_per_block], {})
+        yield prediction_columns(block, run, first_row=start)
+
+
+def write_blocks(f: BinaryIO, blocks: Iterable[dict[str, np.ndarray]], suffix: str) -> None:
+    """The output file, block by block. CSV and Parquet by Arrow's C++ writers (`np.savetxt`
+    formats a row at a time in Python and took ten times as long as scoring a 10⁶-row file);
+    .npz is a zip of whole arrays, so it is built in memory."""
+    blocks = iter(blocks)
     if suffix == ".npz":
-        np.savez(buffer, **columns)
-        return buffer.getvalue()
+        parts = list(blocks)
+        np.savez(f, **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+        return
     import pyarrow as pa  # only where a table is written: a cached training run never loads it
 
-    table = pa.table(columns)
+    first = pa.table(next(blocks))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        pq.write_table(table, buffer)
-        return buffer.getvalue()
-    import pyarrow.csv as pa_csv
+        writer: Any = pq.ParquetWriter(f, first.schema)
+    else:
+        import pyarrow.csv as pa_csv
 
-    # Floats as the shortest text that reads back to the same float64 (what %.17g promised,
-    # shorter); the header unquoted unless a name needs quotes, as a spreadsheet writes it.
-    plain = all(not set(name) & set(',"\r\n') for name in columns)
-    options = pa_csv.WriteOptions(quoting_header="none" if plain else "needed")
-    pa_csv.write_csv(table, buffer, write_options=options)
+        # Floats as the shortest text that reads back to the same float64 (what %.17g promised,
+        # shorter); the header unquoted unless a name needs quotes, as a spreadsheet writes it.
+        plain = all(not set(name) & set(',"\r\n') for name in first.column_names)
+        options = pa_csv.WriteOptions(quoting_header="none" if plain else "needed")
+        writer = pa_csv.CSVWriter(f, first.schema, write_options=options)
+    with writer:
+        writer.write_table(first)
+        for block in blocks:
+            writer.write_table(pa.table(block))
+
+
+def output_bytes(columns: dict[str, np.ndarray], suffix: str) -> bytes:
+    """One block's output file, in memory."""
+    buffer = io.BytesIO()
+    write_blocks(buffer, [columns], suffix)
     return buffer.getvalue()
 
 
-def write_output(url: str, data: bytes) -> None:
-    """Whole or not at all: a local file by atomic rename, an object store by one PUT."""
+def write_output(url: str, blocks: Iterable[dict[str, np.ndarray]]) -> None:
+    """Whole or not at all: a local file by atomic rename; an object store by one upload of a
+    finished local file."""
     import fsspec
 
+    suffix = suffix_of(url)
     with writing(f"the output {url!r}"):
         fs, path = fsspec.core.url_to_fs(url)
         if fs.protocol in ("file", "local") or "file" in fs.protocol:
             files.make_dirs(Path(path).parent)
-            files.atomic_write(Path(path), data)
+            with files.atomic_file(Path(path)) as f:
+                write_blocks(f, blocks, suffix)
         else:
-            fs.pipe_file(path, data)
+            with tempfile.TemporaryDirectory() as scratch:
+                local = Path(scratch) / f"predictions{suffix}"
+                with local.open("wb") as f:
+                    write_blocks(f, blocks, suffix)
+                fs.put_file(str(local), path)
 
 
 # --- Prefect tasks ----------------------------------------------------------------------------
@@ -360,7 +425,7 @@ def score(
 
 @task(name="write-predictions")
 def write_predictions(scores: Scores, run: ModelRun, out: str) -> str:
-    write_output(out, output_bytes(prediction_columns(scores, run), suffix_of(out)))
+    write_output(out, prediction_blocks(scores, run))
     return out
 
 

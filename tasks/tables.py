@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ TABLE_FORMATS = (".csv", ".parquet", ".feather", ".arrow")
 UNKNOWN = 0  # the id of a category outside the vocabulary; known ones are 1 + their index
 PROGRESS_AFTER_S = 2.0  # a load slower than this reports how far it is
 PROGRESS_EVERY_S = 2.0
+CSV_BYTES_PER_ROW = 128  # to turn a block's rows into the CSV parser's block bytes
 
 log = logging.getLogger("trainflow.data")
 
@@ -108,21 +109,133 @@ def read_columns(
         raise InputError(f"data file {source!r}: not a readable {suffix} file ({exc})") from None
     counted.done(table.num_rows)
     if table.num_rows == 0:
-        has = "has a header but" if suffix == ".csv" else "has"
-        raise InputError(f"data file {source!r}: {has} no data rows")
+        _no_rows(suffix, source)
+    return _converted(table, names, categorical, vocabularies, _Where(f, suffix, header, source))
+
+
+def iter_columns(
+    f: IO[bytes],
+    suffix: str,
+    source: str,
+    names: Sequence[str],
+    vocabularies: dict[str, tuple[str, ...]],
+    rows_per_block: int = 1 << 18,
+) -> Iterator[np.ndarray]:
+    """`read_columns(...).values` a block of rows at a time, for a table larger than memory
+    (predict): the same numbers, with every categorical column's vocabulary given. Blocks
+    hold up to about `rows_per_block` rows (a CSV's are whatever its parser's blocks hold)."""
+    import pyarrow as pa
+
+    header = column_names(f, suffix, source)
+    f.seek(0)
+    counted = _Counted(f, source)
+    where = _Where(f, suffix, header, source)
+    rows, categorical = 0, frozenset(vocabularies)
+    try:
+        for batch in _batches(counted, suffix, header, list(names), vocabularies, rows_per_block):
+            table = pa.Table.from_batches([batch])
+            yield _converted(table, names, categorical, vocabularies, where, rows).values
+            rows += batch.num_rows
+    except pa.ArrowInvalid as exc:
+        if suffix != ".csv":
+            raise InputError(f"data file {source!r}: not a readable {suffix} file") from None
+        # A block's parse or its cells' conversion (numbers; the vocabulary columns are text).
+        numbers = [name for name in names if name not in vocabularies]
+        reason = str(exc).splitlines()[0]
+        raise InputError(_locate_bad_cell(f, header, source, numbers, reason)) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"data file {source!r}: not a readable {suffix} file ({exc})") from None
+    counted.done(rows)
+    if rows == 0:
+        _no_rows(suffix, source)
+
+
+def _no_rows(suffix: str, source: str) -> None:
+    has = "has a header but" if suffix == ".csv" else "has"
+    raise InputError(f"data file {source!r}: {has} no data rows")
+
+
+@dataclass(frozen=True)
+class _Where:
+    """The file a table came from, for the error that names a bad cell's line."""
+
+    f: IO[bytes]
+    suffix: str
+    header: list[str]
+    source: str
+
+
+def _converted(
+    table: pa.Table,
+    names: Sequence[str],
+    categorical: frozenset[str],
+    vocabularies: dict[str, tuple[str, ...]] | None,
+    where: _Where,
+    first_row: int = 0,
+) -> Columns:
     values = np.empty((table.num_rows, len(names)), dtype=np.float32, order="F")
     categories: dict[str, tuple[str, ...]] = {}
     for j, name in enumerate(names):
         column = table.column(name)
         given = (vocabularies or {}).get(name)
         # With a vocabulary (predict) the column is categorical whatever its cells look like.
-        if name in categorical and (given is not None or _is_text(column.type, suffix, column)):
-            strings = _as_strings(column, suffix)
+        if name in categorical and (
+            given is not None or _is_text(column.type, where.suffix, column)
+        ):
+            strings = _as_strings(column, where.suffix)
             categories[name] = given if given is not None else vocabulary(strings)
             values[:, j] = category_ids(strings, categories[name])
         else:
-            values[:, j] = _numbers(column, name, f, suffix, header, source)
+            values[:, j] = _numbers(column, name, where, first_row)
     return Columns(values, categories)
+
+
+def _batches(
+    f: IO[bytes],
+    suffix: str,
+    header: list[str],
+    names: list[str],
+    text: dict[str, tuple[str, ...]],
+    rows: int,
+) -> Iterator[pa.RecordBatch]:
+    """The table's `names` columns, a record batch at a time, never the whole file."""
+    import pyarrow as pa
+
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(f).iter_batches(batch_size=rows, columns=names)
+        return
+    if suffix in (".feather", ".arrow"):
+        try:
+            reader = pa.ipc.open_file(f)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:  # an Arrow IPC stream rather than a file
+            f.seek(0)
+            batches = iter(pa.ipc.open_stream(f))
+        for batch in batches:  # a file's batches are as its writer made them: cut big ones
+            for start in range(0, batch.num_rows, rows):
+                yield batch.select(names).slice(start, rows)
+        return
+    import pyarrow.csv as pv
+
+    # As _read_table reads a CSV, with the vocabulary columns as text: their cells are names,
+    # whatever they look like (a "1" is a category's name, not a number). The parser's blocks
+    # are bytes, about `rows` rows' worth (32 MB by default; 64 MB at most); a row must fit in
+    # one, so 1 KiB at the least (only a test asks for so few rows).
+    block = max(1 << 10, min(1 << 26, rows * CSV_BYTES_PER_ROW))
+    read = pv.ReadOptions(column_names=header, skip_rows=1, block_size=block)
+    convert = pv.ConvertOptions(
+        include_columns=names,
+        column_types={name: pa.string() for name in text},
+        null_values=[],
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+        true_values=[],
+        false_values=[],
+        timestamp_parsers=[],
+    )
+    yield from pv.open_csv(f, read_options=read, convert_options=convert)
 
 
 def vocabulary(strings: pa.ChunkedArray) -> tuple[str, ...]:
@@ -206,15 +319,15 @@ def _as_strings(column: pa.ChunkedArray, suffix: str) -> pa.ChunkedArray:
     return pc.utf8_trim_whitespace(strings) if suffix == ".csv" else strings
 
 
-def _numbers(
-    column: pa.ChunkedArray, name: str, f: IO[bytes], suffix: str, header: list[str], source: str
-) -> np.ndarray:
+def _numbers(column: pa.ChunkedArray, name: str, where: _Where, first_row: int) -> np.ndarray:
     import pyarrow as pa
 
+    f, suffix, header, source = where.f, where.suffix, where.header, where.source
     kind = column.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
         if column.null_count:
-            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            nulls = column.is_null().to_numpy(zero_copy_only=False)
+            row = first_row + int(np.flatnonzero(nulls)[0])
             raise InputError(
                 f"data file {source!r}: column {name!r} has {column.null_count} missing "
                 f"value(s), first at row {row}"

@@ -28,9 +28,14 @@ from tasks.predict import (
     latest_run,
     metrics,
     output_bytes,
+    prediction_blocks,
     prediction_columns,
     read_run,
+    row_blocks,
+    score_rows,
+    write_blocks,
 )
+from tasks.sources import DataFile
 
 # --- pure logic, no Prefect -------------------------------------------------------------------
 
@@ -134,6 +139,103 @@ def test_features_are_taken_by_name_in_the_models_order():
     x, y = read_table_columns(io.BytesIO(b"b,a\n2,1\n4,3\n"), "t.csv", ("a", "b"), ("y",))
     assert x.tolist() == [[1, 2], [3, 4]]
     assert y is None
+
+
+# --- a block at a time: a table larger than memory --------------------------------------------
+
+
+def _streamed_table(folder: Path, suffix: str, rows: int = 1000, bad_row: int | None = None):
+    """A table with a categorical column (and a value no training row had), as `suffix`."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    rng = np.random.default_rng(7)
+    table = {
+        "b": rng.normal(size=rows).astype(str).tolist(),
+        "color": rng.choice(["red", "blue", "violet"], size=rows).tolist(),
+        "a": rng.normal(size=rows).tolist(),
+        "y": rng.normal(size=rows).tolist(),
+    }
+    if bad_row is not None:
+        table["b"][bad_row] = "oops"
+    path = folder / f"t{suffix}"
+    if suffix == ".csv":
+        lines = ["b,color,a,y", *(",".join(str(table[c][i]) for c in table) for i in range(rows))]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    arrow = pa.table({**table, "b": [float(v) for v in table["b"]]})
+    if suffix == ".parquet":
+        pq.write_table(arrow, path, row_group_size=100)  # several row groups, as a big file has
+    else:
+        feather.write_feather(arrow, path, chunksize=100)
+    return path
+
+
+COLORS = {"color": ("blue", "red")}  # the training rows' vocabulary: no violet
+
+
+@pytest.fixture(scope="module")
+def categorical_model(tmp_path_factory) -> ModelRun:
+    """A program over (a, color id, b), exported here: scoring needs no training for this."""
+    folder = tmp_path_factory.mktemp("model")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1))
+    torch.nn.init.normal_(model[0].weight, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(
+        model, (torch.ones(4, 3),), dynamic_shapes=({0: torch.export.Dim("rows")},)
+    )
+    torch.export.save(program, folder / "model.pt2")
+    return ModelRun(str(folder), ("a", "color", "b"), ("y",), {"loss": "mse"}, "0" * 32, COLORS)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".feather"])
+def test_scoring_a_block_at_a_time_equals_scoring_the_whole_table(
+    tmp_path, categorical_model, suffix
+):
+    path = _streamed_table(tmp_path, suffix)
+    with DataFile(str(path)) as file:
+        blocks = list(row_blocks(file, categorical_model, rows_per_block=37))
+        assert len(blocks) > 5  # the small blocks were asked for, and read
+        whole = score_rows(categorical_model, file, 16, "cpu", rows_per_block=10**7)
+        streamed = score_rows(categorical_model, file, 16, "cpu", rows_per_block=37)
+    with path.open("rb") as f:
+        x, y = read_table_columns(f, str(path), categorical_model.features, ("y",), COLORS)
+    assert torch.equal(torch.cat([x_block for x_block, _ in blocks]), x)
+    assert torch.equal(torch.cat([y_block for _, y_block in blocks]), y)
+    assert set(x[:, 1].tolist()) == {0.0, 1.0, 2.0}  # violet: unknown (0), never an error
+    assert torch.equal(streamed.outputs, whole.outputs)
+    assert streamed.metrics == whole.metrics
+    # The program's batches are exactly batch_size rows whatever the blocks: one whole call
+    # per batch of the table read at once gives the same bits.
+    module = torch.export.load(categorical_model.program).module()
+    with torch.no_grad():
+        by_hand = torch.cat([module(x[i : i + 16]) for i in range(0, len(x), 16)])
+    assert torch.equal(streamed.outputs, by_hand)
+
+
+def test_a_bad_cell_deep_in_a_streamed_csv_names_its_line_and_column(tmp_path, categorical_model):
+    path = _streamed_table(tmp_path, ".csv", bad_row=900)
+    with DataFile(str(path)) as file, pytest.raises(InputError) as error:
+        score_rows(categorical_model, file, 16, "cpu", rows_per_block=37)
+    where = f"data file {str(path)!r}: line 902, column 'b'"
+    assert str(error.value) == f"{where}: 'oops' is not a number"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".npz"])
+def test_an_output_written_a_block_at_a_time_equals_one_written_whole(suffix):
+    outputs = torch.from_numpy(np.random.default_rng(3).normal(size=(1000, 3)).astype(np.float32))
+    scores, run = Scores(outputs, {}), _run("cross_entropy")
+    buffer = io.BytesIO()
+    write_blocks(buffer, prediction_blocks(scores, run, rows_per_block=64), suffix)
+    whole = output_bytes(prediction_columns(scores, run), suffix)
+    if suffix == ".csv":
+        assert buffer.getvalue() == whole  # one header, rows numbered across the blocks
+    elif suffix == ".parquet":
+        streamed = pq.read_table(io.BytesIO(buffer.getvalue()))
+        assert streamed.equals(pq.read_table(io.BytesIO(whole)))
+    else:
+        streamed, single = np.load(io.BytesIO(buffer.getvalue())), np.load(io.BytesIO(whole))
+        assert streamed.files == single.files
+        assert all(np.array_equal(streamed[name], single[name]) for name in single.files)
 
 
 def test_latest_is_the_newest_completed_run(tmp_path):
