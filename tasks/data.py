@@ -254,7 +254,18 @@ def _scored_columns(
 def _from_table(
     f: IO[bytes], suffix: str, target: tuple[str, ...], features: tuple[str, ...], source: str
 ) -> Dataset:
-    header = column_names(f, suffix, source)
+    chosen, targets = table_roles(column_names(f, suffix, source), target, features, source)
+    # One read of every chosen column; a string feature column is categorical, a target never.
+    table = read_columns(f, suffix, source, (*chosen, *targets), frozenset(chosen))
+    x = torch.from_numpy(np.ascontiguousarray(table.values[:, : len(chosen)]))
+    y = torch.from_numpy(np.ascontiguousarray(table.values[:, len(chosen) :]))
+    return _checked(x, y, chosen, targets, source, table.categories)
+
+
+def table_roles(
+    header: list[str], target: tuple[str, ...], features: tuple[str, ...], source: str
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The feature and the target columns `--features` and `--target` choose from a header."""
     if len(header) < 2:
         raise InputError(f"data file {source!r}: needs a header row and at least 2 columns")
     targets = target or (header[-1],)
@@ -275,11 +286,7 @@ def _from_table(
         raise InputError(f"data file {source!r}: no feature columns left besides the target")
     if len(set(chosen)) != len(chosen):
         raise InputError(f"data file {source!r}: a feature column name appears twice")
-    # One read of every chosen column; a string feature column is categorical, a target never.
-    table = read_columns(f, suffix, source, (*chosen, *targets), frozenset(chosen))
-    x = torch.from_numpy(np.ascontiguousarray(table.values[:, : len(chosen)]))
-    y = torch.from_numpy(np.ascontiguousarray(table.values[:, len(chosen) :]))
-    return _checked(x, y, chosen, targets, source, table.categories)
+    return chosen, targets
 
 
 def _from_npz(f: IO[bytes], source: str) -> Dataset:
