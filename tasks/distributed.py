@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tasks.checkpoint import Checkpoints, CheckpointSettings, TrainState, decode
 from tasks.errors import InputError
 from tasks.loaders import Batch, Batches, Loaders, TensorBatches
-from tasks.loop import LossFn
+from tasks.loop import Interrupted, LossFn
 from tasks.options import Launch
 
 
@@ -95,13 +95,27 @@ class RankBatches:
 class Ranks:
     """This process's place in the job, and the collectives the epoch loop needs.
 
-    Control traffic (checkpoint decisions, losses, RNG states) goes over a gloo group on the
-    CPU whatever the training backend, so it never touches the GPU's stream.
+    Every collective of training waits at most `hang_timeout` seconds: a rank that hangs
+    (stopped, deadlocked) fails the others within it, and the launcher restarts the job
+    instead of waiting forever. Control traffic (checkpoint decisions, losses, RNG states) goes
+    over a gloo group on the CPU whatever the training backend, off the GPU's stream.
     """
 
-    def __init__(self, rank: int, world: int, device: torch.device, batches: RankBatches):
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        device: torch.device,
+        batches: RankBatches,
+        hang_timeout: float,
+    ):
         self.rank, self.world, self.device, self.batches = rank, world, device, batches
-        self.control = dist.group.WORLD if device.type == "cpu" else dist.new_group(backend="gloo")
+        timeout = timedelta(seconds=hang_timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        self.group = dist.new_group(backend=backend, timeout=timeout)
+        self.control = (
+            self.group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+        )
 
     @property
     def writes(self) -> bool:
@@ -109,7 +123,7 @@ class Ranks:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         ids = [self.device] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=self.group)
 
     def shard_loss(self, loss_fn: LossFn) -> LossFn:
         def loss(pred: Tensor, y: Tensor) -> Tensor:
@@ -186,6 +200,16 @@ class Ranks:
             raise RuntimeError("the ranks' final weights differ (DDP keeps them equal)")
 
 
+class RanksStopped(Interrupted):
+    def __init__(self, signum: int):
+        BaseException.__init__(
+            self,
+            f"interrupted by {signal.Signals(signum).name}; the launcher stopped the ranks: the "
+            "next run of this config resumes from their last checkpoint",
+        )
+        self.signum = signum
+
+
 def rank_device(device: str, local_rank: int) -> torch.device:
     """One GPU per local rank under CUDA; the CPU otherwise."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
@@ -231,14 +255,16 @@ def run_rank(job: Job) -> RankReport:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    # The timeout bounds every collective: a rank that hangs (stopped, deadlocked) fails the
-    # others within it, and the launcher restarts the job instead of waiting forever.
-    dist.init_process_group(backend, timeout=timedelta(seconds=job.hang_timeout))
+    # Generous for the start (ranks import torch and unpickle the data at their own pace);
+    # training's collectives run in groups with the hang timeout (Ranks).
+    dist.init_process_group(backend, timeout=timedelta(seconds=max(600, job.hang_timeout)))
     try:
         loaders: Loaders = job.inputs["loaders"]
         train = RankBatches(_on(loaders.train, device), rank, world, device)
         val = RankBatches(_on(loaders.val, device), 0, 1, device)  # whole on every rank
-        ranks = Ranks(rank, world, device, train)
+        # All here before the groups with the short timeout connect (a slow start is no hang).
+        dist.barrier()
+        ranks = Ranks(rank, world, device, train, job.hang_timeout)
         checkpointing = job.checkpointing
         checkpoints = (
             checkpointing.open(job.lineage, job.run_dir) if checkpointing and job.lineage else None
@@ -250,6 +276,8 @@ def run_rank(job: Job) -> RankReport:
         )
         on_epoch = None
         if local_rank == 0:
+            if resume is not None:
+                _appender(job.progress)(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
             progress = Progress(_appender(job.progress), job.epochs, len(train))
 
             def on_epoch(epoch: int, train_loss: float, val_loss: float, values: dict) -> None:
@@ -341,6 +369,7 @@ def run_ranks(launch: Launch, job: Job, log: Callable[[str], None]) -> list[Rank
     """Run `job` on `launch.nproc` local ranks (this node's share of the job) under torch's
     elastic agent; their reports, by rank. Progress lines of its local rank 0 go to `log` as
     they come, the ranks' summaries at the end."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -375,6 +404,10 @@ def run_ranks(launch: Launch, job: Job, log: Callable[[str], None]) -> list[Rank
                 f"{launch.max_restarts}); the last time rank {rank} exited with "
                 f"{first.exitcode}: {first.message or 'its log is above'}"
             ) from None
+        except SignalException as exc:
+            # SIGTERM/SIGINT: the launcher has stopped the ranks. An Interrupted, as for one
+            # process: Prefect reports it, and does not retry it.
+            raise RanksStopped(exc.sigval) from None
         finally:
             tail.close()
     ordered = sorted(reports.values(), key=lambda r: r.rank)
