@@ -50,6 +50,7 @@ class Job:
     progress: str  # a file local rank 0 appends its progress lines to
     threads: int  # torch threads per rank
     hang_timeout: float
+    launcher: int = 0  # the launcher's pid (set by launch_ranks)
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def check_launch(launch: Launch, device: str) -> None:
         raise InputError(f"--nproc {launch.nproc}: torch.distributed can't train on mps")
 
 
-def _die_with_the_launcher() -> None:
+def _die_with_the_launcher(launcher: int) -> None:
     # If the launcher (the train-epochs process) is killed outright it can't stop its ranks;
     # left running, they would train on and write checkpoints beside a re-run's.
     try:
@@ -237,7 +238,7 @@ def _die_with_the_launcher() -> None:
     except OSError:
         return  # not Linux: no such switch
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the launcher died before the switch was set
+    if os.getppid() != launcher:  # the launcher died before the switch was set
         os._exit(1)
 
 
@@ -245,7 +246,7 @@ def run_rank(job: Job) -> RankReport:
     """One rank, from process-group start to its report (the launcher's entry point)."""
     from tasks.train import Progress, train_model  # tasks.train imports this module
 
-    _die_with_the_launcher()
+    _die_with_the_launcher(job.launcher)
     start = time.perf_counter()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -257,7 +258,14 @@ def run_rank(job: Job) -> RankReport:
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Generous for the start (ranks import torch and unpickle the data at their own pace);
     # training's collectives run in groups with the hang timeout (Ranks).
-    dist.init_process_group(backend, timeout=timedelta(seconds=max(600, job.hang_timeout)))
+    start_timeout = timedelta(seconds=max(600, job.hang_timeout))
+    dist.init_process_group(
+        backend,
+        store=_attempt_store(rank, world, restarts, start_timeout),
+        rank=rank,
+        world_size=world,
+        timeout=start_timeout,
+    )
     try:
         loaders: Loaders = job.inputs["loaders"]
         train = RankBatches(_on(loaders.train, device), rank, world, device)
@@ -278,10 +286,7 @@ def run_rank(job: Job) -> RankReport:
         if local_rank == 0:
             if resume is not None:
                 _appender(job.progress)(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
-            progress = Progress(_appender(job.progress), job.epochs, len(train))
-
-            def on_epoch(epoch: int, train_loss: float, val_loss: float, values: dict) -> None:
-                progress(epoch, train_loss, val_loss, values)
+            on_epoch = Progress(_appender(job.progress), job.epochs, len(train))
 
         inputs = {**job.inputs, "loaders": Loaders(train, val, loaders.sample)}
         training = time.perf_counter()
@@ -316,6 +321,20 @@ def _on(batches: Batches, device: torch.device) -> Batches:
         x, y = batches.x.to(device), batches.y.to(device)
         return TensorBatches(x, y, batches.batch_size, batches.seed)
     return batches
+
+
+def _attempt_store(rank: int, world: int, attempt: int, timeout: timedelta) -> dist.Store:
+    """The launcher's store, under a prefix of this attempt: the process groups publish their
+    addresses there, and an attempt must never read those of the ranks a restart replaced."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent_hosts,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"trainflow/attempt-{attempt}", store)
 
 
 def _appender(path: str) -> Callable[[str], None]:
@@ -393,7 +412,8 @@ def run_ranks(launch: Launch, job: Job, log: Callable[[str], None]) -> list[Rank
         shutdown_timeout=5,
     )
     with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as folder:
-        job = dataclasses.replace(job, progress=str(Path(folder) / "progress.log"))
+        progress = str(Path(folder) / "progress.log")
+        job = dataclasses.replace(job, progress=progress, launcher=os.getpid())
         tail = _Tail(job.progress, log)
         try:
             reports: dict[int, RankReport] = elastic_launch(config, run_rank)(job)

@@ -40,6 +40,7 @@ BASE = {
     "checkpoint_every_seconds": 0,
     "device": "cpu",
 }
+# A collective waits 8 s for a rank before the job counts as hung (the ranks' start-up is apart).
 DDP = {"nproc": 2, "hang_timeout": 8.0}
 
 
@@ -200,6 +201,8 @@ def test_two_nodes_on_one_machine(tmp_path, subprocess_env, reference):
             node_rank=node,
             rdzv_endpoint=endpoint,
             hang_timeout=60.0,
+            # A time cadence too: rank 0's clock decides, the other node is told every step.
+            checkpoint_every_seconds=0.5,
         )
         command = [sys.executable, str(REPO / "flows" / "train_flow.py"), *_flags(config)]
         out = (tmp_path / f"node{node}.txt").open("w")
