@@ -13,3 +13,6 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu.log"
+# The DDP path at nproc 1 (a world of one over nccl) beside the in-process loop; nproc 2 too
+# when the machine has two GPUs.
+python3 benchmarks/ddp.py --device cuda --launcher-at-1 2>&1 | tee "$OUT/ddp.log"

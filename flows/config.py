@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.options import TrainingOptions
+from tasks.options import Launch, TrainingOptions
 from tasks.rules import DEFAULT_CACHE_DIR, SYNTHETIC, model_names, train_size
 
 MAX_SEED = 2**63 - 1
@@ -23,6 +23,7 @@ MAX_SEED = 2**63 - 1
 # deployment run exists (the UI form rejects a bad value at once).
 DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ENDPOINT = r"^$|^[A-Za-z0-9.-]+:\d{1,5}$"
 
 
 def _split_commas(value: object) -> object:
@@ -171,6 +172,46 @@ class TrainConfig(BaseModel):
         json_schema_extra={"pattern": DEVICE},
     )
 
+    # --- processes (DDP; README: "Many processes and machines") ------------------------------
+    nproc: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Training processes on this node (torchrun's --nproc-per-node). Above 1, "
+        "train-epochs runs DistributedDataParallel under torch's elastic launcher (gloo on "
+        "the CPU, nccl with one GPU per process); batch_size stays the global batch.",
+    )
+    nnodes: int = Field(
+        1, ge=1, le=1024, description="Machines in the job; each runs this command once."
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        le=1023,
+        description="This machine's place, 0 to nnodes-1; node 0 hosts "
+        "the rendezvous at rdzv_endpoint.",
+    )
+    rdzv_endpoint: str = Field(
+        "",
+        description="host:port of node 0, where the nodes meet (c10d rendezvous); needed "
+        "with nnodes > 1; on one node, a free port on 127.0.0.1.",
+        json_schema_extra={"pattern": ENDPOINT},
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Times the launcher restarts all processes after one dies or hangs; each "
+        "restart resumes from the last checkpoint.",
+    )
+    hang_timeout: float = Field(
+        300.0,
+        ge=1,
+        le=86400,
+        description="Seconds a process waits for the others at a collective before the job "
+        "counts as hung and is restarted (longer than any checkpoint write or validation).",
+    )
+
     # --- checkpoints ------------------------------------------------------------------------
     checkpoint_every_epochs: int = Field(
         0, ge=0, le=10**7, description="Checkpoint training every N epochs (0: only on time)."
@@ -225,7 +266,24 @@ class TrainConfig(BaseModel):
             raise ValueError("--early-stopping-min-delta needs --early-stopping-patience")
         if self.precision == "bf16" and self.device.startswith("mps"):
             raise ValueError("--precision bf16 needs a CPU or CUDA device, not mps")
+        self._fits_the_processes()
         return self
+
+    def _fits_the_processes(self) -> None:
+        if not re.fullmatch(ENDPOINT, self.rdzv_endpoint):
+            raise ValueError(f"--rdzv-endpoint {self.rdzv_endpoint!r} must be host:port")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint (node 0's host:port)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
+        if self.nproc * self.nnodes > 1:
+            if self.device == "mps":
+                raise ValueError(f"--nproc {self.nproc}: torch.distributed can't train on mps")
+            if re.fullmatch(r"cuda:\d+", self.device):
+                raise ValueError(
+                    f"--device {self.device} names one GPU, but each of --nproc {self.nproc} "
+                    "processes takes its own (cuda:<local rank>): use --device cuda"
+                )
 
     def _fits_the_schedule(self) -> None:
         owners = {"step_size": "step", "gamma": "step", "min_lr": "cosine"}
@@ -259,6 +317,18 @@ class TrainConfig(BaseModel):
             export=self.export,
             grad_clip=self.grad_clip,
             precision=self.precision,
+        )
+
+    @property
+    def launch(self) -> Launch:
+        """How many processes train, and where they meet (one value for train-epochs)."""
+        return Launch(
+            nproc=self.nproc,
+            nnodes=self.nnodes,
+            node_rank=self.node_rank,
+            rdzv_endpoint=self.rdzv_endpoint,
+            max_restarts=self.max_restarts,
+            hang_timeout=self.hang_timeout,
         )
 
     @field_validator("hidden")

@@ -92,6 +92,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
             run_dir=run.create(),
             checkpointing=run.checkpointing(),
             options=cfg.training_options,
+            launch=cfg.launch,
         )
         export_graph(
             trained=trained,

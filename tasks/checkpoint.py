@@ -48,10 +48,10 @@ class TrainState:
     model: dict[str, Tensor]
     optimizer: dict[str, Any]  # optimizer.state_dict()
     loader: dict[str, Tensor]  # the shuffle generator at the start of `epoch`
-    batch_losses: Tensor  # this epoch's first `batch` training losses
+    batch_losses: Tensor  # this epoch's first `batch` training losses (DDP: [world, batch])
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
-    rng: dict[str, Tensor] = field(default_factory=dict)  # torch's global CPU/CUDA RNG states
+    rng: dict[str, Tensor] = field(default_factory=dict)  # torch's CPU/CUDA RNGs; DDP: every rank's
     metrics: dict[str, list[float]] = field(default_factory=dict)  # per-epoch metrics and lr
     scheduler: dict[str, Any] | None = None  # lr_scheduler.state_dict(): plain JSON values
     best: dict[str, Tensor] = field(default_factory=dict)  # export best: that epoch's weights
@@ -259,6 +259,15 @@ class Checkpoints:
     def latest(self, max_epoch: int) -> TrainState | None:
         """The newest intact checkpoint at or before `max_epoch` epochs, written by any run of
         the lineage; a damaged one is skipped with a warning, a vanished one silently."""
+        found = self._newest(max_epoch)
+        return found[1] if found else None
+
+    def latest_bytes(self, max_epoch: int) -> bytes | None:
+        """`latest`'s checkpoint as its file's bytes (DDP's rank 0 sends them to the others)."""
+        found = self._newest(max_epoch)
+        return found[0] if found else None
+
+    def _newest(self, max_epoch: int) -> tuple[bytes, TrainState] | None:
         try:
             files = self._checkpoints(self._listing())
         except OSError as exc:
@@ -271,7 +280,7 @@ class Checkpoints:
                 data = self.store.read(found.path)
                 if xxhash.xxh3_128_hexdigest(data) != found.checksum:
                     raise ValueError("checksum mismatch (truncated or altered)")
-                return decode(data)
+                return data, decode(data)
             except FileNotFoundError:
                 continue  # its run pruned it since the listing: an older one will do
             except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as exc:

@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from tasks.loaders import Batches
 from tasks.metrics import ValMetrics
 from tasks.options import TrainingOptions
 from tasks.schedule import EarlyStopping, make_scheduler
+
+if TYPE_CHECKING:  # tasks.distributed imports this module
+    from tasks.distributed import Ranks
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # (epoch, training loss, validation loss, the epoch's metrics and lr by name)
@@ -230,8 +233,13 @@ class EpochLoop:
         *,
         options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
         metrics: Callable[[Tensor], ValMetrics] | None = None,
+        ranks: Ranks | None = None,
     ):
         self.model, self.train, self.val, self.loss_fn = model, train, val, loss_fn
+        self.ranks = ranks
+        # Under DDP the steps go through its wrapper (it all-reduces the gradients); the
+        # validation and the state go to the model itself.
+        self.trained = model if ranks is None else ranks.wrap(model)
         self.optimizer, self.epochs, self.on_epoch = optimizer, epochs, on_epoch
         self.checkpoints, self.stop, self.options = checkpoints, stop, options
         # Built from the validation targets at the first validation: they are read only there.
@@ -239,8 +247,8 @@ class EpochLoop:
         self.device = next(model.parameters()).device
         self.scheduler, per_step = make_scheduler(optimizer, options, epochs, len(train))
         self.step = make_train_step(
-            model,
-            loss_fn,
+            self.trained,
+            loss_fn if ranks is None else ranks.shard_loss(loss_fn),
             optimizer,
             options.grad_clip,
             options.precision,
@@ -258,7 +266,8 @@ class EpochLoop:
                 {k: v.to(self.device) for k, v in resume.best.items()},
             )
             self.start_epoch = resume.epoch
-            self.start_losses = list(resume.batch_losses.to(self.device).unbind())
+            done = resume.batch_losses if ranks is None else ranks.own_losses(resume.batch_losses)
+            self.start_losses = list(done.to(self.device).unbind())
             if self.shuffle is not None:
                 self.shuffle.set_state(resume.loader["generator"])
             if self.scheduler is not None:
@@ -287,7 +296,7 @@ class EpochLoop:
         # A checkpoint in this epoch saves the generator as it was before the epoch's draw,
         # so a resumed attempt draws the same order and skips the batches already done.
         at_start = self._shuffle_state()
-        self.model.train()
+        self.trained.train()
         for x, y in self.train.epoch(self.shuffle, start_batch=len(batch_losses)):
             batch_losses.append(self.step(x, y))
             self.pause(epoch, batch_losses, at_start)
@@ -316,6 +325,8 @@ class EpochLoop:
     def end_epoch(self, epoch: int, train_losses: Tensor, val_results: list[Tensor]) -> None:
         # The epoch's one host sync. The means are the seed's `np.mean` over its Python floats
         # (float64, numpy's summation order), bit for bit.
+        if self.ranks is not None:  # every rank's, reduced the same way on every rank
+            train_losses = self.ranks.mean_losses(train_losses).to(train_losses.device)
         losses = torch.cat([train_losses, *val_results]).double().cpu().numpy()
         n_val = len(self.val)
         train = losses[: len(train_losses)]
@@ -367,7 +378,9 @@ class EpochLoop:
             batch == 0 and self.history.stopped_early_at == epoch - 1
         )
         saved = None
-        if (
+        if self.ranks is not None:
+            self._pause_ranks(epoch, batch_losses, shuffle, finished)
+        elif (
             self.checkpoints is not None
             and (stopping or finished or self.checkpoints.due(epoch, batch))
             and fence.hold()  # split-brain: exits if a re-run took this flow run over
@@ -377,6 +390,22 @@ class EpochLoop:
             # A cancellation from the UI is reported Cancelled, not Crashed (no re-run).
             cancelled = fence.cancellation(self.stop.signum)
             raise cancelled or Interrupted(self.stop.signum, epoch, batch, self._outcome(saved))
+
+    def _pause_ranks(
+        self, epoch: int, batch_losses: list[Tensor], shuffle: dict[str, Tensor], finished: bool
+    ) -> None:
+        """pause() under DDP: every rank takes the same decision and gathers the state, rank 0
+        writes it. (No stop request here: the launcher stops the ranks, and a run resumes from
+        their last checkpoint.)"""
+        if self.checkpoints is None:
+            return
+        due = finished or self.checkpoints.due(epoch, len(batch_losses))
+        if not finished and self.checkpoints.every_seconds > 0:
+            due = self.ranks.agree(due)  # only rank 0's clock counts; by epochs, all agree
+        if due:
+            state = self._state(epoch, batch_losses, shuffle)
+            if self.ranks.writes and fence.hold():
+                self.checkpoints.save(state)
 
     def _outcome(self, saved: bool | None) -> str:
         """What an interrupted run leaves for the next one, truthfully."""
@@ -398,8 +427,11 @@ class EpochLoop:
         self, epoch: int, batch_losses: list[Tensor], shuffle: dict[str, Tensor]
     ) -> TrainState:
         done = torch.stack(batch_losses) if batch_losses else torch.empty(0, device=self.device)
+        rng = rng_states(self.device)
+        if self.ranks is not None:  # every rank's, so each resumes as itself
+            done, rng = self.ranks.gather(done), self.ranks.rng_states(rng)
         if (bad := _first_bad(done.cpu())) >= 0:  # a diverged state is no place to resume
-            raise NonFiniteLoss("training", epoch, bad)
+            raise NonFiniteLoss("training", epoch, bad % len(batch_losses))
         return TrainState(
             epoch,
             len(batch_losses),
@@ -409,7 +441,7 @@ class EpochLoop:
             done,
             list(self.history.train),
             list(self.history.val),
-            rng_states(self.device),
+            rng,
             {name: list(values) for name, values in self.history.metrics.items()},
             None if self.scheduler is None else self.scheduler.state_dict(),
             dict(self.history.best),

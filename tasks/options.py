@@ -1,5 +1,6 @@
-"""Training options beyond the seed's (schedule, early stopping, export, clipping, precision):
-one frozen value, light enough for flows/config.py to build before torch is imported."""
+"""Training options beyond the seed's (schedule, early stopping, export, clipping, precision)
+and the processes that train (DDP): frozen values, light enough for flows/config.py to build
+before torch is imported."""
 
 from __future__ import annotations
 
@@ -43,3 +44,23 @@ class TrainingOptions:
     @property
     def schedule_needs_length(self) -> bool:
         return self.lr_schedule in LENGTH_DEPENDENT
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How many processes train one run, and where they meet (torchrun's names)."""
+
+    nproc: int = 1  # processes per node
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous; "" on one node: a free port
+    max_restarts: int = 3  # of all the ranks together, after a rank died or hung
+    hang_timeout: float = 300.0  # seconds a collective waits for a rank before it fails
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1

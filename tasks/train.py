@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from tasks.checkpoint import Checkpoints, CheckpointSettings, TrainState
 from tasks.device import resolve_device
+from tasks.distributed import Job, Ranks, check_launch, default_threads, launch_ranks
 from tasks.errors import InputError, NonFiniteLoss, StorageError, writing
 from tasks.loaders import Loaders
 from tasks.loop import (
@@ -30,7 +31,7 @@ from tasks.loop import (
 from tasks.loop import Interrupted as Interrupted  # raised through train-epochs to its callers
 from tasks.metrics import ValMetrics
 from tasks.model import InitialModel, ModelSpec, instantiate, spec_from_json
-from tasks.options import TrainingOptions
+from tasks.options import Launch, TrainingOptions
 from tasks.stage import cache_entry, stage
 
 TRAINING_SEED = 0  # of the global RNGs at a fresh start (only a plugin model draws from them)
@@ -161,6 +162,7 @@ def train_model(
     stop: StopSignals | None = None,
     *,
     options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
+    ranks: Ranks | None = None,
 ) -> Trained:
     check_precision(options.precision, device)
     # Built afresh from the inputs and the checkpoint in every attempt: a retry inherits
@@ -172,12 +174,14 @@ def train_model(
     # the process's: trials of a sweep on threads share them, and such a model with them.)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if resume is None:
-            seed_rngs(TRAINING_SEED, device)
+            # Each rank its own stream (a plugin model's dropout masks differ between shards).
+            seed_rngs(TRAINING_SEED + (ranks.rank if ranks else 0), device)
         else:
             model.load_state_dict(resume.model)
             # Hyperparameters come from this config (equal by the lineage key); state from disk.
             opt.load_state_dict({**opt.state_dict(), "state": resume.optimizer["state"]})
-            restore_rng_states(resume.rng, device)
+            rng = resume.rng if ranks is None else ranks.own_rng_states(resume.rng)
+            restore_rng_states(rng, device)
         loop = EpochLoop(
             model,
             loaders.train,
@@ -191,6 +195,7 @@ def train_model(
             stop,
             options=options,
             metrics=lambda y_val: ValMetrics(loss, y_val, initial.spec.n_outputs),
+            ranks=ranks,
         )
         history = loop.run()
     return finished(initial.spec, model, history, options, resume)
@@ -297,6 +302,7 @@ def train_epochs(
     run_dir: Path,
     checkpointing: CheckpointSettings | None = None,
     options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
+    launch: Launch = Launch(),  # noqa: B008 (frozen)
 ) -> Trained:
     # What the weights depend on: the device's type (CPU and CUDA kernels round differently),
     # not its name or index; momentum only where SGD uses it; never the run folder.
@@ -311,6 +317,11 @@ def train_epochs(
         "device": resolve_device(device).type,
         "options": options.normalized(),
     }
+    if launch.distributed:
+        check_launch(launch, device)
+        # More ranks reduce in another order: another result, and another lineage (never a
+        # wrong resume). One process keeps the key it always had.
+        recipe["world_size"] = launch.world_size
     entry = cache_entry("train-epochs", train_model, epochs=epochs, **recipe)
     if (hit := entry.load(Trained)) is not None:
         # a hit still gets its curves
@@ -327,6 +338,32 @@ def train_epochs(
     checkpoints = checkpointing.open(lineage, str(run_dir)) if checkpointing and lineage else None
     resume = checkpoints.latest(epochs) if checkpoints and checkpointing.resume else None
     logger = get_run_logger()
+    if launch.distributed:
+        inputs = {
+            "initial": initial,
+            "loaders": loaders,
+            "optimizer": optimizer,
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "loss": loss,
+            "options": options,
+        }
+        job = Job(
+            inputs,
+            epochs,
+            device,
+            checkpointing,
+            lineage,
+            str(run_dir),
+            progress="",  # set by the launcher
+            threads=default_threads(launch.nproc),
+            hang_timeout=launch.hang_timeout,
+        )
+        trained = launch_ranks(launch, job, logger.info)
+        # The curves, from the history, here: every node's run folder gets them.
+        loss_writer(run_dir, trained.train_loss, trained.val_loss, trained.metrics).close()
+        return entry.keep(trained)
     if resume is not None:
         logger.info(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
     progress = Progress(logger.info, epochs, len(loaders.train))

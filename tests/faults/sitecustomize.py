@@ -3,8 +3,10 @@
 The harness puts this folder first on a child's PYTHONPATH, so Python imports this module
 at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of:
 
-    signal:SIG:step:N                 send SIG (KILL, TERM, INT) to itself at the Nth
+    signal:SIG:step:N                 send SIG (KILL, TERM, INT, STOP) to itself at the Nth
                                       `torch.Tensor.backward` call, i.e. training step N
+    signal:SIG:step:N:launcher        the same, sent to its parent process instead: under
+                                      DDP, torch's elastic agent (the train-epochs process)
     signal:KILL:KIND:N:MOMENT         SIGKILL itself during the Nth write of a KIND file
                                       (checkpoint, train-record: train-epochs' cache record,
                                       model: the run folder's model.safetensors), at MOMENT:
@@ -14,6 +16,10 @@ at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of
     lockstep:PEER_LOG                 record every checkpoint write and delete, and after
                                       the Nth checkpoint wait until the peer process (which
                                       logs to PEER_LOG) has written its Nth or has exited
+
+With TRAINFLOW_FAULT_RANK=R, a step fault strikes only in the DDP rank R (the RANK that
+torch's launcher gives its workers) and only once: a strike already in the log disarms the
+processes a restart brings up, so a restarted rank trains on.
 
 Every event is appended to TRAINFLOW_FAULT_LOG as a JSON line, the fault's own line written
 before it strikes, so a test proves where a kill landed instead of guessing from timing.
@@ -28,6 +34,7 @@ import time
 
 FAULT = os.environ.get("TRAINFLOW_FAULT", "")
 LOG = os.environ.get("TRAINFLOW_FAULT_LOG", "")
+RANK = os.environ.get("TRAINFLOW_FAULT_RANK", "")
 KINDS = {
     "checkpoint": re.compile(r".*/ckpt-\d{9}-\d{9}-[^/]*\.safetensors"),
     "train-record": re.compile(r".*/records/train-epochs-[^/]+"),
@@ -48,6 +55,19 @@ def strike(signame: str, **where: object) -> None:
     signal.raise_signal(getattr(signal, f"SIG{signame}"))
 
 
+def armed() -> bool:
+    """Whether a step fault may strike in this process (see TRAINFLOW_FAULT_RANK)."""
+    if not RANK:
+        return True
+    if os.environ.get("RANK") != RANK:  # read at the step: the launcher sets it after start-up
+        return False
+    try:
+        with open(LOG) as f:
+            return all(json.loads(line)["event"] != "strike" for line in f)
+    except FileNotFoundError:
+        return True
+
+
 def kind_of(path: str) -> str | None:
     for kind, pattern in KINDS.items():
         if pattern.fullmatch(os.path.abspath(path)):
@@ -55,7 +75,7 @@ def kind_of(path: str) -> str | None:
     return None
 
 
-def on_step(signame: str, n: int) -> None:
+def on_step(signame: str, n: int, whom: str = "self") -> None:
     import torch  # this child trains anyway; imported here only for this fault
 
     real = torch.Tensor.backward
@@ -65,8 +85,12 @@ def on_step(signame: str, n: int) -> None:
         nonlocal calls
         result = real(self, *args, **kwargs)
         calls += 1
-        if calls == n:
-            strike(signame, step=n)
+        if calls == n and armed():
+            if whom == "launcher":
+                log("strike", signal=signame, step=n, rank=RANK, launcher=os.getppid())
+                os.kill(os.getppid(), getattr(signal, f"SIG{signame}"))
+            else:
+                strike(signame, step=n, rank=RANK)
         return result
 
     torch.Tensor.backward = backward
@@ -145,7 +169,7 @@ if FAULT:
     if mode == "signal":
         signame, target, *rest = spec.split(":")
         if target == "step":
-            on_step(signame, int(rest[0]))
+            on_step(signame, int(rest[0]), *rest[1:])
         else:
             on_write(target, int(rest[0]), rest[1])
     elif mode == "lockstep":

@@ -1,0 +1,280 @@
+"""train-epochs on 2 processes (DDP, gloo on the CPU): equal to one process where the math is,
+and bit-identical to itself across a killed rank, a killed job, a hung rank, and on two
+"nodes" of one machine.
+
+Every run is a real `python flows/train_flow.py` with the launcher and its ranks as child
+processes; faults come from tests/faults/sitecustomize.py at seeded steps of a chosen rank,
+and it logs where it struck before it does, so no test guesses from timing.
+"""
+
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.config import TrainConfig
+from flows.train_flow import train_flow
+
+from .conftest import REPO
+from .test_resume_flow import Result, _events, _flags, _run
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+SEED = int(os.environ.get("TRAINFLOW_FAULT_SEED") or random.SystemRandom().randrange(2**32))
+FAULTS = REPO / "tests" / "faults"
+# 200 rows: 160 for training, 10 global batches of 16 an epoch (8 rows a rank); checkpoints
+# after epochs 2 and 4.
+STEPS, EPOCHS, EVERY = 10, 6, 2
+BASE = {
+    "n_samples": 200,
+    "epochs": EPOCHS,
+    "checkpoint_every_epochs": EVERY,
+    "checkpoint_every_seconds": 0,
+    "device": "cpu",
+}
+# A collective waits 8 s for a rank before the job counts as hung (the ranks' start-up is apart).
+DDP = {"nproc": 2, "hang_timeout": 8.0}
+
+
+@pytest.fixture(autouse=True)
+def _say_the_seed() -> None:
+    print(f"fault points drawn with TRAINFLOW_FAULT_SEED={SEED}")  # shown with any failure
+
+
+def _config(root: Path, run: str, cache: str = "cache", **overrides) -> TrainConfig:
+    return TrainConfig(
+        **{
+            **BASE,
+            "runs_dir": str(root / "runs"),
+            "run_name": run,
+            "cache_dir": str(root / cache),
+            **overrides,
+        }
+    )
+
+
+def _env(env: dict[str, str], log: Path, fault: str = "", rank: int | None = None) -> dict:
+    path = os.pathsep.join(p for p in (str(FAULTS), env.get("PYTHONPATH", "")) if p)
+    return {
+        **env,
+        "PYTHONPATH": path,
+        "TRAINFLOW_FAULT": fault,
+        "TRAINFLOW_FAULT_LOG": str(log),
+        "TRAINFLOW_FAULT_RANK": "" if rank is None else str(rank),
+    }
+
+
+def _strikes(log: Path) -> list[dict]:
+    return [e for e in _events(log) if e["event"] == "strike"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prefect_api):
+    """An uninterrupted 2-process run (its own cache), and the same config on one process."""
+    root = tmp_path_factory.mktemp("ddp-reference")
+    env = _env({**os.environ, "PREFECT_API_URL": prefect_api}, root / "faults.jsonl")
+    config = _config(root, "two", cache="two", **DDP)
+    code, output = _run(config, env, root / "two.txt", timeout=240)
+    assert code == 0, output[-4000:]
+    one = train_flow(_config(root, "one", cache="one"))
+    return Result.of(root / "runs" / "two"), Result.of(one.run_dir), output
+
+
+def _weights(result: Result) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(result.weights)
+
+
+def test_two_processes_train_what_one_does(reference):
+    two, one, output = reference
+    # Equal chunks (8 rows of each batch of 16) and mean losses: the same math as one process,
+    # rounded in another order.
+    for name, value in _weights(one).items():
+        assert torch.allclose(_weights(two)[name], value, rtol=0, atol=1e-6), name
+    assert two.train_loss == pytest.approx(one.train_loss, rel=1e-6, abs=1e-9)
+    assert two.val_loss == pytest.approx(one.val_loss, rel=1e-6, abs=1e-9)
+    # One train-epochs task: rank 0's progress lines, and a summary line per rank.
+    assert f"epoch {EPOCHS}/{EPOCHS}" in output
+    for rank in (0, 1):
+        assert f"rank {rank}/2: {EPOCHS * STEPS} steps" in output, output[-3000:]
+
+
+def test_a_killed_rank_is_restarted_into_the_same_run(tmp_path, subprocess_env, reference):
+    rng = random.Random(f"{SEED}-killed-rank")
+    step = rng.randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)  # after the first checkpoint
+    log = tmp_path / "faults.jsonl"
+    env = _env(subprocess_env, log, f"signal:KILL:step:{step}", rank=1)
+    code, output = _run(_config(tmp_path, "run", **DDP), env, tmp_path / "out.txt")
+    why = f"rank 1 killed at step {step} (TRAINFLOW_FAULT_SEED={SEED})\n{output[-4000:]}"
+    assert code == 0, why
+    assert [(s["step"], s["rank"]) for s in _strikes(log)] == [(step, "1")], why
+    assert "1 restart(s) before this attempt" in output, why
+    assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0]), why
+
+
+def test_a_killed_job_resumes_exactly(tmp_path, subprocess_env, reference):
+    rng = random.Random(f"{SEED}-killed-job")
+    step = rng.randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)
+    log = tmp_path / "faults.jsonl"
+    config = _config(tmp_path, "run", **DDP)
+    env = _env(subprocess_env, log, f"signal:KILL:step:{step}:launcher", rank=0)
+    code, output = _run(config, env, tmp_path / "killed.txt")
+    why = f"the job killed at step {step} (TRAINFLOW_FAULT_SEED={SEED})"
+    assert code == -signal.SIGKILL, f"{why}\n{output[-4000:]}"
+    [strike] = _strikes(log)
+    # The ranks die with their launcher (no rank trains on beside the re-run).
+    for pid in [e["pid"] for e in _events(log) if e["event"] == "start"]:
+        _wait_gone(pid, why)
+    code, output = _run(config, env, tmp_path / "rerun.txt")  # the fault log disarms it
+    assert code == 0, f"{why}\n{output[-4000:]}"
+    epoch = (step - 1) // STEPS // EVERY * EVERY
+    assert f"resumed from epoch {epoch}, batch 0" in output, f"{why}\n{output[-4000:]}"
+    assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0]), why
+    assert strike["launcher"] > 0
+
+
+def _wait_gone(pid: int, why: str, within: float = 30.0) -> None:
+    """Until `pid` has exited: a pidfd turns readable then (no polling, no sleep)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([fd], [], [], within)
+        assert ready, f"{why}: process {pid} outlived its launcher by {within} s"
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_hung_rank_is_detected_and_the_job_restarted(tmp_path, subprocess_env, reference):
+    rng = random.Random(f"{SEED}-hung-rank")
+    step = rng.randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)
+    log = tmp_path / "faults.jsonl"
+    env = _env(subprocess_env, log, f"signal:STOP:step:{step}", rank=1)
+    start = time.monotonic()
+    code, output = _run(_config(tmp_path, "run", **DDP), env, tmp_path / "out.txt")
+    why = f"rank 1 stopped at step {step} (TRAINFLOW_FAULT_SEED={SEED})\n{output[-4000:]}"
+    assert code == 0, why
+    [strike] = _strikes(log)
+    assert not _alive(strike["pid"]), why  # the stopped rank was killed, not left behind
+    assert "1 restart(s) before this attempt" in output, why
+    assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0]), why
+    # Detected within the hang timeout (8 s) plus the launcher's 5 s grace, not left forever.
+    assert time.monotonic() - start < 200, why
+
+
+def test_two_nodes_on_one_machine(tmp_path, subprocess_env, reference):
+    """Two launchers (one process each) meet at a c10d rendezvous on 127.0.0.1, each with its
+    own run folder and cache, as two machines would have."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = _env(subprocess_env, tmp_path / "faults.jsonl")
+    children = []
+    for node in (0, 1):
+        config = _config(
+            tmp_path / f"node{node}",
+            "run",
+            nproc=1,
+            nnodes=2,
+            node_rank=node,
+            rdzv_endpoint=endpoint,
+            hang_timeout=60.0,
+            # A time cadence too: rank 0's clock decides, the other node is told every step.
+            checkpoint_every_seconds=0.5,
+        )
+        command = [sys.executable, str(REPO / "flows" / "train_flow.py"), *_flags(config)]
+        out = (tmp_path / f"node{node}.txt").open("w")
+        child = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=out)
+        children.append((child, out))
+    try:
+        codes = [child.wait(timeout=240) for child, _ in children]
+    finally:
+        for child, out in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            out.close()
+    outputs = [(tmp_path / f"node{node}.txt").read_text() for node in (0, 1)]
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    for node in (0, 1):
+        got = Result.of(tmp_path / f"node{node}" / "runs" / "run")
+        # 2 nodes x 1 process: world size 2, the same gloo reduction as 1 node x 2 processes.
+        assert got.same_run_as(reference[0]), f"node {node}\n{outputs[node][-3000:]}"
+
+
+def test_a_bad_process_layout_is_one_line_naming_the_field(capsys):
+    from flows.cli import parse_config
+
+    with pytest.raises(SystemExit) as info:
+        parse_config(TrainConfig, ["--nproc", "2", "--device", "cuda:1"], prog="train_flow.py")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("train_flow.py: error: --device cuda:1 names one GPU"), err
+
+
+@pytest.mark.parametrize("rows", [16, 15, 3, 1])
+def test_the_ranks_chunks_make_up_each_global_batch(rows):
+    from tasks.distributed import RankBatches
+    from tasks.loaders import TensorBatches
+
+    x = torch.arange(rows * 2, dtype=torch.float32).reshape(rows, 2)
+    inner = TensorBatches(x, x[:, :1], 16, seed=7)
+    g = torch.Generator().manual_seed(7)
+    expected = next(iter(inner.epoch(g)))[0]
+    chunks, weights = [], []
+    for rank in range(4):
+        batches = RankBatches(inner, rank, 4, torch.device("cpu"))
+        chunk, _ = next(iter(batches.epoch(torch.Generator().manual_seed(7))))
+        chunks.append(chunk)
+        weights.append(batches.weight)
+    # The same permutation on every rank, cut in rank order: the one-process batch.
+    assert torch.equal(torch.cat(chunks), expected)
+    assert sum(weights) == pytest.approx(4)  # chunk means, so weighted, average to the batch's
+    assert max(len(c) for c in chunks) - min(len(c) for c in chunks) <= 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"nnodes": 2}, "--nnodes 2 needs --rdzv-endpoint"),
+        ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "--node-rank 2 must be below"),
+        ({"rdzv_endpoint": "nohost"}, "--rdzv-endpoint 'nohost' must be host:port"),
+        ({"nproc": 2, "device": "mps"}, "--nproc 2: torch.distributed can't train on mps"),
+    ],
+)
+def test_a_process_layout_that_cannot_work_is_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**flags)
+
+
+def test_more_processes_than_gpus_is_an_input_error():
+    from tasks.distributed import check_launch
+    from tasks.errors import InputError
+    from tasks.options import Launch
+
+    if torch.cuda.device_count() >= 64:
+        pytest.skip("a machine with 64 GPUs")
+    with pytest.raises(InputError, match="--nproc 64: this machine has"):
+        check_launch(Launch(nproc=64), "cuda")
