@@ -21,7 +21,7 @@ from tasks.sources import DataFile, Identity, suffix_of
 from tasks.stage import cache_enabled, cache_entry, stage
 
 SYNTHETIC = "synthetic"
-EXTENSIONS = (".csv", ".npz", ".pt", ".pth")
+EXTENSIONS = (".csv", ".parquet", ".npz", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,10 @@ def check_format(source: str, target: tuple[str, ...]) -> str:
             f"data file {source!r}: unknown extension {suffix or '(none)'!r}; "
             f"expected one of {', '.join(EXTENSIONS)} or 'synthetic'"
         )
-    if target and suffix != ".csv":
-        raise InputError(f"--target applies to CSV files only, not {suffix} ({source!r})")
+    if target and suffix not in (".csv", ".parquet"):
+        raise InputError(
+            f"--target applies to CSV and Parquet files only, not {suffix} ({source!r})"
+        )
     return suffix
 
 
@@ -89,6 +91,10 @@ def read_file(file: DataFile, target: tuple[str, ...] = ()) -> Dataset:
         _check_fits_in_memory(f, suffix, file.url)
         if suffix == ".csv":
             return _from_csv(f, target, file.url)
+        if suffix == ".parquet":
+            from tasks.stream import read_parquet  # stream builds on this module's helpers
+
+            return _checked(*read_parquet(file, target), file.url)
         if suffix == ".npz":
             return _from_npz(f, file.url)
         return _from_torch(f, file.url)
@@ -352,5 +358,10 @@ def load_tensors(
     suffix = check_format(source, target)
     with DataFile(source) as file:  # a remote file is fetched once, for the key and the load
         data = file.identity(identity) if cache_enabled() else None
+        if suffix in (".csv", ".parquet"):
+            from tasks import stream  # stream builds on this module's helpers
+
+            if stream.too_big(file, suffix, available_memory()):
+                return stream.load_mapped(file, suffix, target, data)  # README: "Data"
         entry = cache_entry("load-tensors", read_file, data=data, format=suffix, target=target)
         return entry.resolve(Dataset, lambda: read_file(file, target))

@@ -1,0 +1,239 @@
+"""Data larger than memory: one safetensors file of x (N×F) and y (N×T), read through a map.
+
+The file is written once, front to back, by `MappedWriter` (row chunks appended as a reader
+streams them, the header filled in last), so converting a table never holds more than a
+chunk. It is an ordinary safetensors file: `safetensors.safe_open` reads it too. Training
+gathers a batch's rows from a read-only memory map; file-backed pages a process has touched
+count in its RSS, so the map is dropped from the process (MADV_DONTNEED: the page cache keeps
+the bytes) whenever the rows gathered since the last drop could have touched `RESIDENT_BYTES`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tasks.errors import InputError
+from tasks.files import FILE_MODE, make_dirs
+
+# The header is written last, into space kept at the front: two tensors' entries take about
+# 200 bytes; 4096 also puts the data on a page boundary, so every row sits at a fixed offset.
+HEADER_SPACE = 4096
+RESIDENT_BYTES = 256 << 20  # at most this much of a map stays in the process between drops
+ENV_LIMIT = "TRAINFLOW_IN_MEMORY_BYTES"  # see in_memory_limit()
+
+
+def in_memory_limit(available: int | None) -> int | None:
+    """Bytes of estimated load memory above which a table is memory-mapped instead: the
+    TRAINFLOW_IN_MEMORY_BYTES environment variable, else half of MemAvailable (the other half
+    is left for the model, the batches and everything else in the process)."""
+    value = os.environ.get(ENV_LIMIT, "").strip()
+    if value:
+        try:
+            limit = int(value)
+        except ValueError:
+            raise InputError(f"{ENV_LIMIT}={value!r}: expected a number of bytes") from None
+        if limit < 0:
+            raise InputError(f"{ENV_LIMIT}={value!r}: expected a number of bytes ≥ 0")
+        return limit
+    return None if available is None else available // 2
+
+
+class MappedWriter:
+    """Writes x and y row chunks into a new file at `path`; `finish()` makes it a complete
+    safetensors file, `abort()` removes it (and the side file holding y until then)."""
+
+    def __init__(self, path: str, n_features: int, n_targets: int):
+        self.path, self.n_features, self.n_targets, self.rows = path, n_features, n_targets, 0
+        self.x = open(path, "xb")  # noqa: SIM115 (closed by finish or abort)
+        os.fchmod(self.x.fileno(), FILE_MODE)
+        self.x.write(b"\0" * HEADER_SPACE)
+        # y goes after x in the file, and x's length is known only at the end: y waits here.
+        self.y = tempfile.TemporaryFile(dir=os.path.dirname(path))  # noqa: SIM115
+
+    def append(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
+        self.y.write(np.ascontiguousarray(y, dtype="<f4").tobytes())
+        self.rows += x.shape[0]
+
+    def finish(self) -> None:
+        x_bytes = self.rows * self.n_features * 4
+        y_bytes = self.rows * self.n_targets * 4
+        self.y.seek(0)
+        while block := self.y.read(16 << 20):
+            self.x.write(block)
+        self.y.close()
+        header = {
+            "x": {
+                "dtype": "F32",
+                "shape": [self.rows, self.n_features],
+                "data_offsets": [0, x_bytes],
+            },
+            "y": {
+                "dtype": "F32",
+                "shape": [self.rows, self.n_targets],
+                "data_offsets": [x_bytes, x_bytes + y_bytes],
+            },
+        }
+        text = json.dumps(header, separators=(",", ":")).encode()
+        # safetensors allows trailing spaces in the header: its own writer pads with them.
+        self.x.seek(0)
+        self.x.write(struct.pack("<Q", HEADER_SPACE - 8) + text.ljust(HEADER_SPACE - 8, b" "))
+        self.x.flush()
+        os.fsync(self.x.fileno())
+        self.x.close()
+
+    def abort(self) -> None:
+        self.x.close()
+        self.y.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+class MappedTable:
+    """x and y of a finished file, gathered by row through one read-only map of it.
+
+    The file is opened once, so a cache entry pruned or a temporary folder removed while a
+    run reads it stays readable to the end (the name goes, the inode stays).
+    """
+
+    def __init__(self, path: str, scratch: Scratch | None = None):
+        self.path, self._scratch = path, scratch  # the scratch file lives as long as this
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        start = 8 + length
+        self.x = _view(self.map, header["x"], start)
+        self.y = _view(self.map, header["y"], start)
+        self._touched = 0
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MappedTable:
+        # Read-only: a "copy" (Prefect's transaction.get deep-copies what a stage keeps) is
+        # this same table, not a second map of the file.
+        return self
+
+    def gather(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Copies of rows `rows` (int64) of x and y, in that order."""
+        index = rows.numpy()
+        x, y = torch.from_numpy(self.x[index]), torch.from_numpy(self.y[index])
+        # A row touches at most two pages of x and two of y: drop the map from this process
+        # before what it holds could pass RESIDENT_BYTES.
+        self._touched += len(index) * 4 * mmap.PAGESIZE
+        if self._touched >= RESIDENT_BYTES:
+            self.release()
+        return x, y
+
+    def release(self) -> None:
+        """Unmap every page from this process; the next read faults them back in (from the
+        page cache when the kernel still has them)."""
+        self.map.madvise(mmap.MADV_DONTNEED)
+        self._touched = 0
+
+    def targets(self) -> Tensor:
+        """All of y, copied in row blocks (N×T float32: a small part of the table)."""
+        out = torch.empty(self.y.shape, dtype=torch.float32)
+        step = max(1, RESIDENT_BYTES // max(1, 4 * self.y.shape[1]) // 2)
+        for start in range(0, len(self), step):
+            out[start : start + step] = torch.from_numpy(self.y[start : start + step].copy())
+            self.release()
+        return out
+
+
+def _view(buffer: mmap.mmap, entry: dict[str, Any], start: int) -> np.ndarray:
+    if entry["dtype"] != "F32" or len(entry["shape"]) != 2:
+        raise ValueError(f"expected a 2-D F32 tensor, got {entry['dtype']} {entry['shape']}")
+    begin, end = entry["data_offsets"]
+    rows, cols = entry["shape"]
+    if end - begin != rows * cols * 4:
+        raise ValueError("tensor offsets do not match its shape")
+    return np.frombuffer(buffer, dtype="<f4", count=rows * cols, offset=start + begin).reshape(
+        rows, cols
+    )
+
+
+@dataclass(frozen=True)
+class MappedDataset:
+    """A data set on the memory-mapped path: the shape of `tasks.data.Dataset` for every stage
+    but `x`, which is never held whole (batches come from `table.gather`)."""
+
+    table: MappedTable = field(compare=False, repr=False)
+    feature_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+    cache_key: str = field(default="", compare=False)
+
+    def to_cache_file(self) -> tuple[str, dict[str, Any]]:
+        """The finished file the store adopts as this entry's blob, and the record's fields."""
+        return self.table.path, {
+            "feature_names": list(self.feature_names),
+            "target_names": list(self.target_names),
+        }
+
+    @classmethod
+    def from_cache_file(cls, path: str, meta: dict[str, Any]) -> MappedDataset:
+        table = MappedTable(path)
+        if table.x.shape[1] != len(meta["feature_names"]):
+            raise ValueError("x's width does not match the feature names")
+        return cls(table, tuple(meta["feature_names"]), tuple(meta["target_names"]))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def y(self) -> Tensor:
+        return self.table.targets()
+
+    @property
+    def x(self) -> Tensor:
+        # Only --standardize asks for all training features at once (build-model).
+        raise InputError(
+            f"--standardize needs all training rows in memory, and this data ({len(self)} rows "
+            f"× {self.n_features} features) is on the memory-mapped path; see README, 'Data'"
+        )
+
+    @property
+    def columns(self) -> dict[str, list[str]]:
+        return {"features": list(self.feature_names), "targets": list(self.target_names)}
+
+    @property
+    def n_features(self) -> int:
+        return self.table.x.shape[1]
+
+    @property
+    def n_targets(self) -> int:
+        return self.table.y.shape[1]
+
+
+class Scratch:
+    """A conversion's output file until the cache adopts it (renamed to its checksum), or for
+    the whole run when there is no local cache (in a temporary folder). Whatever is left when
+    the table that reads it is gone (or at exit) is removed: a failed conversion, a transaction
+    rolled back, a --no-cache run. A SIGKILL leaves it; its `.tmp-` name is never trusted."""
+
+    def __init__(self, blob_folder: str | None):
+        folder = None
+        if blob_folder is None:
+            folder = tempfile.TemporaryDirectory(prefix="trainflow-mapped-")
+            blob_folder = folder.name
+        make_dirs(blob_folder)
+        self.path = os.path.join(blob_folder, f".tmp-mapped-{os.urandom(8).hex()}.safetensors")
+        self.discard = weakref.finalize(self, _remove, self.path, folder)  # now, or when gone
+
+
+def _remove(path: str, folder: tempfile.TemporaryDirectory | None) -> None:
+    Path(path).unlink(missing_ok=True)
+    if folder is not None:
+        folder.cleanup()
