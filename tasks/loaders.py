@@ -161,9 +161,11 @@ class MappedBatches(_Seeded):
     def epoch(self, generator: torch.Generator | None, start_batch: int = 0) -> Iterator[Batch]:
         self._check(generator)
         order = epoch_order(len(self.rows), generator)
-        rows = self.rows if order is None else self.rows[order]
-        for start in range(start_batch * self.batch_size, len(rows), self.batch_size):
-            x, y = self.table.gather(rows[start : start + self.batch_size])
+        for start in range(start_batch * self.batch_size, len(self.rows), self.batch_size):
+            # Batch by batch: the whole permuted index would be another copy of the split.
+            batch = slice(start, start + self.batch_size)
+            rows = self.rows[batch] if order is None else self.rows[order[batch]]
+            x, y = self.table.gather(rows)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 

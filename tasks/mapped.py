@@ -1,15 +1,14 @@
-"""Data larger than memory: one safetensors file of x (N×F) and y (N×T), read through a map.
+"""Data larger than memory: one safetensors file of x (N×F) and y (N×T), read through maps.
 
 The file is written once, front to back, by `MappedWriter` (row chunks appended as a reader
 streams them, the header filled in last), so converting a table never holds more than a
 chunk. It is an ordinary safetensors file: `safetensors.safe_open` reads it too. Training
-gathers a batch's rows from a read-only memory map; file-backed pages a process has touched
-count in its RSS, so the map is dropped from the process (MADV_DONTNEED: the page cache keeps
-the bytes) whenever the rows gathered since the last drop could have touched `RESIDENT_BYTES`.
+gathers each batch's rows through read-only maps of the file's windows (`MappedTable`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -30,7 +29,7 @@ from tasks.files import FILE_MODE, make_dirs
 # The header is written last, into space kept at the front: two tensors' entries take about
 # 200 bytes; 4096 also puts the data on a page boundary, so every row sits at a fixed offset.
 HEADER_SPACE = 4096
-RESIDENT_BYTES = 256 << 20  # at most this much of a map stays in the process between drops
+WINDOW_BYTES = 8 << 20  # the part of the file mapped at a time while gathering rows
 ENV_LIMIT = "TRAINFLOW_IN_MEMORY_BYTES"  # see in_memory_limit()
 
 
@@ -101,68 +100,91 @@ class MappedWriter:
 
 
 class MappedTable:
-    """x and y of a finished file, gathered by row through one read-only map of it.
+    """x and y of a finished file, gathered by row through short-lived maps of it.
 
-    The file is opened once, so a cache entry pruned or a temporary folder removed while a
-    run reads it stays readable to the end (the name goes, the inode stays).
+    A touched page of a map counts in the process's RSS for as long as the map lives, and the
+    kernel maps far more than the page read (whole large folios of the page cache: about 1 MB
+    per random row was measured on Linux 6.18). So no map of the whole file is kept: a batch's
+    rows are sorted, and each WINDOW_BYTES window of the file that holds some of them is
+    mapped, read and unmapped in turn. The file is opened once, so a cache entry pruned or a
+    temporary folder removed while a run reads it stays readable to the end.
     """
 
     def __init__(self, path: str, scratch: Scratch | None = None):
         self.path, self._scratch = path, scratch  # the scratch file lives as long as this
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        start = 8 + length
-        self.x = _view(self.map, header["x"], start)
-        self.y = _view(self.map, header["y"], start)
-        self._touched = 0
+        self.file = open(path, "rb")  # noqa: SIM115 (open as long as the table)
+        (length,) = struct.unpack("<Q", self.file.read(8))
+        header = json.loads(self.file.read(length))
+        self.x = _Region.of(header["x"], 8 + length)
+        self.y = _Region.of(header["y"], 8 + length)
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return self.x.rows
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MappedTable:
         # Read-only: a "copy" (Prefect's transaction.get deep-copies what a stage keeps) is
-        # this same table, not a second map of the file.
+        # this same table, not a second handle on the file.
         return self
 
     def gather(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Copies of rows `rows` (int64) of x and y, in that order."""
         index = rows.numpy()
-        x, y = torch.from_numpy(self.x[index]), torch.from_numpy(self.y[index])
-        # A row touches at most two pages of x and two of y: drop the map from this process
-        # before what it holds could pass RESIDENT_BYTES.
-        self._touched += len(index) * 4 * mmap.PAGESIZE
-        if self._touched >= RESIDENT_BYTES:
-            self.release()
-        return x, y
-
-    def release(self) -> None:
-        """Unmap every page from this process; the next read faults them back in (from the
-        page cache when the kernel still has them)."""
-        self.map.madvise(mmap.MADV_DONTNEED)
-        self._touched = 0
+        order = np.argsort(index, kind="stable")
+        ordered = index[order]
+        return self._take(self.x, ordered, order), self._take(self.y, ordered, order)
 
     def targets(self) -> Tensor:
-        """All of y, copied in row blocks (N×T float32: a small part of the table)."""
-        out = torch.empty(self.y.shape, dtype=torch.float32)
-        step = max(1, RESIDENT_BYTES // max(1, 4 * self.y.shape[1]) // 2)
-        for start in range(0, len(self), step):
-            out[start : start + step] = torch.from_numpy(self.y[start : start + step].copy())
-            self.release()
-        return out
+        """All of y (N×T float32: a small part of the table), read window by window."""
+        every = np.arange(len(self))
+        return self._take(self.y, every, every)
+
+    def _take(self, region: _Region, ordered: np.ndarray, order: np.ndarray) -> Tensor:
+        """out[order[i]] = region[ordered[i]], for `ordered` sorted ascending."""
+        out = np.empty((len(ordered), region.cols), dtype=np.float32)
+        per_window = max(1, WINDOW_BYTES // (region.cols * 4))
+        windows = ordered // per_window
+        bounds = [0, *(np.flatnonzero(np.diff(windows)) + 1).tolist(), len(ordered)]
+        for lo, hi in itertools.pairwise(bounds):
+            if lo == hi:
+                continue
+            first = int(windows[lo]) * per_window
+            count = min(region.rows, first + per_window) - first
+            begin = region.start + first * region.cols * 4
+            aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+            window = mmap.mmap(
+                self.file.fileno(),
+                begin - aligned + count * region.cols * 4,
+                offset=aligned,
+                access=mmap.ACCESS_READ,
+            )
+            try:
+                view = np.frombuffer(
+                    window, dtype="<f4", count=count * region.cols, offset=begin - aligned
+                ).reshape(count, region.cols)
+                out[order[lo:hi]] = view[ordered[lo:hi] - first]
+                del view  # a map can't be closed while an array still looks into it
+            finally:
+                window.close()
+        return torch.from_numpy(out)
 
 
-def _view(buffer: mmap.mmap, entry: dict[str, Any], start: int) -> np.ndarray:
-    if entry["dtype"] != "F32" or len(entry["shape"]) != 2:
-        raise ValueError(f"expected a 2-D F32 tensor, got {entry['dtype']} {entry['shape']}")
-    begin, end = entry["data_offsets"]
-    rows, cols = entry["shape"]
-    if end - begin != rows * cols * 4:
-        raise ValueError("tensor offsets do not match its shape")
-    return np.frombuffer(buffer, dtype="<f4", count=rows * cols, offset=start + begin).reshape(
-        rows, cols
-    )
+@dataclass(frozen=True)
+class _Region:
+    """Where a 2-D float32 tensor of the file lies."""
+
+    start: int  # its first byte, from the start of the file
+    rows: int
+    cols: int
+
+    @classmethod
+    def of(cls, entry: dict[str, Any], data_start: int) -> _Region:
+        if entry["dtype"] != "F32" or len(entry["shape"]) != 2:
+            raise ValueError(f"expected a 2-D F32 tensor, got {entry['dtype']} {entry['shape']}")
+        begin, end = entry["data_offsets"]
+        rows, cols = entry["shape"]
+        if end - begin != rows * cols * 4:
+            raise ValueError("tensor offsets do not match its shape")
+        return cls(data_start + begin, rows, cols)
 
 
 @dataclass(frozen=True)
@@ -185,7 +207,7 @@ class MappedDataset:
     @classmethod
     def from_cache_file(cls, path: str, meta: dict[str, Any]) -> MappedDataset:
         table = MappedTable(path)
-        if table.x.shape[1] != len(meta["feature_names"]):
+        if table.x.cols != len(meta["feature_names"]):
             raise ValueError("x's width does not match the feature names")
         return cls(table, tuple(meta["feature_names"]), tuple(meta["target_names"]))
 
@@ -210,11 +232,11 @@ class MappedDataset:
 
     @property
     def n_features(self) -> int:
-        return self.table.x.shape[1]
+        return self.table.x.cols
 
     @property
     def n_targets(self) -> int:
-        return self.table.y.shape[1]
+        return self.table.y.cols
 
 
 class Scratch:

@@ -107,7 +107,8 @@ def _csv_batches(f: IO[bytes], header: list[str], size: int) -> Iterator[pa.Reco
 
 def _parquet_batches(f: IO[bytes], source: str) -> tuple[list[str], Iterator[pa.RecordBatch]]:
     try:
-        parquet = pq.ParquetFile(f)
+        # buffer_size: column chunks are read a buffer at a time, not a row group at once.
+        parquet = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"data file {source!r}: not a readable Parquet file ({exc})") from None
     schema = parquet.schema_arrow

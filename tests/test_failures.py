@@ -166,7 +166,7 @@ CASES = [
         "target-for-npz",
         lambda d: ["--data", _npz(d / "k.npz", x=np.ones(4), y=np.ones(4)), "--target", "y"],
         2,
-        "--target applies to CSV files only",
+        "--target applies to CSV and Parquet files only",
     ),
     (
         "loss-vs-targets",
