@@ -60,13 +60,15 @@ def run_flow(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    peak = 0
+    peak, peak_at = 0, ""
     try:
         while child.poll() is None:
             try:
-                peak = max(peak, child.memory_info().rss)
+                rss = child.memory_info().rss
             except psutil.NoSuchProcess:
                 break
+            if rss > peak:  # when: to read against the run's log lines
+                peak, peak_at = rss, time.strftime("%H:%M:%S")
             time.sleep(every_s)
         output = log.read_text()
     finally:
@@ -75,7 +77,12 @@ def run_flow(
             child.wait()
     if child.returncode != 0:
         raise RuntimeError(f"train_flow.py exited {child.returncode}:\n{output[-4000:]}")
-    return {"wall_s": time.perf_counter() - start, "peak_rss": peak, "output": output}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "peak_rss": peak,
+        "peak_at": peak_at,
+        "output": output,
+    }
 
 
 def main() -> int:
@@ -84,6 +91,9 @@ def main() -> int:
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=65536)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the table goes")
+    parser.add_argument(
+        "--table", help="use (or generate and keep) this Parquet file instead of a temporary one"
+    )
     parser.add_argument(
         "--in-memory-bytes",
         default="1000000000",
@@ -94,10 +104,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="trainflow-bigdata-", dir=opts.dir))
     server = None
     try:
-        table = work / "table.parquet"
-        start = time.perf_counter()
-        size = generate(table, opts.rows, opts.features, seed=0)
-        print(f"generated {table} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
+        table = Path(opts.table) if opts.table else work / "table.parquet"
+        if not table.exists():
+            start = time.perf_counter()
+            generate(table, opts.rows, opts.features, seed=0)
+            print(f"generated {table} in {time.perf_counter() - start:.0f} s", flush=True)
+        size = table.stat().st_size
+        opts.rows = pq.read_metadata(table).num_rows
         server = Server(work / "prefect")
         env = {**server.env, "TRAINFLOW_IN_MEMORY_BYTES": opts.in_memory_bytes}
         flags = [
@@ -108,19 +121,20 @@ def main() -> int:
         measured = run_flow(flags, env, work / "output.txt")
         stages = json.loads((work / "runs" / "bigdata" / "stages.json").read_text())
         seconds = {s["name"]: s["seconds"] for s in stages}
-        float32 = opts.rows * (opts.features + 1) * 4
+        float32 = opts.rows * pq.read_metadata(table).num_columns * 4
         result = {
             "rows": opts.rows,
             "parquet_gb": size / 1e9,
             "float32_gb": float32 / 1e9,
             "wall_s": round(measured["wall_s"], 1),
             "peak_rss_gb": round(measured["peak_rss"] / 1e9, 3),
+            "peak_at": measured["peak_at"],
             "load_tensors_s": round(seconds["load-tensors"], 1),
             "conversion_mb_s": round(size / 1e6 / seconds["load-tensors"], 1),
             "train_epochs_s": round(seconds["train-epochs"], 1),
             "stage_seconds": seconds,
         }
-        print(measured["output"][-1500:])
+        print(measured["output"][-6000:])
         print(json.dumps(result, indent=2))
     finally:
         if server is not None:

@@ -121,11 +121,6 @@ class MappedTable:
     def __len__(self) -> int:
         return self.x.rows
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> MappedTable:
-        # Read-only: a "copy" (Prefect's transaction.get deep-copies what a stage keeps) is
-        # this same table, not a second handle on the file.
-        return self
-
     def gather(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Copies of rows `rows` (int64) of x and y, in that order."""
         index = rows.numpy()
