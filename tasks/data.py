@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from tasks.errors import InputError
+from tasks.mapped import too_big
 from tasks.sources import DataFile, Identity, suffix_of
 from tasks.stage import cache_enabled, cache_entry, stage
 from tasks.tables import TABLE_FORMATS, UNKNOWN, column_names, iter_columns, read_columns
@@ -409,6 +410,10 @@ def load_tensors(
     suffix = check_format(source, target, features)
     with DataFile(source) as file:  # a remote file is fetched once, for the key and the load
         data = file.identity(identity) if cache_enabled() else None
+        if suffix in TABLE_FORMATS and too_big(file, suffix, available_memory()):
+            from tasks import stream  # README: "Data larger than memory"
+
+            return stream.load_mapped(file, suffix, target, features, data)
         entry = cache_entry(
             "load-tensors", read_file, data=data, format=suffix, target=target, features=features
         )

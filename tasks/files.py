@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file as safetensors_save_file
 from torch import Tensor
 
 
@@ -92,4 +92,19 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    atomic_write(path, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
+    """`atomic_write` of a safetensors file, streamed from the tensors to the temporary file:
+    safetensors' `save()` builds the file's bytes in memory first (twice the tensors' size
+    at its peak: 470 MB for a 30M-row split)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.close(fd)
+        safetensors_save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from tasks.data import Dataset
 from tasks.device import resolve_device
+from tasks.mapped import MappedDataset, MappedTable
 from tasks.split import Split
 from tasks.stage import cache_entry, stage, with_key
 
@@ -136,6 +137,38 @@ class DataLoaderBatches(_Seeded):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+class MappedBatches(_Seeded):
+    """Batches gathered row by row from a memory-mapped table (data larger than memory).
+
+    The same epoch order as TensorBatches (one randperm over the split's rows from the same
+    generator), so the same batches, bit for bit; only where the rows come from differs.
+    """
+
+    def __init__(
+        self,
+        table: MappedTable,
+        rows: Tensor,
+        batch_size: int,
+        seed: int | None,
+        device: torch.device,
+    ):
+        self.table, self.rows, self.batch_size, self.seed = table, rows, batch_size, seed
+        self.device = device
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def epoch(self, generator: torch.Generator | None, start_batch: int = 0) -> Iterator[Batch]:
+        self._check(generator)
+        order = epoch_order(len(self.rows), generator)
+        for start in range(start_batch * self.batch_size, len(self.rows), self.batch_size):
+            # Batch by batch: the whole permuted index would be another copy of the split.
+            batch = slice(start, start + self.batch_size)
+            rows = self.rows[batch] if order is None else self.rows[order[batch]]
+            x, y = self.table.gather(rows)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
 @dataclass
 class Loaders:
     """A cheap view of tensors already cached upstream: built every run, never stored."""
@@ -147,7 +180,7 @@ class Loaders:
 
 
 def make_loaders(
-    data: Dataset,
+    data: Dataset | MappedDataset,
     parts: Split,
     batch_size: int,
     shuffle_seed: int,
@@ -155,6 +188,10 @@ def make_loaders(
     num_workers: int,
     device: torch.device,
 ) -> Loaders:
+    if isinstance(data, MappedDataset):  # `kind` and workers: the map is read in this process
+        train = MappedBatches(data.table, parts.train, batch_size, shuffle_seed, device)
+        val = MappedBatches(data.table, parts.val, batch_size, None, device)
+        return Loaders(train=train, val=val, sample=data.table.gather(parts.train[:batch_size])[0])
     x_train, y_train = data.x[parts.train], data.y[parts.train]
     x_val, y_val = data.x[parts.val], data.y[parts.val]
     sample = x_train[:batch_size].clone()
@@ -169,7 +206,7 @@ def make_loaders(
 
 @stage(name="build-loaders")
 def build_loaders(
-    data: Dataset,
+    data: Dataset | MappedDataset,
     parts: Split,
     batch_size: int,
     shuffle_seed: int,

@@ -133,7 +133,7 @@ class StageEntry:
         if transaction is None:  # called outside Prefect (a test, a notebook): write now
             self.write(value)
         else:
-            transaction.set(KEPT, (self, value))
+            transaction.set(KEPT, _Kept(self, value))
         return value
 
     def resolve(self, kind: type[T], compute: Callable[[], T]) -> T | State[T]:
@@ -170,11 +170,24 @@ def cache_entry(stage: str, fn: Callable[..., Any], **inputs: Any) -> StageEntry
     return StageEntry(key, CacheStore(settings.url), settings.mode)
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """An entry and the value it waits to store. Prefect's `Transaction.get` deep-copies what
+    it returns; a stage's value is never changed after it is returned, and a copy of a large
+    data set's tensors at commit would double the memory it takes (or, for a memory-mapped
+    one, try to copy a file handle)."""
+
+    entry: StageEntry
+    value: Any
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Kept:
+        return self
+
+
 def _write_kept_entry(transaction: Transaction) -> None:
     kept = transaction.get(KEPT, None)
     if kept is not None:
-        entry, value = kept
-        entry.write(value)
+        kept.entry.write(kept.value)
 
 
 # Prefect logs two lines per hook run, per task; this hook runs after every stage and says

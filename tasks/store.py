@@ -99,8 +99,12 @@ class CacheStore:
     def put(self, key: str, value: Cacheable) -> None:
         """Blob first, then the record that names it: a reader never finds a record whose
         blob is missing (short of pruning, which removes records first)."""
-        tensors, meta = value.to_cache()
-        blob = self._put_blob(tensors)
+        if hasattr(value, "to_cache_file"):  # a file written already (tasks/mapped.py)
+            path, meta = value.to_cache_file()
+            blob = self._adopt_blob(path)
+        else:
+            tensors, meta = value.to_cache()
+            blob = self._put_blob(tensors)
         record = {
             "format": FORMAT,
             "artifact": type(value).__qualname__,
@@ -123,6 +127,8 @@ class CacheStore:
                 raise CorruptEntry("not a trainflow cache record")
             if record.get("artifact") != kind.__qualname__:
                 raise CorruptEntry(f"holds a {record.get('artifact')!r}, not a {kind.__qualname__}")
+            if hasattr(kind, "from_cache_file"):  # mapped, not loaded: verified, then opened
+                return kind.from_cache_file(self._blob_path(**record["blob"]), record["meta"])
             tensors = self._get_blob(**record["blob"])
             return kind.from_cache(tensors, record["meta"])
         except CorruptEntry:
@@ -155,18 +161,39 @@ class CacheStore:
             raise
         return {"xxh3": checksum, "size": size}
 
-    def _get_blob(self, xxh3: str, size: int) -> dict[str, Tensor]:
-        """Verify, then load; a local blob is memory-mapped, so a hit costs no copy."""
+    def _adopt_blob(self, path: str) -> dict[str, Any]:
+        """A finished local file in this cache's blob folder becomes a blob: checksummed, then
+        renamed to its checksum (atomic; the same folder, so the same filesystem)."""
+        if not self.local or os.path.dirname(os.path.abspath(path)) != self.path("blobs"):
+            raise ValueError(f"{path!r} is not a file in {self.path('blobs')!r}")
+        with open(path, "rb") as f:
+            checksum = digest_stream(file_chunks(f))
+        size = os.path.getsize(path)
+        os.replace(path, self.path("blobs", f"{checksum}.safetensors"))
+        fsync_dir(self.path("blobs"))
+        return {"xxh3": checksum, "size": size}
+
+    def _blob_path(self, xxh3: str, size: int) -> str:
+        """A local blob's path once its size and checksum are verified."""
+        if not self.local:
+            raise CorruptEntry("a memory-mapped entry in a remote cache")
         if not isinstance(xxh3, str) or not BLOB.fullmatch(xxh3):
             raise CorruptEntry(f"bad blob name {xxh3!r}")
         path = self.path("blobs", f"{xxh3}.safetensors")
+        actual = os.path.getsize(path)
+        if actual != size:
+            raise CorruptEntry(f"blob {xxh3} is truncated ({actual} of {size} bytes)")
+        if file_digest(path) != xxh3:
+            raise CorruptEntry(f"blob {xxh3} is corrupted (checksum mismatch)")
+        return path
+
+    def _get_blob(self, xxh3: str, size: int) -> dict[str, Tensor]:
+        """Verify, then load; a local blob is memory-mapped, so a hit costs no copy."""
         if self.local:
-            actual = os.path.getsize(path)
-            if actual != size:
-                raise CorruptEntry(f"blob {xxh3} is truncated ({actual} of {size} bytes)")
-            if file_digest(path) != xxh3:
-                raise CorruptEntry(f"blob {xxh3} is corrupted (checksum mismatch)")
-            return safetensors_load_file(path)
+            return safetensors_load_file(self._blob_path(xxh3, size))
+        if not isinstance(xxh3, str) or not BLOB.fullmatch(xxh3):
+            raise CorruptEntry(f"bad blob name {xxh3!r}")
+        path = self.path("blobs", f"{xxh3}.safetensors")
         data = self.read(path)
         if len(data) != size or xxhash.xxh3_128_hexdigest(data) != xxh3:
             raise CorruptEntry(f"blob {xxh3} is truncated or corrupted")
