@@ -143,6 +143,11 @@ class MappedTable:
     def __len__(self) -> int:
         return self.x.rows
 
+    def __reduce__(self) -> tuple[type[MappedTable], tuple[str]]:
+        # To a DDP rank, a process on this machine: the path, opened again there. A temporary
+        # copy's folder stays this process's to remove, once the ranks are done.
+        return (MappedTable, (self.path,))
+
     def gather(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Copies of rows `rows` (int64) of x and y, in that order."""
         index = rows.numpy()
@@ -220,6 +225,10 @@ class MappedDataset:
             "feature_names": list(self.feature_names),
             "target_names": list(self.target_names),
         }
+
+    def cache_file_moved(self, path: str) -> None:
+        """The store renamed the file to its blob name: where a DDP rank opens it from now."""
+        self.table.path = path
 
     @classmethod
     def from_cache_file(cls, path: str, meta: dict[str, Any]) -> MappedDataset:

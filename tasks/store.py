@@ -102,6 +102,7 @@ class CacheStore:
         if hasattr(value, "to_cache_file"):  # a file written already (tasks/mapped.py)
             path, meta = value.to_cache_file()
             blob = self._adopt_blob(path)
+            value.cache_file_moved(self.path("blobs", f"{blob['xxh3']}.safetensors"))
         else:
             tensors, meta = value.to_cache()
             blob = self._put_blob(tensors)

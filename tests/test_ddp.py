@@ -127,6 +127,25 @@ def test_a_killed_rank_is_restarted_into_the_same_run(tmp_path, subprocess_env, 
     assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0]), why
 
 
+def test_a_table_on_the_memory_mapped_path_trains_as_in_memory(tmp_path, subprocess_env, reference):
+    # The reference's data as a CSV (float32 → shortest float64 text → the same float32),
+    # forced onto the mapped path: each rank opens the cache's file by the name the store gave
+    # it when the entry was kept, after the conversion had written it under a temporary one.
+    from tasks.data import synthetic
+
+    data = synthetic(BASE["n_samples"])
+    rows = (f"{float(a)!r},{float(b)!r}" for a, b in zip(data.x[:, 0], data.y[:, 0], strict=True))
+    table = tmp_path / "table.csv"
+    table.write_text("x,y\n" + "\n".join(rows) + "\n")
+    env = {**_env(subprocess_env, tmp_path / "faults.jsonl"), "TRAINFLOW_IN_MEMORY_BYTES": "0"}
+    config = _config(tmp_path, "mapped", data=str(table), **DDP)
+    code, output = _run(config, env, tmp_path / "out.txt", timeout=240)
+    assert code == 0, output[-4000:]
+    records = (tmp_path / "cache" / "records").glob("*.json")
+    assert any('"MappedDataset"' in record.read_text() for record in records)
+    assert Result.of(tmp_path / "runs" / "mapped").same_run_as(reference[0])
+
+
 def test_a_killed_job_resumes_exactly(tmp_path, subprocess_env, reference):
     rng = random.Random(f"{SEED}-killed-job")
     step = rng.randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)
