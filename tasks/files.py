@@ -70,7 +70,8 @@ def atomic_file(path: Path | str) -> Iterator[BinaryIO]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
+        os.close(fd)
+        with open(tmp, "wb") as f:  # by name: `f.name` is the temporary file's path
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -95,16 +96,5 @@ def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     """`atomic_write` of a safetensors file, streamed from the tensors to the temporary file:
     safetensors' `save()` builds the file's bytes in memory first (twice the tensors' size
     at its peak: 470 MB for a 30M-row split)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        os.close(fd)
-        safetensors_save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        safetensors_save_file({k: v.contiguous() for k, v in tensors.items()}, f.name)

@@ -230,9 +230,19 @@ def _batches(
     # same speed). A row must fit in a block: 1 KiB at the least (only a test asks for less).
     block = max(1 << 10, min(1 << 20, rows * CSV_BYTES_PER_ROW))
     read = pv.ReadOptions(column_names=header, skip_rows=1, block_size=block)
-    convert = pv.ConvertOptions(
-        include_columns=names,
-        column_types={name: pa.string() if name in text else pa.float64() for name in names},
+    types = {name: pa.string() if name in text else pa.float64() for name in names}
+    yield from pv.open_csv(f, read_options=read, convert_options=_as_written(names, types))
+
+
+def _as_written(names: Sequence[str], types: dict[str, Any] | None = None) -> Any:
+    """Our names (stripped, as csv_header reads them) in place of the file's header row; every
+    cell as written: no null spellings, booleans or dates, so "nan", "" or "true" stay what
+    they are and the checks name them."""
+    import pyarrow.csv as pv
+
+    return pv.ConvertOptions(
+        include_columns=list(names),
+        column_types=types,
         null_values=[],
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
@@ -240,7 +250,6 @@ def _batches(
         false_values=[],
         timestamp_parsers=[],
     )
-    yield from pv.open_csv(f, read_options=read, convert_options=convert)
 
 
 def vocabulary(strings: pa.ChunkedArray) -> tuple[str, ...]:
@@ -271,20 +280,8 @@ def _read_table(f: IO[bytes], suffix: str, header: list[str], names: list[str]) 
         return feather.read_table(f, columns=names, memory_map=False)
     import pyarrow.csv as pv
 
-    # Our names (stripped, as csv_header reads them) in place of the file's header row; every
-    # cell as written: no null spellings, booleans or dates, so "nan", "" or "true" stay what
-    # they are and the checks below name them.
     read = pv.ReadOptions(column_names=header, skip_rows=1)
-    convert = pv.ConvertOptions(
-        include_columns=names,
-        null_values=[],
-        strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-        true_values=[],
-        false_values=[],
-        timestamp_parsers=[],
-    )
-    return pv.read_csv(f, read_options=read, convert_options=convert)
+    return pv.read_csv(f, read_options=read, convert_options=_as_written(names))
 
 
 def _ipc_schema(f: IO[bytes]) -> pa.Schema:
