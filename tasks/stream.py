@@ -19,7 +19,6 @@ from tasks.sources import DataFile
 from tasks.stage import StageEntry, cache_entry, warn
 from tasks.tables import (
     CSV_BYTES_PER_ROW,
-    TABLE_FORMATS,
     _ipc_schema,
     column_names,
     iter_columns,
@@ -29,7 +28,6 @@ CHUNK_ROWS = 1 << 16  # rows read at a time
 # Even a small file is read in a few chunks (a chunk is at least a few rows): the code that
 # joins chunks runs on every file, so a test's small table exercises it too.
 CHUNKS_AT_LEAST = 16
-MAPPABLE = TABLE_FORMATS
 
 
 class Sink(Protocol):
