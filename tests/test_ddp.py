@@ -24,12 +24,10 @@ from flows.config import TrainConfig
 from flows.train_flow import train_flow
 
 from .conftest import REPO
-from .test_resume_flow import Result, _events, _flags, _run
+from .test_resume_flow import FAULTS, SEED, Result, _events, _flags, _run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
-SEED = int(os.environ.get("TRAINFLOW_FAULT_SEED") or random.SystemRandom().randrange(2**32))
-FAULTS = REPO / "tests" / "faults"
 # 200 rows: 160 for training, 10 global batches of 16 an epoch (8 rows a rank); checkpoints
 # after epochs 2 and 4.
 STEPS, EPOCHS, EVERY = 10, 6, 2
