@@ -192,23 +192,6 @@ def _check_fits_in_memory(f: IO[bytes], suffix: str, source: str) -> None:
         )
 
 
-def read_table_columns(
-    f: IO[bytes],
-    source: str,
-    required: tuple[str, ...],
-    optional: tuple[str, ...],
-    categories: Mapping[str, tuple[str, ...]] | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """The `required` columns, and the `optional` ones if the file has all of them, as float32
-    tensors in the given order; any other column, or a part of `optional`, is an error. A
-    column in `categories` becomes the ids of its values in that vocabulary (predict)."""
-    names, has_optional = _scored_columns(f, source, required, optional)
-    vocabularies = dict(categories or {})
-    suffix = suffix_of(source)
-    table = read_columns(f, suffix, source, names, frozenset(vocabularies), vocabularies).values
-    return _x_and_y(table, len(required), has_optional)
-
-
 def table_row_blocks(
     f: IO[bytes],
     source: str,
@@ -216,12 +199,14 @@ def table_row_blocks(
     optional: tuple[str, ...],
     categories: Mapping[str, tuple[str, ...]],
     rows_per_block: int,
-) -> tuple[bool, Iterator[tuple[Tensor, Tensor | None]]]:
-    """`read_table_columns`, a block of rows at a time: whether the file has the `optional`
-    columns (checked before any row is read), and the blocks' (x, y)."""
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """The `required` columns, and the `optional` ones if the file has all of them, as float32
+    tensors in the given order, a block of rows at a time; any other column, or a part of
+    `optional`, is an error, raised by the header alone before any row is read. A column in
+    `categories` becomes the ids of its values in that vocabulary (predict)."""
     names, has_optional = _scored_columns(f, source, required, optional)
     blocks = iter_columns(f, suffix_of(source), source, names, dict(categories), rows_per_block)
-    return has_optional, (_x_and_y(block, len(required), has_optional) for block in blocks)
+    return (_x_and_y(block, len(required), has_optional) for block in blocks)
 
 
 def _x_and_y(table: np.ndarray, n_x: int, has_y: bool) -> tuple[Tensor, Tensor | None]:

@@ -216,10 +216,9 @@ def row_blocks(
     if check_format(file.url, ()) in TABLE_FORMATS:
         with file.open() as f:
             # By name, text through the training vocabulary: an unseen value is UNKNOWN.
-            _, blocks = table_row_blocks(
+            yield from table_row_blocks(
                 f, file.url, run.features, run.targets, run.categories, rows_per_block
             )
-            yield from blocks
         return
     data = read_file(file)  # .npz and .pt hold arrays 'x' and 'y', as in training: whole
     if data.n_features != len(run.features):

@@ -20,7 +20,7 @@ import torch
 
 from flows.predict_flow import main as predict
 from flows.train_flow import main as train
-from tasks.data import read_table_columns
+from tasks.data import table_row_blocks
 from tasks.errors import InputError
 from tasks.predict import (
     ModelRun,
@@ -36,6 +36,7 @@ from tasks.predict import (
     write_blocks,
 )
 from tasks.sources import DataFile
+from tasks.tables import read_columns
 
 # --- pure logic, no Prefect -------------------------------------------------------------------
 
@@ -122,6 +123,13 @@ def test_a_parquet_output_reads_back_exactly():
         assert np.array_equal(table[name].to_numpy(), column)
 
 
+def _scored(text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What predict reads of a CSV, its blocks joined."""
+    blocks = list(table_row_blocks(io.BytesIO(text.encode()), "t.csv", ("a", "b"), ("y",), {}, 2))
+    y = [y for _, y in blocks]
+    return torch.cat([x for x, _ in blocks]), None if y[0] is None else torch.cat(y)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -132,11 +140,11 @@ def test_a_parquet_output_reads_back_exactly():
 )
 def test_columns_that_do_not_match_the_model_are_named(text, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        read_table_columns(io.BytesIO(text.encode()), "t.csv", ("a", "b"), ("y",))
+        _scored(text)
 
 
 def test_features_are_taken_by_name_in_the_models_order():
-    x, y = read_table_columns(io.BytesIO(b"b,a\n2,1\n4,3\n"), "t.csv", ("a", "b"), ("y",))
+    x, y = _scored("b,a\n2,1\n4,3\n")
     assert x.tolist() == [[1, 2], [3, 4]]
     assert y is None
 
@@ -197,8 +205,10 @@ def test_scoring_a_block_at_a_time_equals_scoring_the_whole_table(
         assert len(blocks) > 5  # the small blocks were asked for, and read
         whole = score_rows(categorical_model, file, 16, "cpu", rows_per_block=10**7)
         streamed = score_rows(categorical_model, file, 16, "cpu", rows_per_block=37)
-    with path.open("rb") as f:
-        x, y = read_table_columns(f, str(path), categorical_model.features, ("y",), COLORS)
+    with path.open("rb") as f:  # the whole table at once, as training reads one
+        names = (*categorical_model.features, "y")
+        table = read_columns(f, suffix, str(path), names, frozenset(COLORS), COLORS).values
+    x, y = torch.from_numpy(table[:, :3].copy()), torch.from_numpy(table[:, 3:].copy())
     assert torch.equal(torch.cat([x_block for x_block, _ in blocks]), x)
     assert torch.equal(torch.cat([y_block for _, y_block in blocks]), y)
     assert set(x[:, 1].tolist()) == {0.0, 1.0, 2.0}  # violet: unknown (0), never an error
@@ -210,6 +220,25 @@ def test_scoring_a_block_at_a_time_equals_scoring_the_whole_table(
     with torch.no_grad():
         by_hand = torch.cat([module(x[i : i + 16]) for i in range(0, len(x), 16)])
     assert torch.equal(streamed.outputs, by_hand)
+
+
+def test_a_column_of_integers_then_a_decimal_streams_as_the_whole_table_reads(
+    tmp_path, categorical_model
+):
+    # A streaming CSV parser fixes a column's type from its first block: integers there and
+    # "1.5" in a later block would fail, where the whole-table read finds doubles.
+    path = tmp_path / "ints.csv"
+    rows = [f"{i},red,{-i},{i}" for i in range(3000)] + ["1.5,blue,2.5,3.5"]
+    path.write_text("b,color,a,y\n" + "\n".join(rows) + "\n")
+    with DataFile(str(path)) as file:
+        assert len(list(row_blocks(file, categorical_model, rows_per_block=37))) > 5
+        whole = score_rows(categorical_model, file, 16, "cpu", rows_per_block=10**7)
+        streamed = score_rows(categorical_model, file, 16, "cpu", rows_per_block=37)
+    assert torch.equal(streamed.outputs, whole.outputs)
+    with path.open("rb") as f:
+        names = (*categorical_model.features, "y")
+        table = read_columns(f, ".csv", str(path), names, frozenset(COLORS), COLORS).values
+    assert table[-1].tolist() == [2.5, 1.0, 1.5, 3.5]  # a, color (blue: id 1), b, y
 
 
 def test_a_bad_cell_deep_in_a_streamed_csv_names_its_line_and_column(tmp_path, categorical_model):
