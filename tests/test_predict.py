@@ -21,7 +21,7 @@ import torch
 from flows.predict_flow import main as predict
 from flows.train_flow import main as train
 from tasks.data import table_row_blocks
-from tasks.errors import InputError
+from tasks.errors import InputError, StorageError
 from tasks.predict import (
     ModelRun,
     Scores,
@@ -34,6 +34,7 @@ from tasks.predict import (
     row_blocks,
     score_rows,
     write_blocks,
+    write_output,
 )
 from tasks.sources import DataFile
 from tasks.tables import read_columns
@@ -265,6 +266,31 @@ def test_an_output_written_a_block_at_a_time_equals_one_written_whole(suffix):
         streamed, single = np.load(io.BytesIO(buffer.getvalue())), np.load(io.BytesIO(whole))
         assert streamed.files == single.files
         assert all(np.array_equal(streamed[name], single[name]) for name in single.files)
+
+
+@pytest.mark.parametrize("folder", ["memory", "local"])
+def test_an_output_is_whole_or_absent_when_a_block_fails_midway(tmp_path, folder):
+    import fsspec
+
+    scores, run = Scores(torch.arange(300.0).reshape(-1, 1), {}), _run("mse")
+    url = "memory://predictions/p.csv" if folder == "memory" else str(tmp_path / "p.csv")
+    write_output(url, prediction_blocks(scores, run, rows_per_block=64))
+    fs, path = fsspec.core.url_to_fs(url)
+    assert fs.cat_file(path) == output_bytes(prediction_columns(scores, run), ".csv")
+
+    def failing():
+        blocks = prediction_blocks(Scores(scores.outputs + 1, {}), run, rows_per_block=64)
+        yield next(blocks)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(StorageError, match="cannot write the output"):
+        write_output(url, failing())
+    # The first output stays as it was, and no temporary file is left beside it.
+    assert fs.cat_file(path) == output_bytes(prediction_columns(scores, run), ".csv")
+    names = [Path(entry).name for entry in fs.ls(str(Path(path).parent), detail=False)]
+    assert names == ["p.csv"]
+    if folder == "memory":
+        fs.rm(path)
 
 
 def test_latest_is_the_newest_completed_run(tmp_path):
