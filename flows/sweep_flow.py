@@ -123,6 +123,11 @@ def task_runner(runner: Runner, max_concurrency: int, address: str | None) -> An
 
         if address:
             return DaskTaskRunner(address=address)
+        import dask
+
+        # A trial with --nproc > 1 starts its ranks from its worker, which a daemonic process
+        # may not do. Not daemonic, a worker still exits with its nanny: Dask watches the pipe.
+        dask.config.set({"distributed.worker.daemon": False})
         workers = {"n_workers": max_concurrency, "threads_per_worker": 1, "processes": True}
         return DaskTaskRunner(cluster_kwargs=workers)
     try:

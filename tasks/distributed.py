@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import multiprocessing
 import os
 import signal
 import tempfile
@@ -22,13 +23,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 import xxhash
 from torch import Tensor, nn
 
+from tasks import fence
 from tasks.checkpoint import Checkpoints, CheckpointSettings, TrainState, decode
 from tasks.errors import InputError
 from tasks.loaders import Batch, Batches, Loaders, TensorBatches
@@ -50,7 +52,9 @@ class Job:
     progress: str  # a file local rank 0 appends its progress lines to
     threads: int  # torch threads per rank
     hang_timeout: float
+    owner: fence.Owner | None = None  # the deployment flow run the launcher trains for
     launcher: int = 0  # the launcher's pid (set by launch_ranks)
+    fenced: str = ""  # a file rank 0 creates when a re-run took the flow run over (ditto)
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,11 @@ class Ranks:
         device: torch.device,
         batches: RankBatches,
         hang_timeout: float,
+        owner: fence.Owner | None = None,
+        fenced: str = "",
     ):
         self.rank, self.world, self.device, self.batches = rank, world, device, batches
+        self.owner, self.fenced = owner, fenced
         timeout = timedelta(seconds=hang_timeout)
         backend = "nccl" if device.type == "cuda" else "gloo"
         self.group = dist.new_group(backend=backend, timeout=timeout)
@@ -121,6 +128,19 @@ class Ranks:
     @property
     def writes(self) -> bool:
         return self.rank == 0
+
+    def hold(self) -> bool:
+        """Rank 0, before it writes a checkpoint: whether the launcher still owns its
+        deployment flow run (the split-brain fence, tasks/fence.py, asked on its behalf)."""
+        return fence.hold(self.owner, self._fenced_out) if self.owner is not None else True
+
+    def _fenced_out(self) -> NoReturn:
+        # The launcher is the process the re-run replaced: it must exit (as one process would,
+        # with fence.FENCED_EXIT), and the ranks die with it. This rank writes nothing more
+        # meanwhile; the others wait for it in their next collective.
+        Path(self.fenced).touch()
+        threading.Event().wait()
+        raise AssertionError("unreachable")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         ids = [self.device] if self.device.type == "cuda" else None
@@ -272,7 +292,7 @@ def run_rank(job: Job) -> RankReport:
         val = RankBatches(_on(loaders.val, device), 0, 1, device)  # whole on every rank
         # All here before the groups with the short timeout connect (a slow start is no hang).
         dist.barrier()
-        ranks = Ranks(rank, world, device, train, job.hang_timeout)
+        ranks = Ranks(rank, world, device, train, job.hang_timeout, job.owner, job.fenced)
         checkpointing = job.checkpointing
         checkpoints = (
             checkpointing.open(job.lineage, job.run_dir) if checkpointing and job.lineage else None
@@ -347,10 +367,12 @@ def _appender(path: str) -> Callable[[str], None]:
 
 @dataclass
 class _Tail:
-    """Forwards the lines a file gains to `log`, about once a second, until stopped."""
+    """Forwards the lines a file gains to `log`, about once a second, until stopped; exits
+    this process (the launcher) once a rank has created `fenced`."""
 
     path: str
     log: Callable[[str], None]
+    fenced: str = ""
     stop: threading.Event = field(default_factory=threading.Event)
     offset: int = 0
 
@@ -361,6 +383,9 @@ class _Tail:
     def _run(self) -> None:
         while not self.stop.wait(1.0):
             self.flush()
+            if self.fenced and os.path.exists(self.fenced):
+                # Rank 0 said why on its stderr. The ranks die with this process.
+                fence.exit_now()
 
     def flush(self) -> None:
         try:
@@ -392,6 +417,11 @@ def run_ranks(launch: Launch, job: Job, log: Callable[[str], None]) -> list[Rank
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    if multiprocessing.current_process().daemon:
+        raise InputError(
+            f"--nproc {launch.nproc}: this process is a daemonic worker and can't start ranks; "
+            "run Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False"
+        )
     endpoint = launch.rdzv_endpoint or f"127.0.0.1:{free_port()}"
     config = LaunchConfig(
         min_nodes=launch.nnodes,
@@ -413,8 +443,9 @@ def run_ranks(launch: Launch, job: Job, log: Callable[[str], None]) -> list[Rank
     )
     with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as folder:
         progress = str(Path(folder) / "progress.log")
-        job = dataclasses.replace(job, progress=progress, launcher=os.getpid())
-        tail = _Tail(job.progress, log)
+        fenced = str(Path(folder) / "fenced")
+        job = dataclasses.replace(job, progress=progress, launcher=os.getpid(), fenced=fenced)
+        tail = _Tail(job.progress, log, fenced)
         try:
             reports: dict[int, RankReport] = elastic_launch(config, run_rank)(job)
         except ChildFailedError as exc:

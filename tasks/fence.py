@@ -7,6 +7,8 @@ stop reaching the server, then re-runs it. The process it gave up on may still b
 the same checkpoints and run folder. So before each checkpoint the training loop calls
 `hold()`, which asks the server whether the flow run is still in the Running state this
 process entered; if the run has moved on without it, the process exits there and then.
+Under DDP the ranks have no flow-run context: train-epochs hands them its `Owner`, and rank 0
+asks with it before each checkpoint; fenced out, it has the launcher exit (tasks/distributed.py).
 
 A worker carries out a cancellation from the UI with SIGTERM, which train-epochs turns into
 a checkpoint and a stop. `cancellation()` says when that SIGTERM is a cancellation and reports
@@ -20,12 +22,17 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NoReturn
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled
 
 ASK_EVERY_SECONDS = 1.0  # checkpoints may come every few ms; the server hears at most this often
@@ -43,6 +50,30 @@ class _Asked:
 _last: dict[str, _Asked] = {}
 
 
+@dataclass(frozen=True)
+class Owner:
+    """A deployment's flow run, the Running state a process entered, and where to ask: what a
+    process without the flow-run context (a DDP rank) needs to ask on the process's behalf."""
+
+    flow_run: str
+    state: str
+    api_url: str
+
+
+def owner() -> Owner | None:
+    """This process's claim on its deployment flow run; None where nobody can take it over."""
+    run = _deployment_run()
+    if run is None:
+        return None
+    return Owner(str(run.id), str(run.state.id), PREFECT_API_URL.value() or "")
+
+
+def exit_now() -> NoReturn:
+    # At once: no cleanup that would flush a TensorBoard file into the shared run folder,
+    # or report a state that would land on the re-run.
+    os._exit(FENCED_EXIT)
+
+
 def _deployment_run() -> FlowRun | None:
     context = FlowRunContext.get()
     run = context.flow_run if context is not None else None
@@ -52,20 +83,28 @@ def _deployment_run() -> FlowRun | None:
     return run
 
 
-def hold() -> bool:
+def hold(claim: Owner | None = None, fenced_out: Callable[[], NoReturn] = exit_now) -> bool:
     """Before a checkpoint: True if this process still owns its flow run (write it), False if
-    the server can't say right now (skip this one). Exits the process, writing nothing more,
-    if a re-run (or a Crashed/Failed verdict) has taken the flow run from it."""
-    run = _deployment_run()
-    if run is None:
+    the server can't say right now (skip this one). If a re-run (or a Crashed/Failed verdict)
+    has taken the flow run from it, calls `fenced_out`, which ends the process writing nothing
+    more (by default: exits it at once).
+
+    `claim`: whose run to ask about, for a process without the flow-run context (a DDP rank);
+    by default, this process's own deployment run, if it has one."""
+    claim = claim or owner()
+    if claim is None:
         return True
-    key, now = str(run.id), time.monotonic()
+    key, now = claim.flow_run, time.monotonic()
     last = _last.get(key)
     if last is not None and now - last.at < ASK_EVERY_SECONDS:
         return last.owned
+    # A rank's settings may not name the server its launcher was started against.
+    settings = (
+        temporary_settings({PREFECT_API_URL: claim.api_url}) if claim.api_url else nullcontext()
+    )
     try:
-        with get_client(sync_client=True) as client:
-            current = client.read_flow_run(run.id).state
+        with settings, get_client(sync_client=True) as client:
+            current = client.read_flow_run(UUID(claim.flow_run)).state
     except Exception as exc:  # the server is unreachable: no proof either way
         print(
             f"trainflow: cannot check that this process still owns flow run {key} "
@@ -76,7 +115,7 @@ def hold() -> bool:
         return False
     # Still the Running state this process entered; Cancelling is ours too: the worker's
     # SIGTERM follows, and train-epochs checkpoints on it.
-    owned = current is not None and (current.id == run.state.id or current.is_cancelling())
+    owned = current is not None and (str(current.id) == claim.state or current.is_cancelling())
     if not owned:
         state = f"{current.name} ({current.message})" if current else "no state"
         print(
@@ -85,9 +124,7 @@ def hold() -> bool:
             file=sys.stderr,
             flush=True,
         )
-        # At once: no cleanup that would flush a TensorBoard file into the shared run folder,
-        # or report a state that would land on the re-run.
-        os._exit(FENCED_EXIT)
+        fenced_out()
     _last[key] = _Asked(now, True)
     return True
 

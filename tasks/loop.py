@@ -404,7 +404,7 @@ class EpochLoop:
             due = self.ranks.agree(due)  # only rank 0's clock counts; by epochs, all agree
         if due:
             state = self._state(epoch, batch_losses, shuffle)
-            if self.ranks.writes and fence.hold():
+            if self.ranks.writes and self.ranks.hold():
                 self.checkpoints.save(state)
 
     def _outcome(self, saved: bool | None) -> str:

@@ -14,6 +14,7 @@ import torch
 from prefect import get_run_logger
 from torch import Tensor, nn
 
+from tasks import fence
 from tasks.checkpoint import Checkpoints, CheckpointSettings, TrainState
 from tasks.device import resolve_device
 from tasks.distributed import Job, Ranks, check_launch, default_threads, launch_ranks
@@ -359,6 +360,7 @@ def train_epochs(
             progress="",  # set by the launcher
             threads=default_threads(launch.nproc),
             hang_timeout=launch.hang_timeout,
+            owner=fence.owner(),  # rank 0 asks on this process's behalf before a checkpoint
         )
         trained = launch_ranks(launch, job, logger.info)
         # The curves, from the history, here: every node's run folder gets them.

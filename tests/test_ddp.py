@@ -295,3 +295,93 @@ def test_more_processes_than_gpus_is_an_input_error():
         pytest.skip("a machine with 64 GPUs")
     with pytest.raises(InputError, match="--nproc 64: this machine has"):
         check_launch(Launch(nproc=64), "cuda")
+
+
+def _deployment_run(api: str, config: TrainConfig) -> str:
+    """A flow run of a `train` deployment (no worker: the test runs it as one would), whose
+    code is this checkout."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        deployment = client.create_deployment(
+            flow_id=client.create_flow_from_name("train"),
+            name=f"ddp-fence-{os.getpid()}-{time.monotonic_ns()}",
+            entrypoint="flows/train_flow.py:train_flow",
+            pull_steps=[
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+            ],
+        )
+        run = client.create_flow_run_from_deployment(
+            deployment, parameters={"config": config.model_dump(mode="json")}
+        )
+        return str(run.id)
+
+
+def _states(api: str, run_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return sorted(client.read_flow_run_states(run_id), key=lambda s: s.timestamp)
+
+
+def _files_under(*folders: Path) -> dict[str, list[int]]:
+    return {
+        str(p): [p.stat().st_size, p.stat().st_mtime_ns]
+        for folder in folders
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_a_job_whose_flow_run_was_taken_over_writes_nothing_more(
+    tmp_path, subprocess_env, prefect_api
+):
+    """Split-brain under DDP: the deployment run is marked Crashed (as the silent-run
+    automation marks a run whose heartbeats stopped, before its re-run) while its ranks train.
+    Rank 0 learns it at its next question to the server, before a checkpoint: from then on
+    nothing is written, the launcher exits with the fenced-out status (0: a crash would land
+    on the re-run), its ranks die with it, and the server hears nothing more from them."""
+    rng = random.Random(f"{SEED}-taken-over")
+    ask = rng.randint(2, 3)  # rank 0's 2nd or 3rd question: after a checkpoint of its own
+    # 3,200 training rows: 200 global batches an epoch; a checkpoint (and a question) every
+    # 1.5 s of training, over 10 epochs.
+    config = _config(
+        tmp_path,
+        "run",
+        **{**DDP, "hang_timeout": 60.0},
+        n_samples=4000,
+        epochs=10,
+        checkpoint_every_epochs=0,
+        checkpoint_every_seconds=1.5,
+    )
+    run_id = _deployment_run(prefect_api, config)
+    log = tmp_path / "faults.jsonl"
+    folders = os.pathsep.join(str(tmp_path / f) for f in ("cache", "runs"))
+    env = {
+        **_env(subprocess_env, log, f"takeover:ask:{ask}:{folders}", rank=0),
+        "PREFECT__FLOW_RUN_ID": run_id,
+    }
+    with (tmp_path / "out.txt").open("w") as out:
+        engine = subprocess.run(
+            [sys.executable, "-m", "prefect.engine"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    output = (tmp_path / "out.txt").read_text()
+    why = f"taken over at rank 0's question {ask} (TRAINFLOW_FAULT_SEED={SEED})\n{output[-4000:]}"
+    [strike] = _strikes(log)
+    assert strike["set_state"] == "ACCEPT", why
+    assert engine.returncode == 0 and "was taken over" in output, why
+    for pid in [e["pid"] for e in _events(log) if e["event"] == "start"]:
+        _wait_gone(pid, why)
+    # Nothing written after rank 0 was told: no checkpoint, no run-folder file.
+    assert _files_under(tmp_path / "cache", tmp_path / "runs") == strike["files"], why
+    assert any("/checkpoints/" in path for path in strike["files"]), why  # it had written some
+    # The last state is the takeover's: the fenced process reported nothing over it.
+    last = _states(prefect_api, run_id)[-1]
+    assert (last.type.value, last.message) == ("CRASHED", "taken over"), why

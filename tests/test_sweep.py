@@ -1,8 +1,10 @@
-"""Sweeps: grids, seeded samples, shared stages computed once, threads and Dask."""
+"""Sweeps: grids, seeded samples, shared stages computed once, threads, Dask and Ray, and
+trials that are DDP jobs themselves."""
 
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -18,7 +20,10 @@ from flows.sweep_flow import (
     torch_threads_per_trial,
     trial_configs,
 )
+from flows.train_flow import train_flow
 from tasks.errors import InputError
+
+from .test_resume_flow import Result
 
 
 def test_a_grid_parses_fields_and_list_values():
@@ -130,3 +135,48 @@ def test_a_sweep_on_a_local_ray(tmp_path, prefect_api, monkeypatch):
         _check(tmp_path, _sweep(tmp_path, task_runner("ray", 2, None)))
     finally:
         ray.shutdown()
+
+
+# --- a trial that is itself a DDP job ---------------------------------------------------------
+
+# 160 training rows: 10 global batches of 16 an epoch, 8 rows a rank.
+DDP_TRIAL = {"epochs": 3, "n_samples": 200, "nproc": 2, "hang_timeout": 60.0}
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, prefect_api):
+    """What one point of the DDP sweeps below trains on its own: train_flow, 2 processes."""
+    root = tmp_path_factory.mktemp("ddp-alone")
+    config = TrainConfig(
+        **DDP_TRIAL, lr=0.2, runs_dir=str(root / "runs"), cache_dir=str(root / "c"), run_name="a"
+    )
+    return Result.of(train_flow(config).run_dir)
+
+
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_a_trial_may_itself_be_a_two_process_job(tmp_path, prefect_api, monkeypatch, alone, runner):
+    """Three trials, two at a time (the first alone, then two side by side: two elastic
+    launchers in one process on threads, in two daemon-free worker processes on Dask), each
+    of 2 ranks: every trial completes, and a trial trains what its point trains on its own."""
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # Dask's workers are other processes
+    base = TrainConfig(**DDP_TRIAL, runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "c"))
+    ranked = sweep_flow.with_options(task_runner=task_runner(runner, 2, None))(
+        base, {"lr": ["0.05", "0.1", "0.2"]}, max_concurrency=2, sweep_name="s"
+    )
+    assert [r["status"] for r in ranked] == ["completed"] * 3, ranked
+    assert all(r["stages"]["train-epochs"] == "Completed" for r in ranked), ranked
+    [point] = [r for r in ranked if r["run_name"].endswith("lr0.2")]
+    assert Result.of(point["run_dir"]).same_run_as(alone)
+
+
+def test_a_daemonic_worker_cannot_start_ranks_and_says_how_to_fix_it(monkeypatch):
+    from tasks.distributed import Job, run_ranks
+    from tasks.options import Launch
+
+    monkeypatch.setattr("multiprocessing.current_process", lambda: SimpleNamespace(daemon=True))
+    job = Job({}, 1, "cpu", None, None, "", progress="", threads=1, hang_timeout=1.0)
+    with pytest.raises(InputError) as error:
+        run_ranks(Launch(nproc=2), job, print)
+    message = str(error.value)
+    assert "--nproc 2" in message and "DASK_DISTRIBUTED__WORKER__DAEMON=False" in message
+    assert "\n" not in message

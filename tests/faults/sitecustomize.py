@@ -13,11 +13,17 @@ at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of
                                       fsync (its bytes are written, not yet synced),
                                       replace (synced, not yet renamed) or renamed (renamed,
                                       folder not yet synced)
+    takeover:ask:N:FOLDERS            at the Nth question the process asks the server about
+                                      its flow run (Prefect's SyncPrefectClient.read_flow_run,
+                                      which the split-brain fence asks), first mark that run
+                                      Crashed through the API, as the silent-run automation
+                                      would, and log every file under FOLDERS (os.pathsep-
+                                      separated) with its size and mtime; then let it ask
     lockstep:PEER_LOG                 record every checkpoint write and delete, and after
                                       the Nth checkpoint wait until the peer process (which
                                       logs to PEER_LOG) has written its Nth or has exited
 
-With TRAINFLOW_FAULT_RANK=R, a step fault strikes only in the DDP rank R (the RANK that
+With TRAINFLOW_FAULT_RANK=R, a step or takeover fault strikes only in the DDP rank R (the RANK that
 torch's launcher gives its workers) and only once: a strike already in the log disarms the
 processes a restart brings up, so a restarted rank trains on.
 
@@ -125,6 +131,50 @@ def on_write(kind: str, n: int, moment: str) -> None:
     os.fsync, os.replace = fsync, replace
 
 
+def files_under(folders: list[str]) -> dict[str, list[int]]:
+    return {
+        os.path.join(root, name): [
+            os.stat(os.path.join(root, name)).st_size,
+            os.stat(os.path.join(root, name)).st_mtime_ns,
+        ]
+        for folder in folders
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def on_takeover(n: int, folders: list[str]) -> None:
+    import httpx
+    from prefect.client.orchestration import SyncPrefectClient
+
+    real = SyncPrefectClient.read_flow_run
+    asked = 0
+
+    def read_flow_run(self, flow_run_id, *args, **kwargs):
+        nonlocal asked
+        asked += 1
+        if asked == n and armed():
+            response = httpx.post(
+                f"{os.environ['PREFECT_API_URL']}/flow_runs/{flow_run_id}/set_state",
+                json={
+                    "state": {"type": "CRASHED", "name": "Crashed", "message": "taken over"},
+                    "force": True,
+                },
+                timeout=30,
+            )
+            response.raise_for_status()
+            log(
+                "strike",
+                ask=n,
+                rank=RANK,
+                set_state=response.json()["status"],
+                files=files_under(folders),
+            )
+        return real(self, flow_run_id, *args, **kwargs)
+
+    SyncPrefectClient.read_flow_run = read_flow_run
+
+
 def lockstep(peer_log: str) -> None:
     real_replace, real_remove = os.replace, os.remove
     written = 0
@@ -172,6 +222,9 @@ if FAULT:
             on_step(signame, int(rest[0]), *rest[1:])
         else:
             on_write(target, int(rest[0]), rest[1])
+    elif mode == "takeover":
+        _, n, folders = spec.split(":", 2)
+        on_takeover(int(n), folders.split(os.pathsep))
     elif mode == "lockstep":
         lockstep(spec)
     else:
