@@ -144,6 +144,16 @@ def test_a_table_on_the_memory_mapped_path_trains_as_in_memory(tmp_path, subproc
     assert Result.of(tmp_path / "runs" / "mapped").same_run_as(reference[0])
 
 
+def test_the_dataloader_path_trains_as_the_tensor_path(tmp_path, subprocess_env, reference):
+    # `--loader dataloader` draws the same permutation and collates the same rows; each rank
+    # takes its chunk of the collated global batch.
+    env = _env(subprocess_env, tmp_path / "faults.jsonl")
+    config = _config(tmp_path, "loader", loader="dataloader", **DDP)
+    code, output = _run(config, env, tmp_path / "out.txt", timeout=240)
+    assert code == 0, output[-4000:]
+    assert Result.of(tmp_path / "runs" / "loader").same_run_as(reference[0])
+
+
 def test_a_killed_job_resumes_exactly(tmp_path, subprocess_env, reference):
     rng = random.Random(f"{SEED}-killed-job")
     step = rng.randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)
