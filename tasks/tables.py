@@ -330,9 +330,9 @@ def _numbers(column: pa.ChunkedArray, name: str, where: _Where, first_row: int) 
         if column.null_count:
             nulls = column.is_null().to_numpy(zero_copy_only=False)
             row = first_row + int(np.flatnonzero(nulls)[0])
+            # No count: a streamed read sees one block's, and both reads must say the same.
             raise InputError(
-                f"data file {source!r}: column {name!r} has {column.null_count} missing "
-                f"value(s), first at row {row}"
+                f"data file {source!r}: column {name!r} has missing values, the first at row {row}"
             )
         # Through float64, as a CSV's text is parsed: the same table gives the same float32s.
         return column.cast(pa.float64()).to_numpy()

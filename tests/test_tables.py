@@ -28,6 +28,7 @@ from tasks.errors import InputError
 from tasks.model import OneHot, initial_model, instantiate, model_spec
 from tasks.split import split_indices
 from tasks.stage import using_cache
+from tasks.tables import iter_columns
 
 from .conftest import REPO
 from .test_export import _imported
@@ -162,7 +163,7 @@ def test_typed_tables_name_the_bad_column(tmp_path):
     with pytest.raises(InputError, match=r"column 'y' holds text, not numbers"):
         load_dataset(str(path))
     pq.write_table(pa.table({"a": [1.0, None, None], "y": [1.0, 2.0, 3.0]}), path)
-    with pytest.raises(InputError, match=r"column 'a' has 2 missing value\(s\), first at row 1"):
+    with pytest.raises(InputError, match=r"column 'a' has missing values, the first at row 1$"):
         load_dataset(str(path))
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match=r"not a readable \.parquet file"):
@@ -329,3 +330,15 @@ def test_a_categorical_run_extended_from_its_checkpoint_equals_an_uninterrupted_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     losses = [json.loads((Path(s.run_dir) / "metrics.json").read_text()) for s in (extended, whole)]
     assert losses[0]["val_loss"] == losses[1]["val_loss"]
+
+
+def test_missing_values_read_a_block_at_a_time_are_reported_as_read_whole(tmp_path):
+    # Nulls in two blocks: a message built from the first block alone would count one.
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"a": [1.0, 2.0, None, 4.0, None, 6.0], "y": [1.0] * 6}), path)
+    with pytest.raises(InputError) as whole:
+        load_dataset(str(path))
+    with path.open("rb") as f, pytest.raises(InputError) as streamed:
+        list(iter_columns(f, ".parquet", str(path), ["a", "y"], {}, rows_per_block=2))
+    assert str(streamed.value) == str(whole.value)
+    assert str(whole.value).endswith("column 'a' has missing values, the first at row 2")
