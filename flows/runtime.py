@@ -6,12 +6,13 @@ Every entry point (train, sweep, predict) runs its flow inside `command_line_run
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flows import server as local
 from flows.server import Server, ServerError
@@ -110,3 +111,19 @@ def fail(message: str, code: int, url: str | None) -> int:
         print(f"Prefect UI: {url}", flush=True)
     print(message, file=sys.stderr, flush=True)
     return code
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code`, skipping the garbage collector's walks of the interpreter teardown.
+
+    After the command's last line, Python's teardown frees the torch, sympy and Prefect object
+    graphs with full garbage-collector passes over millions of objects: ≈ 1.3 s of CPU in a
+    cached run, after everything the run writes is written. Frozen objects are outside the
+    collector's sight and the OS reclaims the memory. Everything else of a normal exit
+    still happens: non-daemon threads are joined, atexit handlers (logging, Prefect's
+    workers) run, and standard streams are flushed; garbage waiting in a reference cycle is
+    collected (its finalizers run) before the freeze.
+    """
+    gc.collect()
+    gc.freeze()
+    sys.exit(code)

@@ -20,7 +20,7 @@ from prefect.transactions import transaction
 
 from flows.cli import parse_config
 from flows.config import TrainConfig
-from flows.runtime import command_line_run, fail, run_url
+from flows.runtime import command_line_run, exit_process, fail, run_url
 from flows.server import ServerError
 from tasks.data import load_tensors, training_categories
 from tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_errors
@@ -137,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -25,6 +25,16 @@ def _scalars(path, tag="loss"):
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+def _logs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
 def test_default_run_writes_the_whole_run_directory_and_converges(tmp_path):
     config = TrainConfig(runs_dir=str(tmp_path), run_name="seed")
     summary = train_flow(config)
@@ -117,6 +127,18 @@ def test_command_line_run_against_a_server(tmp_path, subprocess_env):
     assert result.returncode == 0, result.stderr
     assert "run directory:" in result.stdout
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["epochs"] == 3
+    # The process ends without the interpreter's teardown (flows/runtime.py, exit_process):
+    # what it wrote before exiting is whole, on disk and on the server.
+    run = tmp_path / "cli"
+    for curve in ("loss_training", "loss_validation"):
+        assert [step for step, _ in _scalars(run / curve)] == [0, 1, 2]
+    assert "_hparams_/session_start_info" in EventAccumulator(str(run)).Reload().PluginTagToContent(
+        "hparams"
+    )
+    flow_run_id = result.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
+    finished = [log for log in _logs(flow_run_id) if log.message.startswith("Finished in state")]
+    assert sum(log.task_run_id is None for log in finished) == 1  # the flow run's last line
+    assert sum(log.task_run_id is not None for log in finished) == 6  # one per stage
 
 
 def test_command_line_reports_bad_data_in_one_line(tmp_path, subprocess_env):
