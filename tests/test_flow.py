@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from flows.config import TrainConfig
+from flows.parameters import ConfigFlow
 from flows.train_flow import train_flow
 from tasks.data import synthetic
 from tasks.errors import InputError
@@ -107,6 +108,8 @@ def test_bad_data_fails_before_training_and_leaves_no_run_directory(tmp_path):
 
 
 def test_command_line_run_against_a_server(tmp_path, subprocess_env):
+    from prefect.client.orchestration import get_client
+
     result = subprocess.run(
         [
             sys.executable,
@@ -139,6 +142,11 @@ def test_command_line_run_against_a_server(tmp_path, subprocess_env):
     finished = [log for log in _logs(flow_run_id) if log.message.startswith("Finished in state")]
     assert sum(log.task_run_id is None for log in finished) == 1  # the flow run's last line
     assert sum(log.task_run_id is not None for log in finished) == 6  # one per stage
+    # The UI's parameters are the config as the command line resolved it.
+    with get_client(sync_client=True) as client:
+        parameters = client.read_flow_run(flow_run_id).parameters
+    saved = json.loads((run / "config.json").read_text())
+    assert parameters == {"config": saved}
 
 
 def test_command_line_reports_bad_data_in_one_line(tmp_path, subprocess_env):
@@ -181,3 +189,23 @@ def test_the_run_shows_in_the_prefect_ui_as_a_summary_and_a_loss_table(tmp_path)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert len(rows) == 200  # 300 epochs, thinned
     assert rows[0]["epoch"] == 0 and rows[-1]["epoch"] == 299
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(),
+        TrainConfig(model="mlp", hidden=(8, 4), target=("a", "b"), run_name="x", lr=1e-3),
+    ],
+)
+def test_the_config_is_stored_as_prefect_itself_stores_it(config):
+    from prefect import Flow
+
+    def fn(config: TrainConfig, other: dict, note: str = "") -> None: ...
+
+    parameters = {"note": "n", "config": config, "other": {"x": (1, 2)}}
+    ours = ConfigFlow(fn=fn, name="train").with_options(retries=0)
+    assert isinstance(ours, ConfigFlow) and isinstance(train_flow, ConfigFlow)
+    stored = ours.serialize_parameters(parameters)
+    assert stored == Flow(fn=fn, name="train").serialize_parameters(parameters)
+    assert list(stored) == ["note", "config", "other"]
