@@ -209,3 +209,24 @@ def test_the_config_is_stored_as_prefect_itself_stores_it(config):
     stored = ours.serialize_parameters(parameters)
     assert stored == Flow(fn=fn, name="train").serialize_parameters(parameters)
     assert list(stored) == ["note", "config", "other"]
+
+
+def test_a_command_line_run_sends_no_heartbeats_and_keeps_every_other_setting(monkeypatch):
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    from flows import runtime
+
+    for name in runtime.HEARTBEAT_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    with runtime.command_line_run():
+        inside = get_current_settings()
+    # What Prefect's own temporary_settings makes of the same change: equal, field by field.
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}) as expected:
+        pass
+    assert inside.flows.heartbeat_frequency is None
+    assert inside == expected
+    assert get_current_settings().flows.heartbeat_frequency is not None  # only inside
