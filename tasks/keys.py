@@ -40,8 +40,19 @@ CHUNK = 1 << 24
 # A file changed within this many seconds of being hashed may change again within the same
 # timestamp tick (ext4 ticks are ~4 ms, others up to 2 s): such a digest is never memoised.
 SETTLE_S = 2.0
-# Where parsed sources are memoised (_definitions): derived data, safe to delete at any time.
-MEMO_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow" / "code"
+
+
+def _memo_dir() -> Path | None:
+    """Where parsed sources are memoised (_definitions): derived data, safe to delete."""
+    try:
+        return (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow" / "code"
+        )
+    except RuntimeError:  # no home directory: no memo
+        return None
+
+
+MEMO_DIR = _memo_dir()
 # This module's own code: how a source is normalized, part of every memo's digest.
 _NORMALIZER = Path(__file__).read_text()
 
@@ -239,6 +250,8 @@ def _definitions(filename: str, text: str) -> dict[str, list[tuple[int, str]]]:
     normalizes it. A memo made from any other text, Python or normalizer is never used
     (tests/test_keys.py); an unreadable or unwritable memo costs the time, never the key.
     """
+    if MEMO_DIR is None:
+        return _parse_definitions(text)
     memo = MEMO_DIR / f"{_digest(filename)[:32]}.json"
     digest = _digest(sys.version, _NORMALIZER, text)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -254,7 +267,7 @@ def _definitions(filename: str, text: str) -> dict[str, list[tuple[int, str]]]:
         scratch = memo.with_name(f"{memo.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         scratch.write_text(json.dumps({"digest": digest, "file": filename, "definitions": found}))
         os.replace(scratch, memo)  # whole or absent: a reader never sees half a memo
-        _prune_memos()
+        _prune_memos(MEMO_DIR)
     return found
 
 
@@ -262,9 +275,9 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _prune_memos(keep: int = 512) -> None:
+def _prune_memos(folder: Path, keep: int = 512) -> None:
     """The newest `keep` memos: one per source path, but throwaway paths (tests) add up."""
-    memos = sorted(MEMO_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    memos = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in memos[keep:]:
         old.unlink(missing_ok=True)
 
