@@ -15,12 +15,12 @@ if __name__ == "__main__":
     parse_config(TrainConfig, sys.argv[1:], prog="train_flow.py")
     runtime.start_early()
 
-from prefect import flow
 from prefect.transactions import transaction
 
 from flows.cli import parse_config
 from flows.config import TrainConfig
-from flows.runtime import command_line_run, fail, run_url
+from flows.parameters import config_flow
+from flows.runtime import command_line_run, exit_process, fail, run_url
 from flows.server import ServerError
 from tasks.data import load_tensors, training_categories
 from tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_errors
@@ -35,7 +35,7 @@ from tasks.train import Interrupted, output_width, train_epochs
 # Scheduled and UI-started runs retry a failed flow (cached stages and checkpoints make a retry
 # cheap); the CLI turns this off so bad input fails at once. A crashed process is not an
 # exception: deployments/ installs the automations that bring those runs back.
-@flow(name="train", retries=2, retry_delay_seconds=30)
+@config_flow(name="train", retries=2, retry_delay_seconds=30)
 def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
     cfg = config
     with open_run(cfg.model_dump(mode="json")) as run:
@@ -137,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,6 +9,7 @@ key, plain values as they are. It never covers a path, a process or a clock.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -19,7 +20,9 @@ import json
 import linecache
 import os
 import re
+import sys
 import textwrap
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -37,6 +40,21 @@ CHUNK = 1 << 24
 # A file changed within this many seconds of being hashed may change again within the same
 # timestamp tick (ext4 ticks are ~4 ms, others up to 2 s): such a digest is never memoised.
 SETTLE_S = 2.0
+
+
+def _memo_dir() -> Path | None:
+    """Where parsed sources are memoised (_definitions): derived data, safe to delete."""
+    try:
+        return (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow" / "code"
+        )
+    except RuntimeError:  # no home directory: no memo
+        return None
+
+
+MEMO_DIR = _memo_dir()
+# This module's own code: how a source is normalized, part of every memo's digest.
+_NORMALIZER = Path(__file__).read_text()
 
 
 class NoCacheKey(Exception):
@@ -214,33 +232,70 @@ def _definition(obj: Any) -> str | None:
     if not filename:
         return None
     linecache.checkcache(filename)  # what inspect.getsource reads, as fresh as it has it
-    candidates = _definitions("".join(linecache.getlines(filename))).get(qualname, [])
+    candidates = _definitions(filename, "".join(linecache.getlines(filename))).get(qualname, [])
     if inspect.isclass(obj):  # the first class of that name, as inspect.getsource finds it
-        node = candidates[0][1] if candidates else None
-    else:
-        first_line = getattr(getattr(obj, "__code__", None), "co_firstlineno", None)
-        node = next((node for line, node in candidates if line == first_line), None)
-    if node is None:
-        return None
-    return ast.dump(ast.Module(body=[node], type_ignores=[]), annotate_fields=False)
+        return candidates[0][1] if candidates else None
+    first_line = getattr(getattr(obj, "__code__", None), "co_firstlineno", None)
+    return next((dump for line, dump in candidates if line == first_line), None)
 
 
 @functools.lru_cache(maxsize=64)
-def _definitions(text: str) -> dict[str, list[tuple[int, ast.stmt]]]:
-    """Each def and class of a module's text, docstrings dropped, by qualified name, with its
-    first line (decorators included)."""
+def _definitions(filename: str, text: str) -> dict[str, list[tuple[int, str]]]:
+    """Each def and class of a module's text, normalized (docstrings dropped, as an AST dump),
+    by qualified name, with its first line (decorators included).
+
+    Parsing and dumping the 14 files a cached run's keys read is ≈ 0.3 s, so the result is
+    also kept on disk (MEMO_DIR, one memo per source path), under a digest of everything it is
+    a function of: the text itself, the Python that parses it and this module's code, which
+    normalizes it. A memo made from any other text, Python or normalizer is never used
+    (tests/test_keys.py); an unreadable or unwritable memo costs the time, never the key.
+    """
+    if MEMO_DIR is None:
+        return _parse_definitions(text)
+    memo = MEMO_DIR / f"{_digest(filename)[:32]}.json"
+    digest = _digest(sys.version, _NORMALIZER, text)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        stored = json.loads(memo.read_text())
+        if stored["digest"] == digest:
+            return {
+                name: [(line, dump) for line, dump in found]
+                for name, found in stored["definitions"].items()
+            }
+    found = _parse_definitions(text)
+    with contextlib.suppress(OSError):
+        MEMO_DIR.mkdir(parents=True, exist_ok=True)
+        scratch = memo.with_name(f"{memo.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        scratch.write_text(json.dumps({"digest": digest, "file": filename, "definitions": found}))
+        os.replace(scratch, memo)  # whole or absent: a reader never sees half a memo
+        _prune_memos(MEMO_DIR)
+    return found
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _prune_memos(folder: Path, keep: int = 512) -> None:
+    """The newest `keep` memos: one per source path, but throwaway paths (tests) add up."""
+    memos = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in memos[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def _parse_definitions(text: str) -> dict[str, list[tuple[int, str]]]:
     try:
         tree = _DropDocstrings().visit(ast.parse(text))
     except SyntaxError:
         return {}
-    found: dict[str, list[tuple[int, ast.stmt]]] = {}
+    found: dict[str, list[tuple[int, str]]] = {}
 
     def visit(body: list[ast.stmt], prefix: str) -> None:
         for node in body:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 qualname = prefix + node.name
                 first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-                found.setdefault(qualname, []).append((first, node))
+                dump = ast.dump(ast.Module(body=[node], type_ignores=[]), annotate_fields=False)
+                found.setdefault(qualname, []).append((first, dump))
                 inner = ".<locals>." if not isinstance(node, ast.ClassDef) else "."
                 visit(node.body, qualname + inner)
 

@@ -65,3 +65,5 @@ def test_only_a_run_that_exports_loads_the_export_machinery(tmp_path, subprocess
     assert cached.returncode == 0, cached.stderr[-3000:]
     assert re.search(r"^export-graph\s+Cached\b", cached.stdout, re.MULTILINE), cached.stdout
     assert not EXPORT_MACHINERY & _imported(cached.stderr)
+    # Nor FastAPI, which Prefect imports to store a flow's parameters (flows/parameters.py).
+    assert "fastapi" not in _imported(cached.stderr)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from flows.config import TrainConfig
+from flows.parameters import ConfigFlow
 from flows.train_flow import train_flow
 from tasks.data import synthetic
 from tasks.errors import InputError
@@ -23,6 +24,16 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 def _scalars(path, tag="loss"):
     events = EventAccumulator(str(path)).Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def _logs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
 def test_default_run_writes_the_whole_run_directory_and_converges(tmp_path):
@@ -97,6 +108,8 @@ def test_bad_data_fails_before_training_and_leaves_no_run_directory(tmp_path):
 
 
 def test_command_line_run_against_a_server(tmp_path, subprocess_env):
+    from prefect.client.orchestration import get_client
+
     result = subprocess.run(
         [
             sys.executable,
@@ -117,6 +130,23 @@ def test_command_line_run_against_a_server(tmp_path, subprocess_env):
     assert result.returncode == 0, result.stderr
     assert "run directory:" in result.stdout
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["epochs"] == 3
+    # The process ends without the interpreter's teardown (flows/runtime.py, exit_process):
+    # what it wrote before exiting is whole, on disk and on the server.
+    run = tmp_path / "cli"
+    for curve in ("loss_training", "loss_validation"):
+        assert [step for step, _ in _scalars(run / curve)] == [0, 1, 2]
+    assert "_hparams_/session_start_info" in EventAccumulator(str(run)).Reload().PluginTagToContent(
+        "hparams"
+    )
+    flow_run_id = result.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
+    finished = [log for log in _logs(flow_run_id) if log.message.startswith("Finished in state")]
+    assert sum(log.task_run_id is None for log in finished) == 1  # the flow run's last line
+    assert sum(log.task_run_id is not None for log in finished) == 6  # one per stage
+    # The UI's parameters are the config as the command line resolved it.
+    with get_client(sync_client=True) as client:
+        parameters = client.read_flow_run(flow_run_id).parameters
+    saved = json.loads((run / "config.json").read_text())
+    assert parameters == {"config": saved}
 
 
 def test_command_line_reports_bad_data_in_one_line(tmp_path, subprocess_env):
@@ -159,3 +189,44 @@ def test_the_run_shows_in_the_prefect_ui_as_a_summary_and_a_loss_table(tmp_path)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert len(rows) == 200  # 300 epochs, thinned
     assert rows[0]["epoch"] == 0 and rows[-1]["epoch"] == 299
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(),
+        TrainConfig(model="mlp", hidden=(8, 4), target=("a", "b"), run_name="x", lr=1e-3),
+    ],
+)
+def test_the_config_is_stored_as_prefect_itself_stores_it(config):
+    from prefect import Flow
+
+    def fn(config: TrainConfig, other: dict, note: str = "") -> None: ...
+
+    parameters = {"note": "n", "config": config, "other": {"x": (1, 2)}}
+    ours = ConfigFlow(fn=fn, name="train").with_options(retries=0)
+    assert isinstance(ours, ConfigFlow) and isinstance(train_flow, ConfigFlow)
+    stored = ours.serialize_parameters(parameters)
+    assert stored == Flow(fn=fn, name="train").serialize_parameters(parameters)
+    assert list(stored) == ["note", "config", "other"]
+
+
+def test_a_command_line_run_sends_no_heartbeats_and_keeps_every_other_setting(monkeypatch):
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    from flows import runtime
+
+    for name in runtime.HEARTBEAT_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    with runtime.command_line_run():
+        inside = get_current_settings()
+    # What Prefect's own temporary_settings makes of the same change: equal, field by field.
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}) as expected:
+        pass
+    assert inside.flows.heartbeat_frequency is None
+    assert inside == expected
+    assert get_current_settings().flows.heartbeat_frequency is not None  # only inside

@@ -162,6 +162,61 @@ def test_comments_docstrings_and_formatting_change_no_key(fakeproj, edit):
     assert fakeproj(HELPERS.replace(old, new)) == before
 
 
+@pytest.fixture
+def memos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An empty folder of parsed-source memos (keys.MEMO_DIR); no parse memoised in memory."""
+    monkeypatch.setattr(keys, "MEMO_DIR", tmp_path / "memos")
+    keys._definitions.cache_clear()
+    yield tmp_path / "memos"
+    keys._definitions.cache_clear()
+
+
+def _rewrite_memos(folder: Path, change: Any) -> None:
+    for path in folder.glob("*.json"):
+        path.write_text(change(path.read_text()))
+    keys._definitions.cache_clear()  # as a new process: read the memos from disk
+
+
+def test_a_memoised_parse_gives_the_keys_a_parse_gives_and_follows_every_edit(fakeproj, memos):
+    fresh = fakeproj()
+    assert len(list(memos.glob("*.json"))) == 2  # stages.py and helpers.py
+    keys._definitions.cache_clear()
+    assert fakeproj() == fresh  # from the memos
+    edited = HELPERS.replace("return n + 1", "return n + 2")  # same size
+    keys._definitions.cache_clear()
+    after = fakeproj(edited)
+    assert _changed(fresh, after) == {"stage_one"}
+    for path in memos.glob("*.json"):
+        path.unlink()
+    keys._definitions.cache_clear()
+    assert fakeproj(edited) == after  # as parsed afresh
+
+
+@pytest.mark.parametrize("made_by", ["another Python", "another normalizer", "damaged"])
+def test_a_memo_of_another_python_or_normalizer_or_a_damaged_one_is_not_used(
+    fakeproj, memos, monkeypatch, made_by
+):
+    fresh = fakeproj()
+
+    # Memos that would change every key if they were used: every definition replaced.
+    def tampered(text: str) -> str:
+        memo = json.loads(text)
+        found = memo["definitions"]
+        memo["definitions"] = {name: [[line, "x"] for line, _ in v] for name, v in found.items()}
+        return json.dumps(memo)
+
+    _rewrite_memos(memos, tampered)
+    assert fakeproj() != fresh  # the check sees a memo that is used
+    if made_by == "another Python":
+        monkeypatch.setattr(sys, "version", sys.version + " (another build)")
+    elif made_by == "another normalizer":
+        monkeypatch.setattr(keys, "_NORMALIZER", keys._NORMALIZER + "# an edit of keys.py")
+    else:
+        _rewrite_memos(memos, lambda text: text[: len(text) // 2])
+    keys._definitions.cache_clear()
+    assert fakeproj() == fresh
+
+
 def test_code_outside_the_given_packages_is_named_not_read(fakeproj):
     before = fakeproj()
     # torch.nn is not in ("fakeproj",): its classes count by name, so a torch upgrade is
