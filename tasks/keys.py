@@ -43,7 +43,10 @@ SETTLE_S = 2.0
 
 
 def _memo_dir() -> Path | None:
-    """Where parsed sources are memoised (_definitions): derived data, safe to delete."""
+    """Where parsed sources are memoised (_definitions): derived data, safe to delete.
+    TRAINFLOW_CODE_MEMO_DIR if set (the tests keep theirs in their session folder)."""
+    if chosen := os.environ.get("TRAINFLOW_CODE_MEMO_DIR"):
+        return Path(chosen)
     try:
         return (
             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow" / "code"

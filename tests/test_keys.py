@@ -410,3 +410,13 @@ def test_sources_read_from_the_parsed_file_are_the_ones_inspect_getsource_gives(
             assert source == ast.dump(keys._DropDocstrings().visit(tree), annotate_fields=False)
             checked += 1
     assert checked > 50
+
+
+def test_the_memo_folder_is_chosen_by_the_environment(tmp_path, monkeypatch):
+    # The suite's own memos are in its session folder (conftest), never the user's ~/.cache.
+    assert Path(os.environ["TRAINFLOW_CODE_MEMO_DIR"]) == keys.MEMO_DIR
+    monkeypatch.setenv("TRAINFLOW_CODE_MEMO_DIR", str(tmp_path / "m"))
+    assert keys._memo_dir() == tmp_path / "m"
+    monkeypatch.delenv("TRAINFLOW_CODE_MEMO_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert keys._memo_dir() == tmp_path / "xdg" / "trainflow" / "code"
