@@ -132,15 +132,14 @@ def on_write(kind: str, n: int, moment: str) -> None:
 
 
 def files_under(folders: list[str]) -> dict[str, list[int]]:
-    return {
-        os.path.join(root, name): [
-            os.stat(os.path.join(root, name)).st_size,
-            os.stat(os.path.join(root, name)).st_mtime_ns,
-        ]
-        for folder in folders
-        for root, _, names in os.walk(folder)
-        for name in names
-    }
+    found = {}
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(root, name)
+                status = os.stat(path)
+                found[path] = [status.st_size, status.st_mtime_ns]
+    return found
 
 
 def on_takeover(n: int, folders: list[str]) -> None:
