@@ -173,20 +173,48 @@ def child_loop(kind: str, scale_name: str, epochs: str, device: str) -> dict[str
     }
 
 
-def child_tensorboard(calls: str) -> dict[str, Any]:
-    """What train-epochs' per-epoch TensorBoard write costs (its own call, `log_losses`)."""
+def child_tensorboard(epochs: str) -> dict[str, Any]:
+    """What an epoch's curves (the loss chart, the metrics' and the lr's: five points) add to
+    a seed-scale epoch of train_model, side by side in rounds: no curves, train-epochs' own
+    writer (tasks/curves.py), and torch's SummaryWriter called per epoch as the seed does."""
+    import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from tasks.train import log_losses
+    from tasks.curves import Curves
+    from tasks.data import synthetic
+    from tasks.loaders import make_loaders
+    from tasks.model import ModelSpec, initial_model
+    from tasks.split import split_indices
+    from tasks.train import train_model
 
-    with tempfile.TemporaryDirectory() as folder, SummaryWriter(folder) as writer:
-        for epoch in range(50):  # the first calls create the per-curve writers
-            log_losses(writer, epoch, 0.5, 0.5)
-        start = time.perf_counter()
-        for epoch in range(50, 50 + int(calls)):
-            log_losses(writer, epoch, 0.5, 0.5)
-        seconds = time.perf_counter() - start
-    return {"ms_per_epoch": seconds / int(calls) * 1e3}
+    cpu = torch.device("cpu")
+    loaders = make_loaders(synthetic(), split_indices(100, 0.2, 13), 16, 42, "tensor", 0, cpu)
+    initial = initial_model(ModelSpec("linear", 1, 1), 42)
+
+    def summary_writer(writer: SummaryWriter) -> Callable[..., None]:
+        def on_epoch(epoch: int, train: float, val: float, values: dict[str, float]) -> None:
+            writer.add_scalars("loss", {"training": train, "validation": val}, epoch)
+            for name, value in values.items():
+                writer.add_scalar(name, value, epoch)
+
+        return on_epoch
+
+    ms: dict[str, list[float]] = {"none": [], "curves": [], "SummaryWriter": []}
+    with tempfile.TemporaryDirectory() as folder:
+        hooks = {
+            "none": None,
+            "curves": Curves(Path(folder, "curves"), [], []),
+            "SummaryWriter": summary_writer(SummaryWriter(str(Path(folder, "writer")))),
+        }
+        for round_ in range(6):  # the first round warms each up and is not counted
+            for name, hook in hooks.items():
+                start = time.perf_counter()
+                n = int(epochs)
+                train_model(initial, loaders, "sgd", 0.1, 0.0, 0.0, "mse", n, cpu, hook)
+                if round_:
+                    ms[name].append((time.perf_counter() - start) / n * 1e3)
+        hooks["curves"].close()
+    return {name: statistics.median(values) for name, values in ms.items()}
 
 
 def child_requests(cache_dir: str) -> dict[str, Any]:
@@ -619,7 +647,7 @@ def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[s
 def bench_overhead(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict:
     """Prefect's share of a cached run, and TensorBoard's of an epoch."""
     runs = [spawn(env, "requests", f"cache-requests-{i}") for i in range(repeat)]
-    tb = median([spawn(env, "tensorboard", "2000")["ms_per_epoch"] for _ in range(repeat)])
+    tb = spawn(env, "tensorboard", "1000")
     out = {
         "flow": median([r["seconds"] for r in runs]),
         "requests": runs[-1]["requests"],
@@ -633,7 +661,12 @@ def bench_overhead(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]
             "overhead: API requests it waits for",
             f"{out['requests']} ({', '.join(out['paths'])}): {fmt(out['request_seconds'])}",
         ),
-        ("overhead: TensorBoard write per epoch", fmt(tb, "ms") + "  (add_scalars, 2 curves)"),
+        (
+            "overhead: a seed-scale epoch, ms: no curves / curves / SummaryWriter",
+            " / ".join(f"{tb[k]:.2f}" for k in ("none", "curves", "SummaryWriter"))
+            + f"  (curves add {tb['curves'] - tb['none']:.2f} ms, SummaryWriter "
+            + f"{tb['SummaryWriter'] - tb['none']:.2f} ms)",
+        ),
     ]
     return out
 

@@ -20,6 +20,8 @@ from tasks.split import split_indices
 from tasks.store import CacheStore
 from tasks.train import train_model
 
+from .engine_calls import fail_backward_once
+
 CPU = torch.device("cpu")
 STEPS = 10  # per epoch: 160 training rows of the default 200, batch 16
 
@@ -262,7 +264,7 @@ def test_a_retry_given_the_same_loaders_trains_the_uninterrupted_run(monkeypatch
     """Prefect retries a task with the very objects the failed attempt was given."""
     reference = _train(loaders=_loaders(kind=kind))
     loaders = _loaders(kind=kind)
-    _fail_once(monkeypatch, torch.Tensor, "backward", step)
+    fail_backward_once(monkeypatch, step, f"injected fault at call {step}")
     with pytest.raises(RuntimeError, match="injected"):
         _train(loaders=loaders)
     _assert_identical(_train(loaders=loaders), reference)  # no checkpoint: from the start
@@ -330,7 +332,7 @@ def test_a_run_deletes_only_checkpoints_it_wrote(tmp_path):
 def test_a_retry_of_a_run_takes_over_its_earlier_attempts_checkpoints(tmp_path, monkeypatch):
     """The same run folder is the same run: an attempt prunes what the failed one wrote, and
     the lineage keeps `keep` of this run's files, not `keep` per attempt."""
-    _fail_once(monkeypatch, torch.Tensor, "backward", 4 * STEPS + 3)
+    fail_backward_once(monkeypatch, 4 * STEPS + 3, "injected fault")
 
     def opened() -> Checkpoints:
         return Checkpoints(

@@ -173,7 +173,12 @@ def test_command_line_reports_bad_data_in_one_line(tmp_path, subprocess_env):
 
 def test_the_run_shows_in_the_prefect_ui_as_a_summary_and_a_loss_table(tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
 
     state = train_flow(
         TrainConfig(epochs=300, runs_dir=str(tmp_path), run_name="ui"), return_state=True
@@ -189,6 +194,23 @@ def test_the_run_shows_in_the_prefect_ui_as_a_summary_and_a_loss_table(tmp_path)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert len(rows) == 200  # 300 epochs, thinned
     assert rows[0]["epoch"] == 0 and rows[-1]["epoch"] == 299
+    # The DAG: each stage's inputs name the task runs they came from (the trained model
+    # passed without Prefect walking its per-epoch lists still links export-graph).
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    ids = {run.id: run.name.rsplit("-", 1)[0] for run in runs}
+    inputs = {
+        ids[run.id]: {k: [ids[i.id] for i in v] for k, v in run.task_inputs.items() if v}
+        for run in runs
+    }
+    assert inputs["export-graph"] == {
+        "trained": ["train-epochs"],
+        "parts": ["split"],
+        "sample": ["build-loaders"],
+    }, inputs["export-graph"]
+    assert inputs["train-epochs"] == {"initial": ["build-model"], "loaders": ["build-loaders"]}
 
 
 @pytest.mark.parametrize(

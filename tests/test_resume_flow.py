@@ -26,6 +26,7 @@ from flows.train_flow import train_flow
 from tasks.checkpoint import owner_token
 
 from .conftest import REPO
+from .engine_calls import fail_backward_once
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -152,6 +153,25 @@ def _fault_point(kind: str, rng: random.Random) -> int:
     return rng.randint(1, EPOCHS * STEPS)  # no-cache: anywhere
 
 
+def _fail_once(monkeypatch, where: str, optimizer: type, step: int) -> list[int]:
+    """Make the step-th backward pass (autograd's engine call) or `optimizer.step` raise,
+    once; returns the list the failing call's number goes to."""
+    message = f"injected transient fault in {where} #{step}"
+    if where == "backward":
+        return fail_backward_once(monkeypatch, step, message)
+    real, calls, raised = optimizer.step, [0], []
+
+    def fail_once(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step and not raised:
+            raised.append(step)
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "step", fail_once)
+    return raised
+
+
 @pytest.mark.parametrize(
     "kind",
     ["before-first-checkpoint", "mid-epoch", "epoch-boundary", "after-checkpoint", "no-cache"],
@@ -164,21 +184,8 @@ def test_a_transient_fault_is_retried_into_the_uninterrupted_run(
     step = _fault_point(kind, rng)
     # Plain SGD never calls SGD.step (the loop applies its update itself): fail in backward.
     where = rng.choice(["backward"] if optimizer == "sgd" else ["backward", "optimizer.step"])
-    owner, name = (
-        (torch.Tensor, "backward")
-        if where == "backward"
-        else (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD, "step")
-    )
-    real, calls, raised = getattr(owner, name), [0], []
-
-    def fail_once(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == step and not raised:
-            raised.append(step)
-            raise RuntimeError(f"injected transient fault in {where} #{step}")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, fail_once)
+    owner = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    raised = _fail_once(monkeypatch, where, owner, step)
     no_cache = kind == "no-cache"
     config = _config(tmp_path, "retried", no_cache=no_cache, **OPTIMIZERS[optimizer])
     summary = train_flow(config)
@@ -206,19 +213,9 @@ def test_a_transient_fault_with_every_new_option_is_retried_into_the_uninterrupt
     from the checkpoint and ends in the uninterrupted run, metrics, lr and best epoch too."""
     rng = _draw(f"everything-{where}")
     step = rng.randint(1, (STOP + 1) * STEPS)
-    owner, name = (torch.Tensor, "backward") if where == "backward" else (torch.optim.SGD, "step")
-    real, calls, raised = getattr(owner, name), [0], []
-
-    def fail_once(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == step and not raised:
-            raised.append(step)
-            raise RuntimeError(f"injected transient fault in {where} #{step}")
-        return real(*args, **kwargs)
-
     # Momentum keeps SGD off the fast path, so SGD.step is called and can fail.
     options = EVERYTHING | ({"momentum": 0.9} if where == "optimizer.step" else {})
-    monkeypatch.setattr(owner, name, fail_once)
+    raised = _fail_once(monkeypatch, where, torch.optim.SGD, step)
     summary = train_flow(_config(tmp_path, "retried", **options))
     monkeypatch.undo()
 

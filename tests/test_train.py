@@ -11,8 +11,8 @@ import torch
 from tasks.data import Dataset, synthetic
 from tasks.errors import InputError, NonFiniteLoss
 from tasks.loaders import Loaders, make_loaders
-from tasks.loop import make_train_step, plain_sgd_lr
-from tasks.model import ModelSpec, initial_model
+from tasks.loop import backward, make_train_step, plain_sgd_lr
+from tasks.model import ModelSpec, initial_model, instantiate
 from tasks.split import split_indices
 from tasks.train import make_loss, output_width, train_model
 
@@ -389,3 +389,97 @@ def test_a_hook_or_another_wrapper_sends_steps_through_sgd_step():
     assert plain_sgd_lr(hooked) is None
     on_cuda_like = torch.optim.SGD([torch.nn.Parameter(torch.ones(1, device="meta"))], lr=0.1)
     assert plain_sgd_lr(on_cuda_like) is None  # off the CPU, SGD runs its foreach kernels
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _class_ids(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, n, (16, 1), generator=g).float()
+
+
+BACKWARD_CASES = [  # (model spec, loss, targets): each model kind, each loss, two dtypes
+    (ModelSpec("linear", 3, 1), "mse", lambda g: torch.randn(16, 1, generator=g)),
+    (ModelSpec("mlp", 3, 2, (8, 8)), "mse", lambda g: torch.randn(16, 2, generator=g)),
+    (ModelSpec("mlp", 3, 1, (8,)), "huber", lambda g: torch.randn(16, 1, generator=g)),
+    (ModelSpec("linear", 3, 1), "l1", lambda g: torch.randn(16, 1, generator=g)),
+    (ModelSpec("linear", 3, 1), "bce_with_logits", lambda g: torch.rand(16, 1, generator=g)),
+    (ModelSpec("mlp", 3, 4, (8,)), "cross_entropy", lambda g: _class_ids(4, g)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"{c[0].name}-{c[1]}")
+def test_the_loops_backward_equals_loss_backward_bit_for_bit(monkeypatch, case, dtype):
+    """Its own call into autograd's engine gives the gradients `loss.backward()` gives, and
+    it is the path taken (`Tensor.backward` is never called), so the test compares two ways."""
+    spec, loss_name, targets = case
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 3, generator=g, dtype=dtype), targets(g).to(dtype)
+    initial = initial_model(spec, 7)
+    ours, theirs = (instantiate(spec, initial.state).to(dtype) for _ in range(2))
+    loss_fn = make_loss(loss_name)
+    loss_fn(theirs(x), y).backward()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the fast path called Tensor.backward")
+
+    monkeypatch.setattr(torch.Tensor, "backward", refused)
+    backward(loss_fn(ours(x), y))
+    for a, b in zip(_grads(ours), _grads(theirs), strict=True):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass: whatever backward does with it is torch-function dispatch's."""
+
+
+def test_the_loops_backward_hands_anything_unusual_to_loss_backward(monkeypatch):
+    """A tensor subclass, a torch-function mode, a loss backward would refuse: each goes
+    through `Tensor.backward` itself (and is refused with its message)."""
+    calls = []
+    real = torch.Tensor.backward
+
+    def counted(self, *args, **kwargs):
+        calls.append(type(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counted)
+    w = torch.ones(3, requires_grad=True)
+    backward((w * 2).sum().as_subclass(_Logged))
+    # (torch-function dispatch calls Tensor.backward again, on the plain tensor)
+    assert calls[0] is _Logged and torch.equal(w.grad, torch.full((3,), 2.0))
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    before = len(calls)
+    with Mode():
+        backward((w * 3).sum())
+    assert len(calls) > before and torch.equal(w.grad, torch.full((3,), 5.0))
+    for loss, message in [
+        (w * 2, "grad can be implicitly created only for scalar outputs"),
+        (torch.ones(()), "does not require grad"),
+    ]:
+        before = len(calls)
+        with pytest.raises(RuntimeError, match=message):
+            backward(loss)
+        assert len(calls) == before + 1
+
+
+def test_mse_is_mse_loss_bit_for_bit_and_broadcasts_as_it_does():
+    g = torch.Generator().manual_seed(5)
+    pred = torch.randn(33, 2, generator=g, requires_grad=True)
+    y = torch.randn(33, 2, generator=g)
+    ours, theirs = make_loss("mse")(pred, y), torch.nn.MSELoss()(pred, y)
+    assert torch.equal(ours, theirs)
+    (a,) = torch.autograd.grad(ours, pred)
+    (b,) = torch.autograd.grad(theirs, pred)
+    assert torch.equal(a, b)
+    with pytest.warns(UserWarning, match="different to the input size"):
+        broadcast = make_loss("mse")(pred[:, :1], y[:, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(broadcast, torch.nn.MSELoss()(pred[:, :1], y[:, 0]))

@@ -3,8 +3,9 @@
 The harness puts this folder first on a child's PYTHONPATH, so Python imports this module
 at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of:
 
-    signal:SIG:step:N                 send SIG (KILL, TERM, INT, STOP) to itself at the Nth
-                                      `torch.Tensor.backward` call, i.e. training step N
+    signal:SIG:step:N                 send SIG (KILL, TERM, INT, STOP) to itself after the
+                                      Nth backward pass (autograd's engine call,
+                                      `run_backward`), i.e. training step N
     signal:SIG:step:N:launcher        the same, sent to its parent process instead: under
                                       DDP, torch's elastic agent (the train-epochs process)
     signal:KILL:KIND:N:MOMENT         SIGKILL itself during the Nth write of a KIND file
@@ -82,24 +83,30 @@ def kind_of(path: str) -> str | None:
 
 
 def on_step(signame: str, n: int, whom: str = "self") -> None:
-    import torch  # this child trains anyway; imported here only for this fault
+    # Training step N is the Nth backward pass: autograd's engine call, which
+    # `loss.backward()` and trainflow's own backward both make.
+    from torch.autograd.variable import Variable  # this child trains anyway
 
-    real = torch.Tensor.backward
+    real = Variable._execution_engine
     calls = 0
 
-    def backward(self, *args, **kwargs):
-        nonlocal calls
-        result = real(self, *args, **kwargs)
-        calls += 1
-        if calls == n and armed():
-            if whom == "launcher":
-                log("strike", signal=signame, step=n, rank=RANK, launcher=os.getppid())
-                os.kill(os.getppid(), getattr(signal, f"SIG{signame}"))
-            else:
-                strike(signame, step=n, rank=RANK)
-        return result
+    class Engine:
+        def run_backward(self, *args, **kwargs):
+            nonlocal calls
+            result = real.run_backward(*args, **kwargs)
+            calls += 1
+            if calls == n and armed():
+                if whom == "launcher":
+                    log("strike", signal=signame, step=n, rank=RANK, launcher=os.getppid())
+                    os.kill(os.getppid(), getattr(signal, f"SIG{signame}"))
+                else:
+                    strike(signame, step=n, rank=RANK)
+            return result
 
-    torch.Tensor.backward = backward
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    Variable._execution_engine = Engine()
 
 
 def on_write(kind: str, n: int, moment: str) -> None:
