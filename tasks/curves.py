@@ -81,9 +81,10 @@ def clear(run_dir: Path) -> None:
 
 class Curves:
     """The run folder's curves, holding exactly the history given and the epochs added since:
-    each epoch once. Points reach the files at most a second after their epoch (`flush`,
-    `close`, and an interrupted run's exit write the rest), each stamped with its epoch's own
-    time; SummaryWriter held them for up to two minutes.
+    each epoch once. Held points reach the files at the first epoch that ends a second or
+    more after the last write, so within two seconds of their epoch (`flush`, `close`, and
+    an interrupted run's exit write the rest), each stamped with its epoch's own time;
+    SummaryWriter held them for up to two minutes.
     """
 
     FLUSH_EVERY_S = 1.0

@@ -1,5 +1,6 @@
 """The run folder's curves (tasks/curves.py): what TensorBoard's own writer would have
-written, each point on disk within a second of its epoch, and all of them when a run stops."""
+written, each point on disk once a second has passed since the last write, and all of them
+when a run stops."""
 
 import time
 
