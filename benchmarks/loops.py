@@ -10,7 +10,9 @@
   Python-level limit for the seed's model;
 - `bare_loop`: trainflow's epoch loop without validation metrics or a schedule, the loop as
   it was before them, against which `trainflow` (metrics on, as always) and `trainflow,
-  cosine` (metrics, warm-up and a cosine schedule) show what those cost (#15: at most 10%).
+  cosine` (metrics, warm-up and a cosine schedule) show what those cost (#15: at most 10%),
+  and `bare, nn.MSELoss` / `bare, loss.backward` what the loop's MSE kernel and its own
+  call into autograd's engine save (#14).
 
     python benchmarks/loops.py [--scale seed] [--rounds 5] [--device cpu]
 
@@ -31,6 +33,7 @@ from seed_script import make_train_step_fn, make_val_step_fn, mini_batch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+import tasks.loop
 from tasks.data import Dataset, synthetic
 from tasks.loaders import epoch_order, make_loaders
 from tasks.loop import EpochLoop
@@ -148,6 +151,7 @@ def trainflow_loop(
     sgd_step: bool = False,
     options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
     bare: bool = False,
+    without: str = "",
 ) -> LoopResult:
     data, parts = make_data(scale), split_indices(scale.rows, 0.2, 13)
     loaders = make_loaders(data, parts, scale.batch_size, 42, "tensor", 0, device)
@@ -158,8 +162,16 @@ def trainflow_loop(
         model = instantiate(initial.spec, initial.state).to(device)
         sgd = SGDStep if sgd_step else torch.optim.SGD
         optimizer = sgd(model.parameters(), lr=scale.lr)
-        loop = EpochLoop(model, loaders.train, loaders.val, make_loss("mse"), optimizer, epochs)
-        history = loop.run()
+        # `without` one of the loop's shortcuts: the loss module, or `loss.backward()` itself
+        loss_fn = nn.MSELoss() if without == "mse kernel" else make_loss("mse")
+        engine_call = tasks.loop._engine_run_backward
+        if without == "engine call":
+            tasks.loop._engine_run_backward = None  # its backward() is then loss.backward()
+        try:
+            loop = EpochLoop(model, loaders.train, loaders.val, loss_fn, optimizer, epochs)
+            history = loop.run()
+        finally:
+            tasks.loop._engine_run_backward = engine_call
         train_loss, val_loss = history.train, history.val
     else:
         trained = train_model(
@@ -201,6 +213,12 @@ LOOPS: dict[str, Callable[[Scale, torch.device, int], LoopResult]] = {
     "trainflow": trainflow_loop,
     "trainflow, bare": lambda scale, device, n: trainflow_loop(scale, device, n, bare=True),
     "trainflow, cosine": lambda scale, device, n: trainflow_loop(scale, device, n, options=COSINE),
+    "bare, nn.MSELoss": lambda scale, device, n: trainflow_loop(
+        scale, device, n, bare=True, without="mse kernel"
+    ),
+    "bare, loss.backward": lambda scale, device, n: trainflow_loop(
+        scale, device, n, bare=True, without="engine call"
+    ),
     "autograd-free limit": lambda scale, device, n: autograd_free_loop(device, n),
 }
 
@@ -245,6 +263,15 @@ def main() -> None:
     )
     # The best round too: on a machine others load, it is the closest to the loop's own cost.
     bare, best = statistics.median(rates["trainflow, bare"]), max(rates["trainflow, bare"])
+    for name in ("bare, nn.MSELoss", "bare, loss.backward"):
+        same = (results[name].train_loss, results[name].val_loss) == (
+            results["trainflow, bare"].train_loss,
+            results["trainflow, bare"].val_loss,
+        )
+        print(
+            f"trainflow, bare / {name}: {bare / statistics.median(rates[name]):.3f} median "
+            f"(what that shortcut saves); losses bit for bit the same: {same}"
+        )
     for name in ("trainflow", "trainflow, cosine"):
         print(
             f"{name} / trainflow, bare: {statistics.median(rates[name]) / bare:.3f} median, "

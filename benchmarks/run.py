@@ -206,10 +206,10 @@ def child_tensorboard(epochs: str) -> dict[str, Any]:
             "curves": Curves(Path(folder, "curves"), [], []),
             "SummaryWriter": summary_writer(SummaryWriter(str(Path(folder, "writer")))),
         }
+        n = int(epochs)
         for round_ in range(6):  # the first round warms each up and is not counted
             for name, hook in hooks.items():
                 start = time.perf_counter()
-                n = int(epochs)
                 train_model(initial, loaders, "sgd", 0.1, 0.0, 0.0, "mse", n, cpu, hook)
                 if round_:
                     ms[name].append((time.perf_counter() - start) / n * 1e3)

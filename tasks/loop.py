@@ -173,9 +173,10 @@ _engine_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", Non
 def backward(loss: Tensor) -> None:
     """`loss.backward()`, bit for bit. For a plain floating scalar that needs a gradient, it
     makes the call that `torch.autograd.backward` makes, with the gradient that it makes
-    (ones like the loss), without its ≈ 80 µs of argument handling a call here (a quarter of a
-    seed-scale step). Anything else is handed to `loss.backward()`: a tensor subclass, a
-    torch-function mode, a nested tensor, a loss it would refuse (with its own message).
+    (ones like the loss), without its argument handling (3–10% of a seed-scale epoch here,
+    `benchmarks/loops.py`: `bare, loss.backward`). Anything else is handed to
+    `loss.backward()`: a tensor subclass, a torch-function mode, a nested tensor, a loss it
+    would refuse (with its own message).
     tests/test_train.py compares the two gradients, and fault tests wrap the engine call."""
     if (
         _engine_run_backward is None

@@ -20,7 +20,7 @@ from tasks.split import split_indices
 from tasks.store import CacheStore
 from tasks.train import train_model
 
-from .engine_calls import fail_backward_once
+from .torch_faults import fail_backward_once, fail_method_once
 
 CPU = torch.device("cpu")
 STEPS = 10  # per epoch: 160 training rows of the default 200, batch 16
@@ -245,19 +245,6 @@ def test_the_cache_command_lists_and_prunes_checkpoints(tmp_path):
 # --- every attempt starts from its inputs and its checkpoint alone ------------------------
 
 
-def _fail_once(monkeypatch, owner, name, n):
-    """Make the nth call of a torch method raise, once: a fault from outside the loop."""
-    real, calls = getattr(owner, name), [0]
-
-    def failing(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == n:
-            raise RuntimeError(f"injected fault at call {n}")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, failing)
-
-
 @pytest.mark.parametrize("kind", ["tensor", "dataloader"])
 @pytest.mark.parametrize("step", [1, 7, 25, 41])
 def test_a_retry_given_the_same_loaders_trains_the_uninterrupted_run(monkeypatch, kind, step):
@@ -273,7 +260,7 @@ def test_a_retry_given_the_same_loaders_trains_the_uninterrupted_run(monkeypatch
 def test_a_retry_resuming_from_a_checkpoint_trains_the_uninterrupted_run(tmp_path, monkeypatch):
     reference = _train(optimizer="adam")
     loaders = _loaders()
-    _fail_once(monkeypatch, torch.optim.Adam, "step", 3 * STEPS + 4)
+    fail_method_once(monkeypatch, torch.optim.Adam, "step", 3 * STEPS + 4, "injected fault")
     with pytest.raises(RuntimeError, match="injected"):
         _train(
             Checkpoints(str(tmp_path), every_epochs=2, every_seconds=0),

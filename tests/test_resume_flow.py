@@ -26,7 +26,7 @@ from flows.train_flow import train_flow
 from tasks.checkpoint import owner_token
 
 from .conftest import REPO
-from .engine_calls import fail_backward_once
+from .torch_faults import fail_backward_once, fail_method_once
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -159,17 +159,7 @@ def _fail_once(monkeypatch, where: str, optimizer: type, step: int) -> list[int]
     message = f"injected transient fault in {where} #{step}"
     if where == "backward":
         return fail_backward_once(monkeypatch, step, message)
-    real, calls, raised = optimizer.step, [0], []
-
-    def fail_once(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == step and not raised:
-            raised.append(step)
-            raise RuntimeError(message)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(optimizer, "step", fail_once)
-    return raised
+    return fail_method_once(monkeypatch, optimizer, "step", step, message)
 
 
 @pytest.mark.parametrize(
