@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,10 @@ def _run(config: TrainConfig, env: dict[str, str], output: Path, timeout: float 
     return child.returncode, output.read_text()
 
 
+def _text(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
 def _events(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
@@ -474,7 +479,12 @@ def test_two_runs_of_one_config_at_once_keep_each_others_checkpoints(
 ):
     """Both runs write a checkpoint per epoch and keep 2; after each, the injected hook lists
     the folder and waits for the other run to reach the same checkpoint, so they interleave
-    for certain, however the scheduler runs them."""
+    for certain, however the scheduler runs them.
+
+    Run b starts only once a has taken its first training step: a is ahead, as a busy
+    machine often has one run (CI once failed on this). The hook then holds a's first
+    checkpoint until b has stepped, that is until b has chosen where to start; without that,
+    b would resume from a's checkpoint (any run's is a valid start) and not train epoch 1."""
     logs = {name: tmp_path / f"{name}.jsonl" for name in ("a", "b")}
 
     def run(name: str) -> tuple[int, str]:
@@ -484,7 +494,12 @@ def test_two_runs_of_one_config_at_once_keep_each_others_checkpoints(
         return _run(config, env, tmp_path / f"output-{name}.txt")
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for returncode, output in pool.map(run, logs):
+        first = pool.submit(run, "a")
+        # Polls a's log for an event; nothing depends on how long the interval is.
+        while not first.done() and '"event": "step"' not in _text(logs["a"]):
+            time.sleep(0.05)
+        second = pool.submit(run, "b")
+        for returncode, output in (first.result(), second.result()):
             assert returncode == 0, output[-3000:]
 
     events = {name: _events(log) for name, log in logs.items()}

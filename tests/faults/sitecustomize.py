@@ -20,9 +20,13 @@ at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of
                                       Crashed through the API, as the silent-run automation
                                       would, and log every file under FOLDERS (os.pathsep-
                                       separated) with its size and mtime; then let it ask
-    lockstep:PEER_LOG                 record every checkpoint write and delete, and after
-                                      the Nth checkpoint wait until the peer process (which
-                                      logs to PEER_LOG) has written its Nth or has exited
+    lockstep:PEER_LOG                 record the first training step and every checkpoint
+                                      write and delete; before the first checkpoint appears,
+                                      wait until the peer process (which logs to PEER_LOG)
+                                      has taken its first step, so both chose where to start
+                                      before either wrote; after the Nth checkpoint, wait
+                                      until the peer has written its Nth; either wait ends
+                                      if the peer has exited
 
 With TRAINFLOW_FAULT_RANK=R, a step or takeover fault strikes only in the DDP rank R (the RANK that
 torch's launcher gives its workers) and only once: a strike already in the log disarms the
@@ -182,32 +186,53 @@ def on_takeover(n: int, folders: list[str]) -> None:
 
 
 def lockstep(peer_log: str) -> None:
-    real_replace, real_remove = os.replace, os.remove
-    written = 0
+    from torch.autograd.variable import Variable  # this child trains anyway
 
-    def peer_checkpoints() -> tuple[int, bool]:
-        try:
-            with open(peer_log) as f:
-                events = [json.loads(line)["event"] for line in f]
-        except FileNotFoundError:
-            return 0, False
-        return events.count("checkpoint"), "exit" in events
+    real_engine, real_replace, real_remove = Variable._execution_engine, os.replace, os.remove
+    stepped, written = False, 0
+
+    def wait_for_peer(reached, what: str) -> None:
+        """A barrier, not a race: go on once the peer's log shows `reached` (or its exit)."""
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with open(peer_log) as f:
+                    # Only whole lines: the peer may be appending one right now.
+                    events = [line for line in f if line.endswith("\n")]
+            except FileNotFoundError:
+                events = []
+            events = [json.loads(line)["event"] for line in events]
+            if "exit" in events or reached(events):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the peer run never reached {what}")
+            time.sleep(0.01)
+
+    class Engine:
+        # A run picks its checkpoint to resume from before its first step: once the peer has
+        # stepped, a checkpoint of ours can no longer become its starting point.
+        def run_backward(self, *args, **kwargs):
+            nonlocal stepped
+            if not stepped:
+                stepped = True
+                log("step")
+            return real_engine.run_backward(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real_engine, name)
 
     def replace(src, dst, *args, **kwargs):
         nonlocal written
+        if kind_of(os.fspath(dst)) != "checkpoint":
+            return real_replace(src, dst, *args, **kwargs)
+        if written == 0:
+            wait_for_peer(lambda events: "step" in events, "its first training step")
         result = real_replace(src, dst, *args, **kwargs)
-        if kind_of(os.fspath(dst)) == "checkpoint":
-            written += 1
-            folder = os.path.dirname(os.fspath(dst))
-            log("checkpoint", name=os.path.basename(dst), listing=sorted(os.listdir(folder)))
-            deadline = time.monotonic() + 300
-            while True:  # a barrier, not a race: both runs hold n checkpoints before going on
-                count, exited = peer_checkpoints()
-                if count >= written or exited:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the peer run never reached this checkpoint")
-                time.sleep(0.01)
+        written += 1
+        folder = os.path.dirname(os.fspath(dst))
+        log("checkpoint", name=os.path.basename(dst), listing=sorted(os.listdir(folder)))
+        n = written  # both runs hold n checkpoints before either goes on
+        wait_for_peer(lambda events: events.count("checkpoint") >= n, f"checkpoint {n}")
         return result
 
     def remove(path, *args, **kwargs):
@@ -215,6 +240,7 @@ def lockstep(peer_log: str) -> None:
             log("remove", name=os.path.basename(path))
         return real_remove(path, *args, **kwargs)
 
+    Variable._execution_engine = Engine()
     os.replace, os.remove = replace, remove
     atexit.register(log, "exit")
 
