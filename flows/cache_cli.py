@@ -9,6 +9,7 @@ import time
 
 from tasks.prune import list_entries, prune
 from tasks.rules import DEFAULT_CACHE_DIR
+from tasks.store import LEFTOVER_AGE_S
 
 UNITS = {
     "": 1,
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="folder or fsspec URL")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="one line per entry, oldest first", allow_abbrev=False)
-    pruning = commands.add_parser("prune", help="remove the oldest entries", allow_abbrev=False)
+    pruning = commands.add_parser(
+        "prune",
+        help="remove leftovers of killed writes, then the oldest entries",
+        allow_abbrev=False,
+    )
     pruning.add_argument("--older-than", type=parse_age, help="e.g. 7d: remove entries older")
     pruning.add_argument("--max-size", type=parse_size, help="e.g. 10GB: then shrink to this")
     args = parser.parse_args(argv)
@@ -62,8 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         entries = list_entries(args.cache_dir)
         for e in entries:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)) if e.created else "?"
-            print(f"{when}  {_human(e.size):>9}  {e.key}")
-        print(f"{len(entries)} entries, {_human(sum(e.size for e in entries))} in {args.cache_dir}")
+            why = f"  ({e.leftover})" if e.leftover else ""
+            print(f"{when}  {_human(e.size):>9}  {e.key}{why}")
+        summary = (
+            f"{len(entries)} entries, {_human(sum(e.size for e in entries))} in {args.cache_dir}"
+        )
+        if leftovers := [e for e in entries if e.leftover]:
+            hours = LEFTOVER_AGE_S / 3600
+            summary += (
+                f"; {len(leftovers)} of them leftovers ({_human(sum(e.size for e in leftovers))}),"
+                f" which any prune removes once untouched for {hours:g} h"
+            )
+        print(summary)
         return 0
     if args.older_than is None and args.max_size is None:
         parser.error("prune needs --older-than and/or --max-size")

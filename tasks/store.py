@@ -37,6 +37,12 @@ from tasks.keys import FORMAT, digest_stream, file_chunks, file_digest
 
 KEY = re.compile(r"[a-z][a-z-]*-[0-9a-f]{40}")
 BLOB = re.compile(r"[0-9a-f]{32}")
+# What a killed writer leaves: a blob's `.tmp-…` (`.tmp-mapped-…` for a conversion), and
+# atomic_write's `.<name>.<random>.tmp` (a record, a checkpoint).
+TEMPORARY = re.compile(r"\.tmp-.*|\..+\.tmp")
+# A leftover modified this recently may be a writer's at work (a conversion still appending,
+# a blob renamed whose record is being written): prune leaves it alone.
+LEFTOVER_AGE_S = 3600.0
 
 
 class CorruptEntry(ValueError):
@@ -61,11 +67,12 @@ C = TypeVar("C", bound=Cacheable)
 class Entry:
     """One thing in the cache, as `list` shows it."""
 
-    key: str  # a record's key, or a checkpoint's path under the root
-    created: float
-    record_size: int
+    key: str  # a record's key, or a checkpoint's or leftover's path under the root
+    created: float  # a file's: its modification time
+    record_size: int  # a file's: its size
     blob: str | None
     blob_size: int = 0
+    leftover: str = ""  # why no run can use it: a killed writer's temporary file, an unnamed blob
 
     @property
     def size(self) -> int:
@@ -203,17 +210,48 @@ class CacheStore:
     # --- listing --------------------------------------------------------------------------
 
     def entries(self) -> Iterator[Entry]:
-        """Every record (an unreadable one too: created 0, so pruned first) and checkpoint."""
-        if self.fs.exists(self.path("records")):
-            for info in self.fs.ls(self.path("records"), detail=True):
-                name = os.path.basename(info["name"])
-                if name.endswith(".json") and KEY.fullmatch(name[: -len(".json")]):
-                    yield self._entry(name[: -len(".json")], info)
+        """Every record (an unreadable one too: created 0, so pruned first), checkpoint and
+        leftover: a killed writer's temporary file, a blob that no record names (a writer
+        killed between the blob and its record). Other names are not ours: never listed."""
+        named: set[str] = set()
+        for info in self._ls("records"):
+            name = os.path.basename(info["name"])
+            if name.endswith(".json") and KEY.fullmatch(name[: -len(".json")]):
+                entry = self._entry(name[: -len(".json")], info)
+                if entry.blob:
+                    named.add(entry.blob)
+                yield entry
+            elif TEMPORARY.fullmatch(name):
+                yield from self._file(info["name"], "a killed writer's temporary file")
         if self.fs.exists(self.path("checkpoints")):
             for path in self.fs.find(self.path("checkpoints")):
-                relative = path[len(self.root) :].lstrip("/")
-                modified = self.fs.modified(path).timestamp()
-                yield Entry(relative, modified, self.fs.size(path), None)
+                temporary = TEMPORARY.fullmatch(os.path.basename(path))
+                yield from self._file(path, "a killed writer's temporary file" if temporary else "")
+        # Listed after the records: a blob renamed since then has a new mtime, so it is young.
+        for info in self._ls("blobs"):
+            name = os.path.basename(info["name"])
+            blob = name.removesuffix(".safetensors")
+            if TEMPORARY.fullmatch(name):
+                yield from self._file(info["name"], "a killed writer's temporary file")
+            elif blob != name and BLOB.fullmatch(blob) and blob not in named:
+                yield from self._file(info["name"], "a blob no record names")
+
+    def _ls(self, folder: str) -> list[dict[str, Any]]:
+        path = self.path(folder)
+        return self.fs.ls(path, detail=True) if self.fs.exists(path) else []
+
+    def _file(self, path: str, leftover: str) -> Iterator[Entry]:
+        relative = path[len(self.root) :].lstrip("/")
+        with suppress(FileNotFoundError):  # renamed or deleted since the listing: not there
+            modified = self.fs.modified(path).timestamp()
+            yield Entry(relative, modified, self.fs.size(path), None, leftover=leftover)
+
+    def changed(self, entry: Entry) -> bool:
+        """Whether a file listed as `entry` was rewritten (a new mtime) or removed since."""
+        try:
+            return self.fs.modified(self.path(entry.key)).timestamp() != entry.created
+        except FileNotFoundError:
+            return True
 
     def _entry(self, key: str, info: dict[str, Any]) -> Entry:
         try:
@@ -224,8 +262,9 @@ class CacheStore:
             return Entry(key, 0.0, info["size"], None)
 
     def remove(self, entry: Entry) -> None:
-        """Remove a record (not its blob, which other records may share) or a checkpoint."""
-        if entry.key.startswith("checkpoints/"):
+        """Remove a record (not its blob, which other records may share), a checkpoint or a
+        leftover."""
+        if "/" in entry.key:  # a file's path; a record's key never holds one
             path = self.path(entry.key)
         else:
             path = self.path("records", f"{entry.key}.json")

@@ -27,8 +27,10 @@ from tasks import stream
 from tasks.data import load_dataset
 from tasks.errors import InputError
 from tasks.mapped import ENV_LIMIT, MappedTable, MappedWriter, Scratch
+from tasks.prune import list_entries, prune
 from tasks.sources import DataFile
 from tasks.stage import using_cache
+from tasks.store import LEFTOVER_AGE_S
 
 from .conftest import REPO
 from .test_resume_flow import Result, _child_env, _events, _run
@@ -295,6 +297,13 @@ def test_a_kill_during_the_conversion_leaves_no_entry_a_rerun_trusts(tmp_path, k
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
     assert log.read_text().splitlines() == [json.dumps({"strike": kill_at})]
     assert _records(cache) == []  # nothing names what the child wrote
+    # What it left is listed as a leftover: a temporary file, or a blob no record names.
+    left = (
+        "a blob no record names"
+        if kill_at == "after-rename"
+        else "a killed writer's temporary file"
+    )
+    assert [e.leftover for e in list_entries(str(cache))] == [left]
 
     expected = load_dataset(str(source))
     with using_cache(str(cache), "use"), DataFile(str(source)) as file:
@@ -307,6 +316,15 @@ def test_a_kill_during_the_conversion_leaves_no_entry_a_rerun_trusts(tmp_path, k
     assert hit.name == "Cached" and torch.equal(hit.data.y, expected.y)
     # Only the kill's own scratch file may be left (its `.tmp-` name is never trusted).
     assert len(_leftovers(cache)) == (1 if kill_at in ("mid-conversion", "before-rename") else 0)
+    # An hour later any prune removes it, and only it: the entry still hits.
+    for entry in list_entries(str(cache)):
+        if entry.leftover:
+            when = (cache / entry.key).stat().st_mtime - LEFTOVER_AGE_S - 60
+            os.utime(cache / entry.key, (when, when))
+    assert all(e.leftover for e in prune(str(cache), older_than_s=30 * 86400))
+    assert _leftovers(cache) == [] and len(_mapped_records(cache)) == 1
+    with using_cache(str(cache), "use"), DataFile(str(source)) as file:
+        assert stream.load_mapped(file, ".csv", (), (), {"content": "x"}).name == "Cached"
 
 
 def test_a_killed_run_on_the_mapped_path_resumes_bit_identical(

@@ -6,8 +6,14 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +22,17 @@ import pytest
 import torch
 
 from flows import cache_cli
+from tasks import prune as prune_module
 from tasks.data import Dataset
 from tasks.export import Exported
 from tasks.keys import FORMAT
 from tasks.model import InitialModel, ModelSpec, initial_model
 from tasks.prune import list_entries, prune
 from tasks.split import Split, split_indices
-from tasks.store import CacheStore, CorruptEntry
+from tasks.store import LEFTOVER_AGE_S, CacheStore, CorruptEntry
 from tasks.train import Trained
+
+from .conftest import REPO
 
 SPEC = ModelSpec("mlp", 3, 2, (4,))
 
@@ -302,6 +311,157 @@ def test_two_prunes_at_once_do_not_trip_over_each_other(populated):
         if entry.blob:
             store.remove_blob(entry.blob)
     assert list_entries(root) == []
+
+
+# --- leftovers: what a killed writer leaves ---------------------------------------------------
+
+TEMPORARY, UNNAMED = "a killed writer's temporary file", "a blob no record names"
+
+# A put SIGKILLed at the rename of its blob or of its record: a crash, from outside the store.
+KILLED_PUT = """
+import os, signal, sys
+from tasks.split import split_indices
+from tasks.store import CacheStore
+
+root, at, key = sys.argv[1:]
+real_replace = os.replace
+
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(dst)).endswith({"blob": ".safetensors", "record": ".json"}[at]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+os.replace = replace
+CacheStore(root).put(key, split_indices(10, 0.3, 5))
+"""
+
+
+def _age(root: str, relative: str, seconds: float) -> None:
+    """Make a file under the root `seconds` older, as time passing would."""
+    fs, base = _fs(root)
+    path = f"{base}/{relative}"
+    if CacheStore(root).local:
+        when = os.stat(path).st_mtime - seconds
+        os.utime(path, (when, when))
+    else:
+        fs.store[path].modified -= timedelta(seconds=seconds)
+
+
+def _leftovers(root: str) -> list[tuple[str, str]]:
+    return sorted((e.key, e.leftover) for e in list_entries(root) if e.leftover)
+
+
+@pytest.mark.parametrize("killed_at", ["blob", "record"])
+def test_a_writer_killed_mid_put_leaves_leftovers_that_list_shows_and_prune_removes(
+    tmp_path, killed_at, capsys
+):
+    root = str(tmp_path / "c")
+    kept = split_indices(10, 0.3, 1)
+    _put(root, _key("split", 1), kept, time.time() - DAY)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_PUT, root, killed_at, _key("split", 2)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    found = _leftovers(root)
+    if killed_at == "blob":  # its temporary blob, never renamed
+        [(key, why)] = found
+        assert key.startswith("blobs/.tmp-") and why == TEMPORARY
+    else:  # its blob, renamed, and its record's temporary file
+        [(blob, blob_why), (record, record_why)] = found
+        assert re.fullmatch(r"blobs/[0-9a-f]{32}\.safetensors", blob) and blob_why == UNNAMED
+        assert record.startswith(f"records/.{_key('split', 2)}.json.") and record.endswith(".tmp")
+        assert record_why == TEMPORARY
+    assert cache_cli.main(["--cache-dir", root, "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(
+        line.endswith(f"({TEMPORARY})") or line.endswith(f"({UNNAMED})") for line in lines
+    ) == len(found)
+    assert f"; {len(found)} of them leftovers (" in lines[-1]
+
+    # Young, a leftover may be a writer's at work: no prune touches it, whatever its limits.
+    entries = [e for e in list_entries(root) if not e.leftover]
+    assert prune(root, max_bytes=0) == entries
+    assert _leftovers(root) == found
+    _put(root, _key("split", 1), kept, time.time() - DAY)
+    for key, _ in found:
+        _age(root, key, LEFTOVER_AGE_S + 60)
+    # Old, it is of no use to any run: the gentlest prune removes it, and only it.
+    removed = prune(root, older_than_s=30 * DAY)
+    assert sorted(e.key for e in removed) == [key for key, _ in found]
+    assert _leftovers(root) == [] and [e.key for e in list_entries(root)] == [_key("split", 1)]
+    _assert_same(CacheStore(root).get(_key("split", 1), Split), kept)
+    fs, base = _fs(root)
+    assert all(not Path(p).name.startswith(".") for p in fs.find(base))
+    # The killed put, again: the leftovers were never what it trusts.
+    CacheStore(root).put(_key("split", 2), split_indices(10, 0.3, 5))
+    _assert_same(CacheStore(root).get(_key("split", 2), Split), split_indices(10, 0.3, 5))
+
+
+def test_a_prune_between_a_blob_and_its_record_keeps_the_blob(root, monkeypatch):
+    """Another process prunes at the worst moment of a put: its blob is renamed, its record
+    not yet written. The blob was already there for hours (an equal output, whose record was
+    pruned), so only the fresh mtime the put's rewrite gives it keeps it."""
+    value = split_indices(10, 0.3, 7)
+    store = CacheStore(root)
+    store.put(_key("split", 1), value)
+    [entry] = list_entries(root)
+    store.remove(entry)
+    _age(root, f"blobs/{entry.blob}.safetensors", LEFTOVER_AGE_S + 60)
+    assert _leftovers(root) == [(f"blobs/{entry.blob}.safetensors", UNNAMED)]
+
+    pruned: list = []
+    real_write = CacheStore.write
+
+    def write(self, path, data):
+        if "/records/" in path:
+            pruned.extend(prune(root, max_bytes=10**12))
+        return real_write(self, path, data)
+
+    monkeypatch.setattr(CacheStore, "write", write)
+    store.put(_key("split", 2), value)
+    assert pruned == []
+    _assert_same(CacheStore(root).get(_key("split", 2), Split), value)
+
+
+def test_a_put_landing_between_a_prunes_listing_and_its_delete_keeps_its_blob(root, monkeypatch):
+    """The same blob, old and unnamed when a prune lists it, is written again by an equal
+    output before the prune gets to delete it: the prune sees the new file and keeps it."""
+    value = split_indices(10, 0.3, 7)
+    store = CacheStore(root)
+    store.put(_key("split", 1), value)
+    [entry] = list_entries(root)
+    store.remove(entry)
+    _age(root, f"blobs/{entry.blob}.safetensors", LEFTOVER_AGE_S + 60)
+    real_list = prune_module.list_entries
+
+    def list_then_put(url):
+        listed = real_list(url)
+        assert [e.leftover for e in listed] == [UNNAMED]
+        CacheStore(root).put(_key("split", 2), value)  # another process's put, right now
+        return listed
+
+    monkeypatch.setattr(prune_module, "list_entries", list_then_put)
+    assert prune(root, max_bytes=10**12) == []
+    _assert_same(CacheStore(root).get(_key("split", 2), Split), value)
+
+
+def test_old_leftovers_go_before_any_entry_under_max_size(populated):
+    root, _ = populated
+    entries = list_entries(root)
+    unique_blobs = {e.blob: e.blob_size for e in entries}  # a shared blob counts once
+    total = sum(e.record_size for e in entries) + sum(unique_blobs.values())
+    fs, base = _fs(root)
+    fs.pipe_file(f"{base}/blobs/{'ab' * 16}.safetensors", b"\0" * 5000)
+    _age(root, f"blobs/{'ab' * 16}.safetensors", LEFTOVER_AGE_S + 60)
+    foreign = f"{base}/blobs/README"  # not a name trainflow writes: never listed, never removed
+    fs.pipe_file(foreign, b"mine")
+    removed = prune(root, max_bytes=total)
+    assert [(e.key, e.leftover) for e in removed] == [(f"blobs/{'ab' * 16}.safetensors", UNNAMED)]
+    assert list_entries(root) == entries and fs.exists(foreign)
 
 
 # --- flows/cache_cli.py -----------------------------------------------------------------------
