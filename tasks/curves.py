@@ -6,8 +6,8 @@ the seed's scale, where an epoch of training takes ≈ 2.5 ms, that thread and t
 thread trade the GIL at every backward (which releases it): the five points of an epoch
 cost ≈ 1.6–2.2 ms here. These files are written as that writer lays them out
 (`add_scalars("loss", …)` into `loss_training/` and `loss_validation/`, `add_scalar` into
-the folder's own file) and framed by the same TFRecord code, in this thread, a batch at
-most once a second (`benchmarks/run.py --sections overhead`: ≈ 0.2 ms an epoch).
+the folder's own file) and framed as TFRecords, byte for byte, in this thread, a batch at
+most once a second (`benchmarks/run.py --sections overhead`: ≈ 0.1–0.2 ms an epoch).
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import itertools
 import os
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import CRC_TABLE
 
 # What `add_scalars("loss", {"training": …, "validation": …})` names its folders and tag.
 LOSS_TAG, CURVES = "loss", {"training": "loss_training", "validation": "loss_validation"}
@@ -41,15 +43,14 @@ class ScalarEventFile:
         host, pid, n = socket.gethostname(), os.getpid(), next(_file_ids)
         self.path = folder / f"{PREFIX}{int(time.time()):010d}.{host}.{pid}.{n}"
         self.file: BinaryIO = open(self.path, "xb")  # noqa: SIM115 (closed by close())
-        self._record(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        version = Event(wall_time=time.time(), file_version="brain.Event:2")
+        self._record(version.SerializeToString())
 
     def add(self, tag: str, value: float, step: int, walltime: float) -> None:
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
-        self._record(Event(wall_time=walltime, step=step, summary=summary))
+        self._record(scalar_event(tag, value, step, walltime))
 
-    def _record(self, event: Event) -> None:
+    def _record(self, data: bytes) -> None:
         # A TFRecord: length, its masked CRC-32C, the data, the data's masked CRC-32C.
-        data = event.SerializeToString()
         crc = struct.pack("<I", masked_crc32c(data))
         self.file.write(_length_header(len(data)) + data + crc)
 
@@ -58,6 +59,68 @@ class ScalarEventFile:
 
     def close(self) -> None:
         self.file.close()
+
+
+def scalar_event(tag: str, value: float, step: int, walltime: float) -> bytes:
+    """`Event(wall_time, step, summary=Summary(value=[Value(tag, simple_value)]))`, serialized
+    byte for byte as protobuf does (fields in number order; a zero step left out), in ≈ 2 µs
+    instead of ≈ 9 (tests/test_curves.py compares the two)."""
+    if not -_FLOAT32_MAX <= value <= _FLOAT32_MAX:  # inf, NaN, or rounds to inf in float32
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+        return Event(wall_time=walltime, step=step, summary=summary).SerializeToString()
+    head = struct.pack("<Bd", 0x09, walltime)
+    if step:
+        head += b"\x10" + _varint(step)
+    return head + _scalar_summary_head(tag) + struct.pack("<f", value)
+
+
+# Beyond it (and for inf and NaN), protobuf's own path: float32 rounding of an out-of-range
+# double is protobuf's to decide, and `struct` refuses one that rounds to inf.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1  # a negative int64 is its two's complement, ten bytes
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+@functools.cache
+def _scalar_summary_head(tag: str) -> bytes:
+    # summary (field 5) > value (field 1) > tag (field 1), then simple_value's key (field 2).
+    name = tag.encode()
+    value = b"\x0a" + _varint(len(name)) + name + b"\x15"
+    summary = b"\x0a" + _varint(len(value) + 4) + value
+    return b"\x2a" + _varint(len(summary) + 4) + summary
+
+
+# CRC-32C two bytes a step, from TensorBoard's byte table (its own `masked_crc32c` takes a
+# step a byte: ≈ 20 µs a record here, against ≈ 9). Entry i: the low byte of i, then the
+# high one, fed through the byte table; built with numpy in ≈ 10 ms instead of ≈ 40.
+def _pair_table() -> tuple[int, ...]:
+    table, pair = np.array(CRC_TABLE, dtype=np.uint32), np.arange(1 << 16, dtype=np.uint32)
+    low = table[pair & 0xFF]
+    return tuple((table[(low ^ (pair >> 8)) & 0xFF] ^ (low >> 8)).tolist())
+
+
+_PAIR_TABLE = _pair_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of `data`, as TensorBoard's `masked_crc32c` computes it."""
+    crc, table = 0xFFFFFFFF, _PAIR_TABLE
+    # Pairs read as native 16-bit words, which put the first byte low only on little-endian.
+    paired = len(data) & ~1 if sys.byteorder == "little" else 0
+    for pair in memoryview(data)[:paired].cast("H"):
+        crc = table[(crc ^ pair) & 0xFFFF] ^ (crc >> 16)
+    for byte in data[paired:]:
+        crc = CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 @functools.cache

@@ -7,6 +7,7 @@ object, sees exactly the batches the first attempt saw.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,8 +84,11 @@ class TensorBatches(_Seeded):
         if order is not None:
             order = order.to(x.device, non_blocking=True)
             x, y = x.index_select(0, order), y.index_select(0, order)
-        for start in range(start_batch * self.batch_size, x.shape[0], self.batch_size):
-            yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+        if x.shape[0] == 0:  # split() would make one empty batch of none
+            return
+        # The same views as slicing batch by batch, in two calls instead of two a batch.
+        batches = zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)
+        yield from itertools.islice(batches, start_batch, None)
 
 
 class EpochIndices(Sampler[int]):

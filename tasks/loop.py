@@ -219,10 +219,15 @@ def make_train_step(
         if lr is None:
             optimizer.step()
         else:  # SGD.step's own arithmetic, without its ~10 µs of Python per call
-            with torch.no_grad():
+            # no_grad's switch without its context object (≈ 7 µs a step here)
+            grad_enabled = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            try:
                 for p in optimizer.param_groups[0]["params"]:
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-lr)
+            finally:
+                torch._C._set_grad_enabled(grad_enabled)
             if "step" in vars(optimizer):  # what a scheduler's wrapper would have noted
                 optimizer._opt_called = True
         for p in params:  # zero_grad(set_to_none=True), minus the call overhead

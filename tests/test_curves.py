@@ -2,13 +2,18 @@
 written, each point on disk once a second has passed since the last write, and all of them
 when a run stops."""
 
+import math
+import random
 import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked_crc32c
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.curves import Curves
+from tasks.curves import Curves, masked_crc32c, scalar_event
 
 # Values a float32 holds exactly: TensorBoard stores simple_value as a float32.
 TRAIN, VAL = [0.75, 0.5, 0.25], [1.0, 0.625, 0.375]
@@ -101,3 +106,29 @@ def test_a_folder_that_cannot_be_written_closes_what_it_opened(tmp_path, monkeyp
     with pytest.raises(OSError):
         Curves(tmp_path, *HISTORY)
     assert len(opened) == 2 and all(file.closed for file in opened)
+
+
+def test_a_scalar_event_is_serialized_as_protobuf_does_byte_for_byte():
+    """The hand-made encoding against protobuf's own, over values, steps and tags that take
+    every branch: zero steps (left out), varints of one to ten bytes, a long tag, non-ASCII,
+    float32 edge values, and those protobuf's own path takes (inf, NaN, out of range)."""
+    rng = random.Random(20261130)
+    values = [0.0, -0.0, 1.0, -1.5, 0.1, 1 / 3, 1e-45, 1e-40, 3.4028234663852886e38]
+    values += [3.4028235e38, 3.5e38, -1e39, math.inf, -math.inf, math.nan]
+    values += [rng.uniform(-1e6, 1e6) for _ in range(200)]
+    values += [rng.lognormvariate(0, 30) for _ in range(200)]
+    steps = [0, 1, 127, 128, 16_383, 16_384, 2**31, 2**62, -1]
+    for tag in ("loss", "val_mae", "lr", "x" * 130, "état"):
+        for value in values:
+            for step in steps:
+                wall = rng.uniform(0, 2e9)
+                summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+                expected = Event(wall_time=wall, step=step, summary=summary).SerializeToString()
+                assert scalar_event(tag, value, step, wall) == expected, (tag, value, step)
+
+
+def test_the_record_checksum_is_tensorboards():
+    rng = random.Random(7)
+    for length in range(300):
+        data = bytes(rng.randrange(256) for _ in range(length))
+        assert masked_crc32c(data) == tb_masked_crc32c(data), length

@@ -102,3 +102,26 @@ def test_sample_is_a_real_training_batch_on_the_cpu():
     loaders = _loaders("tensor", batch_size=8)
     assert loaders.sample.shape == (8, 1)
     assert loaders.sample.device == CPU
+
+
+@pytest.mark.parametrize("rows", [0, 5, 16, 40, 81])
+@pytest.mark.parametrize("start_batch", [0, 1, 3])
+def test_tensor_batches_are_the_views_slicing_gives(rows, start_batch):
+    """The batches split() makes: the same storage, offsets, shapes and strides as slicing
+    batch by batch, from any batch on; an empty set has no batch at all."""
+    from tasks.loaders import TensorBatches
+
+    x = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
+    y = torch.arange(rows, dtype=torch.float32).reshape(rows, 1)
+    got = list(TensorBatches(x, y, 16, seed=None).epoch(None, start_batch))
+    starts = range(start_batch * 16, rows, 16)
+    expected = [(x[s : s + 16], y[s : s + 16]) for s in starts]
+    assert len(got) == len(expected)
+    for (gx, gy), (ex, ey) in zip(got, expected, strict=True):
+        for g, e in ((gx, ex), (gy, ey)):
+            assert g.untyped_storage().data_ptr() == e.untyped_storage().data_ptr()
+            assert (g.storage_offset(), g.shape, g.stride()) == (
+                e.storage_offset(),
+                e.shape,
+                e.stride(),
+            )
