@@ -401,17 +401,24 @@ def test_a_writer_killed_mid_put_leaves_leftovers_that_list_shows_and_prune_remo
     _assert_same(CacheStore(root).get(_key("split", 2), Split), split_indices(10, 0.3, 5))
 
 
-def test_a_prune_between_a_blob_and_its_record_keeps_the_blob(root, monkeypatch):
-    """Another process prunes at the worst moment of a put: its blob is renamed, its record
-    not yet written. The blob was already there for hours (an equal output, whose record was
-    pruned), so only the fresh mtime the put's rewrite gives it keeps it."""
+def _an_old_unnamed_blob(root: str) -> tuple[Split, str]:
+    """A value's blob, hours old, whose record was pruned: a leftover of an equal output."""
     value = split_indices(10, 0.3, 7)
     store = CacheStore(root)
     store.put(_key("split", 1), value)
     [entry] = list_entries(root)
     store.remove(entry)
     _age(root, f"blobs/{entry.blob}.safetensors", LEFTOVER_AGE_S + 60)
-    assert _leftovers(root) == [(f"blobs/{entry.blob}.safetensors", UNNAMED)]
+    return value, entry.blob
+
+
+def test_a_prune_between_a_blob_and_its_record_keeps_the_blob(root, monkeypatch):
+    """Another process prunes at the worst moment of a put: its blob is renamed, its record
+    not yet written. The blob was already there for hours (an equal output, whose record was
+    pruned), so only the fresh mtime the put's rewrite gives it keeps it."""
+    value, blob = _an_old_unnamed_blob(root)
+    store = CacheStore(root)
+    assert _leftovers(root) == [(f"blobs/{blob}.safetensors", UNNAMED)]
 
     pruned: list = []
     real_write = CacheStore.write
@@ -430,12 +437,7 @@ def test_a_prune_between_a_blob_and_its_record_keeps_the_blob(root, monkeypatch)
 def test_a_put_landing_between_a_prunes_listing_and_its_delete_keeps_its_blob(root, monkeypatch):
     """The same blob, old and unnamed when a prune lists it, is written again by an equal
     output before the prune gets to delete it: the prune sees the new file and keeps it."""
-    value = split_indices(10, 0.3, 7)
-    store = CacheStore(root)
-    store.put(_key("split", 1), value)
-    [entry] = list_entries(root)
-    store.remove(entry)
-    _age(root, f"blobs/{entry.blob}.safetensors", LEFTOVER_AGE_S + 60)
+    value, _ = _an_old_unnamed_blob(root)
     real_list = prune_module.list_entries
 
     def list_then_put(url):
