@@ -257,6 +257,20 @@ def test_a_retry_given_the_same_loaders_trains_the_uninterrupted_run(monkeypatch
     _assert_identical(_train(loaders=loaders), reference)  # no checkpoint: from the start
 
 
+@pytest.mark.parametrize("call", [1, 8, 23])
+def test_a_fault_inside_the_plain_sgd_update_leaves_gradients_on_for_the_retry(monkeypatch, call):
+    """The fast update turns gradients off for its in-place adds: a failing add (its nth
+    call, from outside) must not leave them off, or the retry in this process builds no
+    graph and cannot train."""
+    reference = _train(model="linear")
+    loaders = _loaders()
+    raised = fail_method_once(monkeypatch, torch.Tensor, "add_", call, "injected add_ fault")
+    with pytest.raises(RuntimeError, match="injected add_"):
+        _train(loaders=loaders, model="linear")
+    assert raised == [call] and torch.is_grad_enabled()
+    _assert_identical(_train(loaders=loaders, model="linear"), reference)
+
+
 def test_a_retry_resuming_from_a_checkpoint_trains_the_uninterrupted_run(tmp_path, monkeypatch):
     reference = _train(optimizer="adam")
     loaders = _loaders()
