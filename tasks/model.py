@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tasks.code_keys import code_fingerprint
 from tasks.data import Dataset
 from tasks.errors import InputError
-from tasks.keys import code_fingerprint
 from tasks.rules import MODEL_ENTRY_POINTS
 from tasks.split import Split
 from tasks.stage import cache_entry, stage
@@ -249,13 +249,12 @@ def model_code(name: str) -> dict[str, Any] | None:
         return None
     for ep in entry_points(group=MODEL_ENTRY_POINTS, name=name):
         builder = ep.load()
-        package = builder.__module__.split(".")[0]
         dist = ep.dist
         return {
             "entry_point": ep.value,
             "distribution": dist.name if dist else None,
             "version": dist.version if dist else None,
-            "code": code_fingerprint(builder, packages=(package,)),
+            "code": code_fingerprint(builder),
         }
     return None  # unknown: initial_model reports it
 

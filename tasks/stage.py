@@ -32,8 +32,9 @@ from prefect.exceptions import MissingContextError
 from prefect.states import Completed, State
 from prefect.transactions import Transaction, get_transaction
 
+from tasks.code_keys import CodeKey, stale_sources
 from tasks.errors import StorageError, writing
-from tasks.keys import NoCacheKey, stage_key
+from tasks.keys import NoCacheKey, keyed
 from tasks.store import CacheStore, CorruptEntry
 
 log = logging.getLogger("trainflow.cache")
@@ -101,9 +102,13 @@ class StageEntry:
     """One stage output's place in the cache (or no place: cache off, or no stable key)."""
 
     def __init__(
-        self, key: str | None = None, store: CacheStore | None = None, mode: CacheMode = "off"
+        self,
+        key: str | None = None,
+        store: CacheStore | None = None,
+        mode: CacheMode = "off",
+        code: CodeKey | None = None,
     ):
-        self.key, self.store, self.mode = key, store, mode
+        self.key, self.store, self.mode, self.code = key, store, mode, code
 
     def load(self, kind: type[T]) -> T | None:
         """The stored output, or None: a miss, --refresh-cache, or an entry that can't be
@@ -145,6 +150,13 @@ class StageEntry:
     def write(self, value: Any) -> None:
         """Best effort: a full or read-only cache costs this entry, never the run."""
         assert self.store is not None and self.key is not None
+        if self.code is not None and (stale := stale_sources(self.code)):
+            # The output may be the old code's, and the key says the new: never stored.
+            warn(
+                f"not caching {self.key}: {stale}; restart this process (the worker) "
+                "to cache what the code computes now"
+            )
+            return
         try:
             with writing(f"the cache at {self.store.url!r}"):
                 self.store.put(self.key, value)
@@ -163,11 +175,11 @@ def cache_entry(stage: str, fn: Callable[..., Any], **inputs: Any) -> StageEntry
     if settings.mode == "off":
         return StageEntry()
     try:
-        key = stage_key(stage, fn, inputs)
+        key, code = keyed(stage, fn, inputs)
     except NoCacheKey as exc:
         log.info("%s: not cached (%s)", stage, exc)
         return StageEntry()
-    return StageEntry(key, CacheStore(settings.url), settings.mode)
+    return StageEntry(key, CacheStore(settings.url), settings.mode, code)
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def test_with_the_cache_off_nothing_is_hashed_or_written(tmp_path, monkeypatch):
     def no_hashing(*args, **kwargs):
         raise AssertionError("a key was computed with the cache off")
 
-    monkeypatch.setattr(tasks.stage, "stage_key", no_hashing)
+    monkeypatch.setattr(tasks.stage, "keyed", no_hashing)
 
     @flow
     def off() -> str:

@@ -1,0 +1,394 @@
+"""The code part of a cache key: every module a stage's code can reach, as this process
+imported it.
+
+Reach is counted by module. It starts from the stage's module, the modules of the values it
+is given and a plugin's module, and follows every import written anywhere in a module's text
+(at the top, inside a function, under `TYPE_CHECKING`), transitively. That is coarser than
+following names (an edit anywhere in a reached module changes the key, even in a function the
+stage never calls), and it is what makes the key true: code reached through an instance, a
+callback, a deferred import or a plugin's helper package is in it.
+
+A reached module is read, as its AST without comments, docstrings or formatting, unless it
+belongs to the standard library or an installed distribution: those count by the Python
+version and the distribution's version. An editable install is read. A plugin's own module is
+read wherever it is installed, and its distribution counts with its requirements' versions.
+
+The text read is the one the module was compiled from (`tasks.imported`); a module not yet
+imported is read from disk. `stale_sources` tells, before an output is stored, whether any of
+those texts differs from what the process has imported since or from the file now: then the
+output may not be the keyed code's, and it is not stored.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from tasks.imported import is_library_file, source_of
+
+
+def _memo_dir() -> Path | None:
+    """Where parsed sources are memoised: derived data, safe to delete.
+    TRAINFLOW_CODE_MEMO_DIR if set (the tests keep theirs in their session folder)."""
+    if chosen := os.environ.get("TRAINFLOW_CODE_MEMO_DIR"):
+        return Path(chosen)
+    try:
+        return (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainflow" / "code"
+        )
+    except RuntimeError:  # no home directory: no memo
+        return None
+
+
+MEMO_DIR = _memo_dir()
+# This module's own code: how a source is normalized, part of every memo's digest.
+_NORMALIZER = Path(__file__).read_text()
+
+
+@dataclass(frozen=True)
+class Source:
+    module: str
+    path: str
+    digest: str  # of the bytes read
+    vouched: bool  # False: the file changed after this process started (tasks.imported)
+
+
+@dataclass(frozen=True)
+class CodeKey:
+    digest: str
+    sources: tuple[Source, ...]
+
+
+def code_key(*roots: Any) -> CodeKey:
+    """The code that `roots` (functions, classes, modules or their instances) can reach."""
+    walk = _Walk()
+    for root in roots:
+        walk.root(root)
+    payload = {
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "modules": sorted(walk.read.items()),
+        "libraries": sorted(walk.libraries),
+        "missing": sorted(walk.missing),
+    }
+    digest = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+    return CodeKey(digest, tuple(walk.sources[name] for name in sorted(walk.sources)))
+
+
+def code_fingerprint(*roots: Any) -> str:
+    return code_key(*roots).digest
+
+
+def stale_sources(key: CodeKey) -> str | None:
+    """Why an output computed under `key` may not be the keyed code's, or None."""
+    for source in key.sources:
+        if not source.vouched:
+            return f"{source.path} changed after this process started"
+        module = sys.modules.get(source.module)
+        imported = source_of(module) if module is not None else None
+        if imported is not None and _bytes_digest(imported.text) != source.digest:
+            return f"{source.path} was imported again, with other code, after the key was made"
+        try:
+            now = Path(source.path).read_bytes()
+        except OSError:
+            return f"{source.path} is gone"
+        if _bytes_digest(now) != source.digest:
+            return f"{source.path} changed since this process imported it"
+    return None
+
+
+# --- the walk -----------------------------------------------------------------------------
+
+
+class _Walk:
+    def __init__(self) -> None:
+        self.read: dict[str, str] = {}  # module -> digest of its normalized AST
+        self.sources: dict[str, Source] = {}
+        self.libraries: set[str] = set()
+        self.missing: set[str] = set()
+        self.seen: set[str] = set()
+
+    def root(self, obj: Any) -> None:
+        obj = getattr(obj, "fn", obj)  # a Prefect task stands for its function
+        if isinstance(obj, ModuleType):
+            name = obj.__name__
+        else:
+            holder = obj if isinstance(obj, type) or callable(obj) else type(obj)
+            name = getattr(holder, "__module__", None) or type(obj).__module__
+        module = sys.modules.get(name) or _import_spec(name)
+        if module is None:
+            self.missing.add(name)
+            return
+        dist = _distribution_of(name.partition(".")[0]) if _is_library(name) else None
+        if dist is not None:  # a plugin installed as a distribution: it and what it requires
+            self.libraries |= _with_requirements(dist)
+        self._read(name, module)
+
+    def visit(self, name: str, optional: bool) -> None:
+        if name in self.seen:
+            return
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top == "__future__":
+            return  # the Python version counts for it
+        if _is_library(top) and (pin := _pin(top)) is not None:
+            self.libraries.add(pin)
+            return
+        module = sys.modules.get(name) or _import_spec(name)
+        if module is None:
+            if not optional:
+                self.missing.add(name)
+            return
+        self._read(name, module)
+
+    def _read(self, name: str, module: ModuleType | importlib.machinery.ModuleSpec) -> None:
+        self.seen.add(name)
+        if isinstance(module, ModuleType):
+            imported = source_of(module)
+            text, path, vouched = (
+                (imported.text, imported.path, imported.vouched) if imported else (None, "", True)
+            )
+            package = module.__package__ or ""
+            is_package = hasattr(module, "__path__")
+        else:  # not imported (yet): what an import would read now
+            path = module.origin or ""
+            text = _read_file(path)
+            vouched = True
+            package = module.parent or ""
+            is_package = module.submodule_search_locations is not None
+        if text is None:  # a namespace package or an extension: nothing to read
+            self.read[name] = "no source"
+            return
+        ast_digest, imports = _parsed(text)
+        self.read[name] = ast_digest
+        self.sources[name] = Source(name, path, _bytes_digest(text), vouched)
+        base = name if is_package else package
+        for level, target, names in imports:
+            absolute = _resolve(level, target, base)
+            if absolute is None:
+                self.missing.add(f"{'.' * level}{target} from {name}")
+                continue
+            parts = absolute.split(".") if absolute else []
+            for i in range(1, len(parts) + 1):
+                self.visit(".".join(parts[:i]), optional=False)
+            for item in names:  # `from package import module`, or just a name
+                if item != "*" and absolute:
+                    self.visit(f"{absolute}.{item}", optional=True)
+
+
+def _resolve(level: int, target: str, package: str) -> str | None:
+    if level == 0:
+        return target
+    try:
+        return importlib.util.resolve_name("." * level + target, package)
+    except (ImportError, ValueError):
+        return None
+
+
+def _import_spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """The spec an import of `name` would use, found without importing anything (not even its
+    parent packages: the key must not run code the stage would only run later, or never)."""
+    parent, _, _ = name.rpartition(".")
+    try:
+        if not parent:
+            return importlib.util.find_spec(name)
+        above = sys.modules.get(parent) or _import_spec(parent)
+        if above is None:
+            return None
+        if isinstance(above, ModuleType):
+            locations = getattr(above, "__path__", None)
+        else:
+            locations = above.submodule_search_locations
+        if locations is None:  # `from module import name`: a name, not a module
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, list(locations))
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def _read_file(path: str) -> bytes | None:
+    if not path.endswith(".py"):
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
+def _bytes_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def _is_library(top: str) -> bool:
+    module = sys.modules.get(top)
+    if module is not None:
+        path = getattr(module, "__file__", None)
+        locations = list(getattr(module, "__path__", []) or [])
+    else:
+        spec = _import_spec(top)
+        if spec is None:
+            return False
+        path = spec.origin if spec.has_location else None
+        locations = list(spec.submodule_search_locations or [])
+    if path is None and locations:  # a namespace package: where its parts are
+        return all(is_library_file(location) for location in locations)
+    return is_library_file(path)
+
+
+@functools.cache
+def _distribution_of(top: str) -> str | None:
+    """The installed distribution that provides import name `top`."""
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        dist = metadata.distribution(top)
+        provided = (dist.read_text("top_level.txt") or "").split()
+        if top in provided or any(
+            f.parts and f.parts[0] in (top, f"{top}.py") for f in dist.files or ()
+        ):
+            return dist.metadata["Name"]
+    names = metadata.packages_distributions().get(top, [])
+    return names[0] if names else None
+
+
+@functools.cache
+def _pin(top: str) -> str | None:
+    """`dist==version` of the installed distribution that provides import name `top`."""
+    dist = _distribution_of(top)
+    return f"{_canonical_name(dist)}=={metadata.version(dist)}" if dist else None
+
+
+@functools.cache
+def _with_requirements(dist: str) -> frozenset[str]:
+    """`dist==version` for `dist` and every installed distribution it requires, transitively."""
+    found: set[str] = set()
+    pending = [dist]
+    while pending:
+        name = pending.pop()
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        pin = f"{_canonical_name(name)}=={version}"
+        if pin in found:
+            continue
+        found.add(pin)
+        for requirement in metadata.requires(name) or []:
+            if "extra ==" in requirement:
+                continue  # an optional extra's requirement
+            pending.append(_requirement_name(requirement))
+    return frozenset(found)
+
+
+def _canonical_name(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _requirement_name(requirement: str) -> str:
+    end = len(requirement)
+    for stop in " ;<>=!~[(":
+        if (at := requirement.find(stop)) != -1:
+            end = min(end, at)
+    return requirement[:end]
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+Import = tuple[int, str, tuple[str, ...]]  # (level, module, names): one import statement
+_parses: dict[str, tuple[str, tuple[Import, ...]]] = {}
+_parses_lock = threading.Lock()
+
+
+class _DropDocstrings(ast.NodeTransformer):
+    def _strip(self, node: Any) -> Any:
+        self.generic_visit(node)
+        first = node.body[0] if node.body else None
+        value = first.value if isinstance(first, ast.Expr) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):  # a docstring
+            node.body = node.body[1:] or [ast.Pass()]
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Module = _strip
+
+
+def parse_module(text: bytes) -> tuple[str, tuple[Import, ...]]:
+    """A digest of the module's AST without comments, formatting or docstrings, and every
+    import statement in it."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:  # compiled by another Python? count every byte
+        return _bytes_digest(text), ()
+    imports: list[Import] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imports += [(0, alias.name, ()) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = tuple(alias.name for alias in node.names)
+            imports.append((node.level, node.module or "", names))
+    dump = ast.dump(_DropDocstrings().visit(tree), annotate_fields=False)
+    return hashlib.sha256(dump.encode()).hexdigest(), tuple(imports)
+
+
+def _parsed(text: bytes) -> tuple[str, tuple[Import, ...]]:
+    """parse_module, memoised in memory and on disk (MEMO_DIR) under a digest of everything
+    it is a function of: the text, the Python that parses it and this module's code. A memo
+    made from any other text, Python or normalizer is never used; an unreadable or
+    unwritable memo costs the time, never the key."""
+    digest = hashlib.sha256(
+        b"\0".join([sys.version.encode(), _NORMALIZER.encode(), text])
+    ).hexdigest()
+    with _parses_lock:
+        if digest in _parses:
+            return _parses[digest]
+    found = _read_memo(digest)
+    if found is None:
+        found = parse_module(text)
+        _write_memo(digest, found)
+    with _parses_lock:
+        _parses[digest] = found
+    return found
+
+
+def _memo_path(digest: str) -> Path | None:
+    return MEMO_DIR / f"{digest[:40]}.json" if MEMO_DIR is not None else None
+
+
+def _read_memo(digest: str) -> tuple[str, tuple[Import, ...]] | None:
+    memo = _memo_path(digest)
+    if memo is None:
+        return None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        stored = json.loads(memo.read_text())
+        if stored["digest"] == digest:
+            imports = tuple((int(lv), str(m), tuple(map(str, n))) for lv, m, n in stored["imports"])
+            return str(stored["ast"]), imports
+    return None
+
+
+def _write_memo(digest: str, found: tuple[str, tuple[Import, ...]]) -> None:
+    memo = _memo_path(digest)
+    if memo is None:
+        return
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        scratch = memo.with_name(f"{memo.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        scratch.write_text(json.dumps({"digest": digest, "ast": found[0], "imports": found[1]}))
+        os.replace(scratch, memo)  # whole or absent: a reader never sees half a memo
+        _prune_memos(memo.parent)
+
+
+def _prune_memos(folder: Path, keep: int = 512) -> None:
+    """The newest `keep` memos: one per version of a source, and throwaway ones add up."""
+    memos = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in memos[keep:]:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,130 @@
+"""The source text each module was compiled from, as this process imported it.
+
+A cache key must describe the code that runs, not the file on disk now: a long-lived process
+(a Dask or Ray worker, a served deployment) may have imported a module that has been edited
+since. Installed first thing by the `tasks` and `flows` packages, `record_imports()` puts a
+finder in front of the import system that compiles every module whose source can change
+without a version change (not the standard library, not an installed distribution) from the
+bytes it read, and keeps those bytes. Only the standard library: importing it is free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import os
+import site
+import sys
+import sysconfig
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Imported:
+    """A module's source as compiled. `vouched`: read by the import itself, or read later from
+    a file untouched since this process started; otherwise the file may have changed between
+    the import and the reading, and nothing computed from it is stored."""
+
+    path: str
+    text: bytes
+    vouched: bool
+
+
+_sources: dict[str, Imported] = {}
+_lock = threading.Lock()
+
+
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    roots.update(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+    if user := site.getusersitepackages():
+        roots.add(user)
+    return tuple(sorted(os.path.join(os.path.realpath(r), "") for r in roots))
+
+
+LIBRARY_ROOTS = _library_roots()
+
+
+def is_library_file(path: str | None) -> bool:
+    """In the standard library or an installed distribution: code that changes only with a
+    Python or a distribution's version. A file-less module (built in, frozen) is one too."""
+    return path is None or os.path.realpath(path).startswith(LIBRARY_ROOTS)
+
+
+class _RecordingLoader(importlib.machinery.SourceFileLoader):
+    """Compiles the bytes it keeps. Skipping the bytecode cache is the point: a .pyc is
+    trusted by its source's size and mtime to the second, and a same-size edit within that
+    second would run code other than the bytes read."""
+
+    def get_code(self, fullname: str) -> Any:
+        path = self.get_filename(fullname)
+        data = self.get_data(path)
+        with _lock:
+            _sources[fullname] = Imported(path, data, vouched=True)
+        return self.source_to_code(data, path)
+
+
+class _Recorder(importlib.abc.MetaPathFinder):
+    """Asks the finders behind it and swaps in a recording loader for editable source."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1 :]:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find else None
+            if spec is None:
+                continue
+            loader = spec.loader
+            if type(loader) is importlib.machinery.SourceFileLoader and not is_library_file(
+                spec.origin
+            ):
+                spec.loader = _RecordingLoader(loader.name, loader.path)
+            return spec
+        return None
+
+
+def _started() -> float:
+    import psutil  # only here: most processes never need it
+
+    return psutil.Process().create_time()
+
+
+def record_imports(package: ModuleType) -> None:
+    """Idempotent. `package` (whose __init__ is running this) and this module were imported
+    just before: their bytes are read now. Other modules imported before the recorder are read
+    at first use, with the file-age check of `source_of`."""
+    if not any(isinstance(f, _Recorder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Recorder())
+    for module in (sys.modules[__name__], package):
+        path = getattr(module, "__file__", None)
+        if path and module.__name__ not in _sources:
+            with contextlib.suppress(OSError), _lock:
+                _sources[module.__name__] = Imported(path, Path(path).read_bytes(), vouched=True)
+
+
+def source_of(module: ModuleType) -> Imported | None:
+    """What `module` was compiled from; None for a module with no source file."""
+    name = module.__name__
+    path = getattr(module, "__file__", None)
+    with _lock:
+        known = _sources.get(name)
+    if known is not None and known.path == path:
+        return known
+    if not path or not path.endswith(".py"):
+        return None
+    try:
+        stat = os.stat(path)
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    # Imported before the recorder, or a module object made by hand: trusted only if the file
+    # has not changed since this process started (any import of it read these bytes).
+    imported = Imported(path, data, vouched=max(stat.st_mtime, stat.st_ctime) < _started())
+    with _lock:
+        _sources.setdefault(name, imported)
+        return _sources[name]

@@ -1,0 +1,384 @@
+"""The code part of a cache key (tasks/code_keys.py, tasks/imported.py): every module a stage
+can reach, through imports, instances and plugins, as the process imported it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tasks.train
+from tasks import code_keys
+from tasks.keys import stage_key
+from tasks.split import split_indices
+from tasks.stage import cache_entry, using_cache
+from tasks.store import CacheStore
+
+from .conftest import REPO
+
+# --- a throwaway project, edited and re-imported -------------------------------------------
+
+HELPERS = '''\
+"""Helpers of the fake project."""
+import torch.nn as nn
+
+CONST = 3
+LOSSES = {"mse": nn.MSELoss, "l1": nn.L1Loss}
+
+
+def deeper(n):
+    return n + 1
+
+
+def helper_x(n):
+    return sum(deeper(k) for k in (n,)) * CONST  # reached from a nested code object
+'''
+
+RUNNER = """\
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Runner:
+    scale: int
+
+    def go(self, n):
+        return n * self.scale
+"""
+
+MODULES = {
+    "__init__.py": "",
+    "other.py": "def other(n):\n    return n - 1\n",
+    "one.py": (
+        "import fakeproj.helpers as helpers\n\n\ndef stage(n):\n    return helpers.helper_x(n)\n"
+    ),
+    "two.py": "from fakeproj.other import other\n\n\ndef stage(n):\n    return other(n)\n",
+    # The runner's module is imported only where it is used, inside the function.
+    "deferred.py": (
+        "def stage(n):\n    from fakeproj.runner import Runner\n\n    return Runner(2).go(n)\n"
+    ),
+    # No import of the runner at all: its code runs through the instance the stage is given.
+    "instance.py": "def stage(runner, n):\n    return runner.go(n)\n",
+}
+STAGES = ("one", "two", "deferred", "instance")
+
+
+@pytest.fixture
+def fakeproj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """load(helpers=…, runner=…) -> {stage module: its stage key}, written and imported anew."""
+    package = tmp_path / "fakeproj"
+    package.mkdir()
+    for name, text in MODULES.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def load(helpers: str = HELPERS, runner: str = RUNNER) -> dict[str, str]:
+        (package / "helpers.py").write_text(helpers)
+        (package / "runner.py").write_text(runner)
+        _forget("fakeproj")
+        keys = {}
+        for name in STAGES:
+            stage = importlib.import_module(f"fakeproj.{name}").stage
+            inputs: dict[str, Any] = {"n": 1}
+            if name == "instance":
+                inputs["runner"] = importlib.import_module("fakeproj.runner").Runner(2)
+            keys[name] = stage_key("s", stage, inputs)
+        return keys
+
+    load.package = package
+    yield load
+    _forget("fakeproj")
+
+
+def _forget(package: str) -> None:
+    for name in [m for m in sys.modules if m.split(".")[0] == package]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {name for name in before if before[name] != after[name]}
+
+
+@pytest.mark.parametrize(
+    ("edit", "affected"),
+    [
+        (("helpers", "return n + 1", "return n + 100"), {"one"}),
+        (("helpers", "CONST = 3", "CONST = 4"), {"one"}),
+        # A table of library classes: swapping what a name maps to is a code change.
+        (("helpers", '"l1": nn.L1Loss', '"l1": nn.SmoothL1Loss'), {"one"}),
+        # Reached only through a function-local import, or only through an instance.
+        (
+            ("runner", "return n * self.scale", "return n * self.scale + 1"),
+            {"deferred", "instance"},
+        ),
+    ],
+    ids=["helper", "constant", "table-entry", "instance-method"],
+)
+def test_an_edit_changes_exactly_the_stages_whose_code_reaches_its_module(fakeproj, edit, affected):
+    before = fakeproj()
+    module, old, new = edit
+    texts = {"helpers": HELPERS, "runner": RUNNER}
+    assert old in texts[module]
+    texts[module] = texts[module].replace(old, new)
+    assert _changed(before, fakeproj(**texts)) == affected
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("return n + 1", "return n + 1  # one more, for the off-by-one"),
+        ('"""Helpers of the fake project."""', '"""Other words for the same helpers."""'),
+        (
+            "def deeper(n):\n    return n + 1",
+            'def deeper(n):\n    """Add one."""\n    return n + 1',
+        ),
+        (
+            "return sum(deeper(k) for k in (n,)) * CONST",
+            "return sum(\n        deeper(k) for k in (n,)\n    ) * CONST",
+        ),
+        (
+            '{"mse": nn.MSELoss, "l1": nn.L1Loss}',
+            '{\n    "mse": nn.MSELoss,\n    "l1": nn.L1Loss,\n}',
+        ),
+    ],
+    ids=["comment", "module-docstring", "function-docstring", "reflow", "trailing-comma"],
+)
+def test_comments_docstrings_and_formatting_change_no_key(fakeproj, edit):
+    before = fakeproj()
+    old, new = edit
+    assert old in HELPERS
+    assert fakeproj(HELPERS.replace(old, new)) == before
+
+
+def test_the_key_is_of_the_code_imported_and_an_edit_since_is_never_stored(
+    fakeproj, tmp_path, caplog
+):
+    """A long-lived process (a Dask worker, a served deployment) imported the module; the file
+    is edited since. The key stays the imported code's, and its output is not stored."""
+    before = fakeproj()
+    one = importlib.import_module("fakeproj.one")
+    edited = HELPERS.replace("CONST = 3", "CONST = 4")
+    (fakeproj.package / "helpers.py").write_text(edited)  # on disk only: not imported
+    assert stage_key("s", one.stage, {"n": 1}) == before["one"]
+    cache = tmp_path / "cache"
+    with using_cache(str(cache), "use"), caplog.at_level(logging.WARNING):
+        entry = cache_entry("s", one.stage, n=1)
+        entry.keep(split_indices(10, 0.2, 13))  # outside a Prefect run: written now, or refused
+    assert entry.key == before["one"]
+    assert not cache.exists() or not CacheStore(str(cache)).entries()
+    [line] = [r.getMessage() for r in caplog.records if "not caching" in r.getMessage()]
+    assert "helpers.py changed since this process imported it" in line
+    assert "restart" in line
+
+
+def test_a_module_imported_after_the_key_was_made_with_other_code_is_never_stored(
+    fakeproj, tmp_path
+):
+    fakeproj()
+    _forget("fakeproj")
+    deferred = importlib.import_module("fakeproj.deferred")  # runner.py not imported yet
+    assert "fakeproj.runner" not in sys.modules
+    code = code_keys.code_key(deferred.stage)
+    (fakeproj.package / "runner.py").write_text(RUNNER.replace("* self.scale", "* self.scale * 3"))
+    assert deferred.stage(1) == 6  # the import inside the stage compiles the edited text
+    assert "was imported again" in (code_keys.stale_sources(code) or "")
+
+
+def test_a_plugins_helper_package_is_read_and_an_installed_library_counts_by_its_version(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "helperlib").mkdir()
+    (tmp_path / "helperlib" / "__init__.py").write_text("SCALE = 1.0\n")
+    (tmp_path / "plugin.py").write_text(
+        "import torch.nn as nn\nimport helperlib\n\n\n"
+        "def build(spec):\n    return nn.Linear(1, 1, bias=helperlib.SCALE > 0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fingerprints = []
+    for scale in ("1.0", "0.0"):
+        (tmp_path / "helperlib" / "__init__.py").write_text(f"SCALE = {scale}\n")
+        _forget("helperlib")
+        _forget("plugin")
+        key = code_keys.code_key(importlib.import_module("plugin").build)
+        fingerprints.append(key.digest)
+        assert {s.module for s in key.sources} == {"plugin", "helperlib"}
+    _forget("helperlib")
+    _forget("plugin")
+    assert fingerprints[0] != fingerprints[1]
+    walk = code_keys._Walk()
+    walk.root(tasks.train.train_model)
+    assert any(pin.startswith("torch==") for pin in walk.libraries)
+    assert not any("site-packages" in s.path for s in code_keys.code_key(tasks.train).sources)
+
+
+def test_the_train_stage_covers_every_module_its_body_reaches():
+    """The DDP path (launch_ranks, Ranks) and the curves run in train-epochs' body, not in
+    train_model: an edit of theirs must change the key all the same."""
+    reached = {s.module for s in code_keys.code_key(tasks.train.train_model).sources}
+    assert {"tasks.distributed", "tasks.loop", "tasks.curves", "tasks.fence"} <= reached
+    assert "flows.train_flow" not in reached
+
+
+def test_a_module_that_cannot_be_found_is_part_of_the_key(fakeproj):
+    optional = HELPERS + "\ntry:\n    import nosuchmod\nexcept ImportError:\n    pass\n"
+    absent = fakeproj(optional)
+    (fakeproj.package.parent / "nosuchmod.py").write_text("X = 1\n")
+    try:
+        installed = fakeproj(optional)
+    finally:
+        _forget("nosuchmod")
+    assert installed["one"] != absent["one"]  # installing the missing module changes the key
+
+
+# --- the same keys everywhere ------------------------------------------------------------------
+
+FRESH_PROCESS = """\
+import json
+import tasks.data, tasks.export, tasks.model, tasks.split, tasks.train
+from tasks.code_keys import code_fingerprint
+from tasks.keys import stage_key
+from tasks.split import split_indices
+
+functions = (tasks.data.read_file, tasks.split.split_indices, tasks.model.initial_model,
+             tasks.train.train_model, tasks.export.export_model)
+print(json.dumps({
+    "code": [code_fingerprint(f) for f in functions],
+    "key": stage_key("split", tasks.split.split_indices,
+                     {"n": 100, "val_fraction": 0.2, "seed": 13}),
+}))
+"""
+
+
+def test_fingerprints_and_keys_are_the_same_in_a_fresh_process_and_a_moved_project(tmp_path):
+    import tasks.data
+    import tasks.export
+    import tasks.model
+    import tasks.split
+
+    functions = (
+        tasks.data.read_file,
+        tasks.split.split_indices,
+        tasks.model.initial_model,
+        tasks.train.train_model,
+        tasks.export.export_model,
+    )
+    here = {
+        "code": [code_keys.code_fingerprint(f) for f in functions],
+        "key": stage_key(
+            "split", tasks.split.split_indices, {"n": 100, "val_fraction": 0.2, "seed": 13}
+        ),
+    }
+    assert len(set(here["code"])) == len(functions)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for package in ("tasks", "flows"):
+        subprocess.run(["cp", "-r", str(REPO / package), str(moved)], check=True)
+    for root in (REPO, moved):  # the same code elsewhere has the same keys
+        done = subprocess.run(
+            [sys.executable, "-c", FRESH_PROCESS],
+            cwd=root,
+            env={**os.environ, "PYTHONHASHSEED": "4242", "PYTHONPATH": str(root)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == here, root
+
+
+# --- the parse memo ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def memos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An empty folder of parse memos (code_keys.MEMO_DIR); nothing memoised in memory."""
+    monkeypatch.setattr(code_keys, "MEMO_DIR", tmp_path / "memos")
+    code_keys._parses.clear()
+    yield tmp_path / "memos"
+    code_keys._parses.clear()
+
+
+def _rewrite_memos(folder: Path, change: Any) -> None:
+    for path in folder.glob("*.json"):
+        path.write_text(change(path.read_text()))
+    code_keys._parses.clear()  # as a new process: read the memos from disk
+
+
+def test_a_memoised_parse_gives_the_keys_a_parse_gives_and_follows_every_edit(fakeproj, memos):
+    fresh = fakeproj()
+    assert len(list(memos.glob("*.json"))) >= len(MODULES) + 1
+    code_keys._parses.clear()
+    assert fakeproj() == fresh  # from the memos
+    edited = HELPERS.replace("return n + 1", "return n + 2")  # same size
+    code_keys._parses.clear()
+    after = fakeproj(edited)
+    assert _changed(fresh, after) == {"one"}
+    for path in memos.glob("*.json"):
+        path.unlink()
+    code_keys._parses.clear()
+    assert fakeproj(edited) == after  # as parsed afresh
+
+
+@pytest.mark.parametrize("made_by", ["another Python", "another normalizer", "damaged"])
+def test_a_memo_of_another_python_or_normalizer_or_a_damaged_one_is_not_used(
+    fakeproj, memos, monkeypatch, made_by
+):
+    fresh = fakeproj()
+
+    def tampered(text: str) -> str:  # memos that would change every key if they were used
+        memo = json.loads(text)
+        memo["ast"] = "x" * 64
+        return json.dumps(memo)
+
+    _rewrite_memos(memos, tampered)
+    assert fakeproj() != fresh  # the check sees a memo that is used
+    if made_by == "another Python":
+        monkeypatch.setattr(sys, "version", sys.version + " (another build)")
+    elif made_by == "another normalizer":
+        monkeypatch.setattr(code_keys, "_NORMALIZER", code_keys._NORMALIZER + "# an edit")
+    else:
+        _rewrite_memos(memos, lambda text: text[: len(text) // 2])
+    code_keys._parses.clear()
+    assert fakeproj() == fresh
+
+
+def test_the_memo_folder_is_chosen_by_the_environment(tmp_path, monkeypatch):
+    # The suite's own memos are in its session folder (conftest), never the user's ~/.cache.
+    assert Path(os.environ["TRAINFLOW_CODE_MEMO_DIR"]) == code_keys.MEMO_DIR
+    monkeypatch.setenv("TRAINFLOW_CODE_MEMO_DIR", str(tmp_path / "m"))
+    assert code_keys._memo_dir() == tmp_path / "m"
+    monkeypatch.delenv("TRAINFLOW_CODE_MEMO_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert code_keys._memo_dir() == tmp_path / "xdg" / "trainflow" / "code"
+
+
+def test_parsing_finds_every_import_wherever_it_is_written():
+    text = textwrap.dedent(
+        """\
+        import a.b, c
+        from .d import e
+        from typing import TYPE_CHECKING
+        if TYPE_CHECKING:
+            from f import g
+        def h():
+            from ..i import j as k
+        """
+    ).encode()
+    _, imports = code_keys.parse_module(text)
+    assert set(imports) == {
+        (0, "a.b", ()),
+        (0, "c", ()),
+        (1, "d", ("e",)),
+        (0, "typing", ("TYPE_CHECKING",)),
+        (0, "f", ("g",)),
+        (2, "i", ("j",)),
+    }
