@@ -1,6 +1,18 @@
 """Tables (.csv, .parquet, .feather/.arrow) through pyarrow: chosen columns as float32 arrays,
 string columns as category ids.
 
+One reading of a table, whoever reads it (training's whole file, predict's blocks, the
+memory-mapped conversion's blocks): every path reads record batches through `_blocks` and
+converts each column with `_numbers` or `_as_strings`, so a cell means one thing everywhere:
+- a CSV cell is the text written; it is a number as Arrow's float parser reads one,
+  surrounding spaces aside ("1_000", "1 000", "1,5" are not numbers);
+- a blank cell (empty, spaces only, or a null) is missing: unknown (id 0) in a categorical
+  column, an error in a number column; never a category "" and never a number;
+- float32 must hold the value: an integer (of an integer column, or a CSV cell written as
+  digits) exactly, so up to ±2^24 and beyond that only with at most 24 significant bits; any
+  other finite value within ±3.4028235e+38. Anything else is one line naming the row (in a
+  CSV, its line) and the column.
+
 pyarrow is imported inside the functions: a run whose load-tensors is a cache hit never pays
 for it (tests/test_export.py watches what a cached run imports).
 """
@@ -10,8 +22,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -27,6 +40,8 @@ UNKNOWN = 0  # the id of a category outside the vocabulary; known ones are 1 + t
 PROGRESS_AFTER_S = 2.0  # a load slower than this reports how far it is
 PROGRESS_EVERY_S = 2.0
 CSV_BYTES_PER_ROW = 128  # to turn a block's rows into the CSV parser's block bytes
+FLOAT32_EXACT = 1 << 24  # float32 holds every integer up to this, in magnitude, exactly
+INTEGER = r"^[+-]?\d+$"  # a CSV cell written as an integer (surrounding spaces trimmed)
 
 log = logging.getLogger("trainflow.data")
 
@@ -90,27 +105,40 @@ def read_columns(
     A text column named in `categorical` becomes category ids: by `vocabularies[name]` if
     given (prediction), else by the column's own sorted values (training, before the split
     narrows them to the training rows). Any other text column is an error naming its cell.
+    Every cell goes through the conversions `iter_columns` applies, block by block.
     """
     import pyarrow as pa
 
-    header = column_names(f, suffix, source)
-    f.seek(0)
-    counted = _Counted(f, source)
-    try:
-        table = _read_table(counted, suffix, header, list(names))
-    except pa.ArrowInvalid as exc:
-        if suffix != ".csv":
-            raise InputError(f"data file {source!r}: not a readable {suffix} file") from None
-        # Cells are converted after parsing, column by column below: this is the parse, and
-        # what it refuses is a row's shape.
-        reason = str(exc).splitlines()[0]
-        raise InputError(_locate_bad_cell(f, header, source, (), reason)) from None
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"data file {source!r}: not a readable {suffix} file ({exc})") from None
-    counted.done(table.num_rows)
-    if table.num_rows == 0:
-        _no_rows(suffix, source)
-    return _converted(table, names, categorical, vocabularies, _Where(f, suffix, header, source))
+    where = _Where(f, suffix, column_names(f, suffix, source), source)
+    given = vocabularies or {}
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    # A categorical column's raw blocks, with their first rows: its vocabulary needs them all.
+    # A CSV column stays here until a cell looks like a number; then it is numbers throughout.
+    texts: dict[str, list[tuple[int, pa.Array]]] = {}
+    rows = 0
+    for batch in _blocks(where, names, 1 << 18, whole=True):
+        for name in names:
+            column = batch.column(name)
+            if name in given or (
+                name in categorical and not pieces[name] and _is_text(column, name, where, rows)
+            ):
+                texts.setdefault(name, []).append((rows, column))
+                continue
+            for first, kept in texts.pop(name, []):
+                pieces[name].append(_numbers(kept, name, where, first))
+            pieces[name].append(_numbers(column, name, where, rows))
+        rows += batch.num_rows
+    values = np.empty((rows, len(names)), dtype=np.float32, order="F")
+    categories: dict[str, tuple[str, ...]] = {}
+    for j, name in enumerate(names):
+        if name in texts:
+            chunks = [_as_strings(column, name, where, first) for first, column in texts[name]]
+            strings = pa.chunked_array(chunks, pa.string())
+            categories[name] = given[name] if name in given else vocabulary(strings)
+            values[:, j] = category_ids(strings, categories[name])
+        else:
+            np.concatenate(pieces[name], out=values[:, j])
+    return Columns(values, categories)
 
 
 def iter_columns(
@@ -122,93 +150,154 @@ def iter_columns(
     rows_per_block: int = 1 << 18,
 ) -> Iterator[np.ndarray]:
     """`read_columns(...).values` a block of rows at a time, for a table larger than memory
-    (predict): the same numbers, with every categorical column's vocabulary given. Blocks
-    hold up to about `rows_per_block` rows (a CSV's are whatever its parser's blocks hold)."""
-    import pyarrow as pa
-
-    header = column_names(f, suffix, source)
-    f.seek(0)
-    counted = _Counted(f, source)
-    where = _Where(f, suffix, header, source)
-    rows, categorical = 0, frozenset(vocabularies)
-    try:
-        for batch in _batches(counted, suffix, header, list(names), vocabularies, rows_per_block):
-            table = pa.Table.from_batches([batch])
-            yield _converted(table, names, categorical, vocabularies, where, rows).values
-            rows += batch.num_rows
-    except pa.ArrowInvalid as exc:
-        if suffix != ".csv":
-            raise InputError(f"data file {source!r}: not a readable {suffix} file") from None
-        # A block's parse or its cells' conversion (numbers; the vocabulary columns are text).
-        numbers = [name for name in names if name not in vocabularies]
-        reason = str(exc).splitlines()[0]
-        raise InputError(_locate_bad_cell(f, header, source, numbers, reason)) from None
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"data file {source!r}: not a readable {suffix} file ({exc})") from None
-    counted.done(rows)
-    if rows == 0:
-        _no_rows(suffix, source)
+    (predict, the memory-mapped path): the same numbers and errors, with every categorical
+    column's vocabulary given. Blocks hold up to about `rows_per_block` rows (a CSV's are
+    whatever its parser's blocks hold)."""
+    where = _Where(f, suffix, column_names(f, suffix, source), source)
+    rows = 0
+    for batch in _blocks(where, names, rows_per_block, whole=False):
+        values = np.empty((batch.num_rows, len(names)), dtype=np.float32, order="F")
+        for j, name in enumerate(names):
+            column = batch.column(name)
+            if name in vocabularies:
+                strings = _as_strings(column, name, where, rows)
+                values[:, j] = category_ids(strings, vocabularies[name])
+            else:
+                values[:, j] = _numbers(column, name, where, rows)
+        yield values
+        rows += batch.num_rows
 
 
-def _no_rows(suffix: str, source: str) -> None:
-    has = "has a header but" if suffix == ".csv" else "has"
-    raise InputError(f"data file {source!r}: {has} no data rows")
+def unfit_for_float32(values: np.ndarray) -> tuple[int, str] | None:
+    """The first value (flat index) that float32 would change beyond rounding, and why: an
+    integer it can't hold exactly, or a finite number beyond its range. Every read path
+    refuses these (README, "Data formats"): rounding 0.1 is what float32 does to any
+    fraction, but an id or a timestamp turned into its neighbour is another value."""
+    flat = values.reshape(-1)
+    if flat.dtype.kind in "iu":
+        bad = _inexact_integers(flat)
+    elif flat.dtype.kind == "f":
+        bad = _beyond_float32(flat)
+    else:
+        return None
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    shown = str(int(flat[i])) if flat.dtype.kind in "iu" else repr(float(flat[i]))
+    return i, _unfit(shown, integer=flat.dtype.kind in "iu")
+
+
+def _unfit(shown: str, integer: bool) -> str:
+    if integer:
+        return (
+            f"the integer {shown} is not exact in float32 (it holds every integer up to "
+            f"±2^24 = {FLOAT32_EXACT:,}, and larger ones only if they have at most 24 "
+            "significant bits)"
+        )
+    largest = np.format_float_scientific(np.finfo(np.float32).max)
+    return f"{shown} is beyond float32's range (±{largest})"
+
+
+def _inexact_integers(ints: np.ndarray) -> np.ndarray:
+    """Which integers have more than 24 significant bits (trailing zeros aside): float32's
+    24-bit significand would round them. Exact for every width, 64-bit ones included."""
+    magnitude = ints.astype(np.uint64)  # a negative one wraps: its two's complement
+    one = np.uint64(1)
+    if ints.dtype.kind == "i":
+        magnitude = np.where(ints < 0, ~magnitude + one, magnitude)
+    lowest = magnitude & (~magnitude + one)  # the lowest set bit (0 for 0)
+    return magnitude // np.maximum(lowest, one) >= np.uint64(FLOAT32_EXACT)
+
+
+def _beyond_float32(floats: np.ndarray) -> np.ndarray:
+    """Finite values that float32 would make infinite."""
+    with np.errstate(over="ignore"):  # the overflow is what this looks for, not a warning
+        return np.isinf(floats.astype(np.float32)) & np.isfinite(floats)
 
 
 @dataclass(frozen=True)
 class _Where:
-    """The file a table came from, for the error that names a bad cell's line."""
+    """The file a table came from, for the error that names a bad cell."""
 
     f: IO[bytes]
     suffix: str
     header: list[str]
     source: str
 
+    def cell(self, name: str, row: int) -> str:
+        """'data file …: line L, column c' in a CSV (the line an editor shows), else 'row R'."""
+        line = self.line(row)
+        at = f"line {line}" if line is not None else f"row {row}"
+        return f"data file {self.source!r}: {at}, column {name!r}"
 
-def _converted(
-    table: pa.Table,
-    names: Sequence[str],
-    categorical: frozenset[str],
-    vocabularies: dict[str, tuple[str, ...]] | None,
-    where: _Where,
-    first_row: int = 0,
-) -> Columns:
-    values = np.empty((table.num_rows, len(names)), dtype=np.float32, order="F")
-    categories: dict[str, tuple[str, ...]] = {}
-    for j, name in enumerate(names):
-        column = table.column(name)
-        given = (vocabularies or {}).get(name)
-        # With a vocabulary (predict) the column is categorical whatever its cells look like.
-        if name in categorical and (
-            given is not None or _is_text(column.type, where.suffix, column)
-        ):
-            strings = _as_strings(column, where.suffix)
-            categories[name] = given if given is not None else vocabulary(strings)
-            values[:, j] = category_ids(strings, categories[name])
-        else:
-            values[:, j] = _numbers(column, name, where, first_row)
-    return Columns(values, categories)
+    def line(self, row: int) -> int | None:
+        """The CSV line that ends data row `row` (0-based, as Arrow counts: blank lines
+        skipped), read without moving the file's position: a parser may still be reading."""
+        if self.suffix != ".csv":
+            return None
+        records = csv.reader(_lines(self.f))
+        next(records, None)  # the header
+        seen = -1
+        for record in records:
+            seen += bool(record)
+            if record and seen == row:
+                return records.line_num
+        return None
+
+
+def _blocks(
+    where: _Where, names: Sequence[str], rows: int, whole: bool
+) -> Iterator[pa.RecordBatch]:
+    """The table's `names` columns, a record batch at a time (a CSV's cells as raw bytes, for
+    `_numbers` and `_as_strings` to convert); parse errors as one line; no rows is an error."""
+    import pyarrow as pa
+
+    f, suffix, source = where.f, where.suffix, where.source
+    f.seek(0)
+    counted = _Counted(f, source)
+    total = 0
+    try:
+        for batch in _batches(counted, suffix, where.header, list(names), rows, whole):
+            total += batch.num_rows
+            yield batch
+    except pa.ArrowInvalid as exc:
+        if suffix != ".csv":
+            raise InputError(f"data file {source!r}: not a readable {suffix} file") from None
+        # Cells are read as bytes, never converted by the parser: what it refuses is a row's
+        # shape.
+        reason = str(exc).splitlines()[0]
+        raise InputError(_locate_bad_row(where, reason)) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"data file {source!r}: not a readable {suffix} file ({exc})") from None
+    counted.done(total)
+    if total == 0:
+        has = "has a header but" if suffix == ".csv" else "has"
+        raise InputError(f"data file {source!r}: {has} no data rows")
 
 
 def _batches(
-    f: IO[bytes],
-    suffix: str,
-    header: list[str],
-    names: list[str],
-    text: dict[str, tuple[str, ...]],
-    rows: int,
+    f: IO[bytes], suffix: str, header: list[str], names: list[str], rows: int, whole: bool
 ) -> Iterator[pa.RecordBatch]:
-    """The table's `names` columns, a record batch at a time, never the whole file."""
+    """The table's `names` columns, a record batch at a time: `whole`, a Parquet or Arrow
+    file read at once (all cores), else never more than about `rows` rows in memory."""
     import pyarrow as pa
 
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        if whole:
+            yield from pq.read_table(f, columns=names).to_batches()
+            return
         # buffer_size: column chunks are read a buffer at a time, not a row group at once.
         parquet = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
         yield from parquet.iter_batches(batch_size=rows, columns=names)
         return
     if suffix in (".feather", ".arrow"):
+        if whole:
+            import pyarrow.feather as feather
+
+            yield from feather.read_table(f, columns=names, memory_map=False).to_batches()
+            return
         try:
             reader = pa.ipc.open_file(f)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
@@ -221,35 +310,21 @@ def _batches(
         return
     import pyarrow.csv as pv
 
-    # As _read_table reads a CSV, but every type given: a streaming parser fixes a column's
-    # type from its first block, and a column of integers there and "1.5" later would fail.
-    # The vocabulary columns are text: their cells are names, whatever they look like (a "1"
-    # is a category's name); the others float64, as `_numbers` reads them. The parser's blocks
-    # are bytes, about `rows` rows' worth, at most 1 MiB: the reader parses ahead, and its
-    # memory grows with the block (a 10⁷-row CSV: +55 MB at 1 MiB, +565 MB at 16 MiB, at the
-    # same speed). A row must fit in a block: 1 KiB at the least (only a test asks for less).
+    # Every cell as the bytes written, whole file or not: the parser never converts a cell,
+    # so one function (`_numbers`) reads every number on every path, and a column's type
+    # never depends on which rows a block holds. The parser's blocks are bytes, about `rows`
+    # rows' worth, at most 1 MiB: the reader parses ahead, and its memory grows with the
+    # block. A row must fit in a block: 1 KiB at the least (only a test asks for less).
     block = max(1 << 10, min(1 << 20, rows * CSV_BYTES_PER_ROW))
     read = pv.ReadOptions(column_names=header, skip_rows=1, block_size=block)
-    types = {name: pa.string() if name in text else pa.float64() for name in names}
-    yield from pv.open_csv(f, read_options=read, convert_options=_as_written(names, types))
-
-
-def _as_written(names: Sequence[str], types: dict[str, Any] | None = None) -> Any:
-    """Our names (stripped, as csv_header reads them) in place of the file's header row; every
-    cell as written: no null spellings, booleans or dates, so "nan", "" or "true" stay what
-    they are and the checks name them."""
-    import pyarrow.csv as pv
-
-    return pv.ConvertOptions(
-        include_columns=list(names),
-        column_types=types,
+    convert = pv.ConvertOptions(
+        include_columns=names,
+        column_types=dict.fromkeys(names, pa.binary()),
         null_values=[],
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
-        true_values=[],
-        false_values=[],
-        timestamp_parsers=[],
     )
+    yield from pv.open_csv(f, read_options=read, convert_options=convert)
 
 
 def vocabulary(strings: pa.ChunkedArray) -> tuple[str, ...]:
@@ -259,29 +334,14 @@ def vocabulary(strings: pa.ChunkedArray) -> tuple[str, ...]:
     return tuple(sorted(pc.unique(strings).drop_null().to_pylist()))
 
 
-def category_ids(strings: pa.ChunkedArray, vocab: Sequence[str]) -> np.ndarray:
+def category_ids(strings: pa.ChunkedArray | pa.Array, vocab: Sequence[str]) -> np.ndarray:
     """1 + each value's index in `vocab`; UNKNOWN (0) for a value not in it or missing."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     index = pc.index_in(strings, value_set=pa.array(list(vocab), pa.string()))
     ids = pc.fill_null(pc.add(index, 1), UNKNOWN)
-    return ids.to_numpy().astype(np.float32)
-
-
-def _read_table(f: IO[bytes], suffix: str, header: list[str], names: list[str]) -> pa.Table:
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(f, columns=names)
-    if suffix in (".feather", ".arrow"):
-        import pyarrow.feather as feather
-
-        return feather.read_table(f, columns=names, memory_map=False)
-    import pyarrow.csv as pv
-
-    read = pv.ReadOptions(column_names=header, skip_rows=1)
-    return pv.read_csv(f, read_options=read, convert_options=_as_written(names))
+    return ids.to_numpy(zero_copy_only=False).astype(np.float32)
 
 
 def _ipc_schema(f: IO[bytes]) -> pa.Schema:
@@ -294,94 +354,181 @@ def _ipc_schema(f: IO[bytes]) -> pa.Schema:
         return pa.ipc.open_stream(f).schema
 
 
-def _is_text(kind: pa.DataType, suffix: str, column: pa.ChunkedArray) -> bool:
+def _is_text(column: pa.Array, name: str, where: _Where, first_row: int) -> bool:
     """A categorical column: text in Parquet/Feather; in a CSV, text no cell of which looks
     like a number (a column mixing the two is numbers with a bad cell)."""
     import pyarrow as pa
 
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-    textual = pa.types.is_string(kind) or pa.types.is_large_string(kind)
-    if suffix != ".csv":
-        return textual
-    if not (textual or pa.types.is_date(kind)):
-        return False
+    if where.suffix != ".csv":
+        kind = column.type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+        return pa.types.is_string(kind) or pa.types.is_large_string(kind)
     import pyarrow.compute as pc  # here: ~0.3 s of imports an all-number table never needs
 
-    strings = column.cast(pa.string())
+    strings = _as_strings(column, name, where, first_row)
     return not pc.any(pc.match_substring_regex(strings, NUMBER_LIKE, ignore_case=True)).as_py()
 
 
-def _as_strings(column: pa.ChunkedArray, suffix: str) -> pa.ChunkedArray:
+def _as_strings(column: pa.Array, name: str, where: _Where, first_row: int) -> pa.Array:
+    """A column's cells as text, in every format alike: surrounding spaces don't count (" red"
+    is "red"), and a blank cell (empty or spaces) is missing, never a category or a number:
+    pyarrow writes a missing value to a CSV as a blank cell, and "" as `""`."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    strings = column.cast(pa.string())
-    # As the header's names are: " red" and "red" in a CSV are one category.
-    return pc.utf8_trim_whitespace(strings) if suffix == ".csv" else strings
+    try:
+        strings = column.cast(pa.string())
+    except pa.ArrowInvalid:  # bytes that are not UTF-8: a CSV's cells are read as bytes
+        row = _first_failing(column, lambda part: part.cast(pa.string()))
+        raise InputError(f"{where.cell(name, first_row + row)}: not UTF-8 text") from None
+    strings = pc.utf8_trim_whitespace(strings)
+    return pc.if_else(pc.equal(strings, ""), pa.scalar(None, pa.string()), strings)
 
 
-def _numbers(column: pa.ChunkedArray, name: str, where: _Where, first_row: int) -> np.ndarray:
+def _numbers(column: pa.Array, name: str, where: _Where, first_row: int) -> np.ndarray:
+    """A column as float32, by the same rules on every read path: a CSV cell is a number as
+    Arrow's parser reads one (surrounding spaces aside); a blank or null is a missing value;
+    an integer float32 can't hold exactly, or a finite value beyond its range, is refused."""
     import pyarrow as pa
 
-    f, suffix, header, source = where.f, where.suffix, where.header, where.source
-    kind = column.type
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
-        if column.null_count:
-            nulls = column.is_null().to_numpy(zero_copy_only=False)
-            row = first_row + int(np.flatnonzero(nulls)[0])
-            # No count: a streamed read sees one block's, and both reads must say the same.
-            raise InputError(
-                f"data file {source!r}: column {name!r} has missing values, the first at row {row}"
-            )
-        # Through float64, as a CSV's text is parsed: the same table gives the same float32s.
-        return column.cast(pa.float64()).to_numpy()
-    if pa.types.is_boolean(kind) and suffix != ".csv":
-        return column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-    if suffix == ".csv":
-        # Arrow's parser refuses some spellings Python reads ("1_000"); those cells are still
-        # numbers. Anything else is reported where it is.
+    kind, source = column.type, where.source
+    if where.suffix == ".csv":
+        return _csv_numbers(column, name, where, first_row)
+    numeric = pa.types.is_integer(kind) or pa.types.is_floating(kind)
+    if not (numeric or pa.types.is_decimal(kind) or pa.types.is_boolean(kind)):
+        what = "text" if _is_text(column, name, where, first_row) else f"{kind} values"
+        raise InputError(f"data file {source!r}: column {name!r} holds {what}, not numbers")
+    _refuse_missing(column, name, where, first_row)
+    if not numeric:  # decimals round as floats do; booleans are 0 and 1
+        column = column.cast(pa.float64())
+    values = column.to_numpy(zero_copy_only=False)
+    if unfit := unfit_for_float32(values):
+        row, why = unfit
+        raise InputError(f"{where.cell(name, first_row + row)}: {why}")
+    return values.astype(np.float32)
+
+
+def _csv_numbers(cells: pa.Array, name: str, where: _Where, first_row: int) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:  # the common case, every cell a bare number: trimming would change none of them
+        parsed = cells.cast(pa.float64())
+    except pa.ArrowInvalid:
+        cells = _as_strings(cells, name, where, first_row)
         try:
-            return np.array([float(cell) for cell in column.to_pylist()], dtype=np.float64)
-        except (ValueError, TypeError):
-            f.seek(0)
-            raise InputError(_locate_bad_cell(f, header, source, [name])) from None
-    what = "text" if _is_text(kind, suffix, column) else f"{kind} values"
-    raise InputError(f"data file {source!r}: column {name!r} holds {what}, not numbers")
+            parsed = cells.cast(pa.float64())
+        except pa.ArrowInvalid:
+            row = _first_failing(cells, lambda part: part.cast(pa.float64()))
+            raise InputError(
+                f"{where.cell(name, first_row + row)}: {cells[row].as_py()!r} is not a number"
+            ) from None
+    _refuse_missing(parsed, name, where, first_row)
+    values = parsed.to_numpy(zero_copy_only=False)
+    # As in a typed table, an integer (here: a cell written as one) must be exact, and a
+    # finite number (here: "1e400" too, which float64 already made infinite) within range.
+    at = np.flatnonzero(np.abs(values) > FLOAT32_EXACT)
+    if len(at):
+        text = _as_strings(cells.take(pa.array(at)), name, where, first_row)
+        integer = pc.match_substring_regex(text, INTEGER).to_numpy(zero_copy_only=False)
+        inexact = np.zeros(len(at), dtype=bool)
+        inexact[integer] = _inexact_integer_cells(text.filter(pa.array(integer)))
+        inf = pc.match_substring_regex(text, r"^[+-]?inf", ignore_case=True)
+        infinite = np.isinf(values[at]) & ~inf.to_numpy(zero_copy_only=False)
+        bad = inexact | infinite | _beyond_float32(values[at])
+        if bad.any():
+            k = int(np.argmax(bad))
+            why = _unfit(text[k].as_py(), integer=bool(inexact[k]))
+            raise InputError(f"{where.cell(name, first_row + int(at[k]))}: {why}")
+    return values.astype(np.float32)
 
 
-def _locate_bad_cell(
-    f: IO[bytes],
-    header: list[str],
-    source: str,
-    checked: Sequence[str],
-    reason: str = "not a numeric CSV table",
-) -> str:
-    """Where a CSV first fails: a row of the wrong length, or a cell of a `checked` column
-    that is not a number (the slow, exact path after pyarrow refused the file)."""
-    f.seek(0)
-    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")
-    rows = csv.reader(text)
+def _inexact_integer_cells(cells: pa.Array) -> np.ndarray:
+    """`_inexact_integers` of cells written as integers (digits, a sign)."""
+    import pyarrow as pa
+
+    try:
+        return _inexact_integers(cells.cast(pa.int64()).to_numpy())
+    except pa.ArrowInvalid:  # beyond int64: Python's integers are exact at any size
+        magnitudes = [abs(int(cell)) for cell in cells.to_pylist()]
+        return np.array([n // (n & -n) >= FLOAT32_EXACT if n else False for n in magnitudes])
+
+
+def _refuse_missing(column: pa.Array, name: str, where: _Where, first_row: int) -> None:
+    if column.null_count:
+        row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        line = where.line(row)
+        # No count: a streamed read sees one block's, and both reads must say the same.
+        raise InputError(
+            f"data file {where.source!r}: column {name!r} has missing values, the first at "
+            f"row {row}" + (f" (line {line})" if line is not None else "")
+        )
+
+
+def _first_failing(array: pa.Array, convert: Callable[[pa.Array], object]) -> int:
+    """The index of the first element `convert` refuses (it refuses the whole array): by
+    halves, with the very conversion that failed, so the cell named is the one it refused."""
+    import pyarrow as pa
+
+    lo, hi = 0, len(array)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            convert(array.slice(lo, mid - lo))
+        except pa.ArrowInvalid:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def _locate_bad_row(where: _Where, reason: str) -> str:
+    """Where a CSV's parse fails: a row of the wrong length (Python's csv module: the slow,
+    exact path after pyarrow refused the file)."""
+    rows = csv.reader(_lines(where.f))
     next(rows, None)  # the header
     for line_no, row in enumerate(rows, start=2):
-        if not row:
-            continue
-        if len(row) != len(header):
+        if row and len(row) != len(where.header):
             return (
-                f"data file {source!r}: line {line_no} has {len(row)} fields, "
-                f"the header has {len(header)}"
+                f"data file {where.source!r}: line {line_no} has {len(row)} fields, "
+                f"the header has {len(where.header)}"
             )
-        for column, cell in zip(header, row, strict=True):
-            if column not in checked:
-                continue
-            try:
-                float(cell)
-            except ValueError:
-                return (
-                    f"data file {source!r}: line {line_no}, column {column!r}: "
-                    f"{cell.strip()!r} is not a number"
-                )
-    return f"data file {source!r}: {reason}"
+    return f"data file {where.source!r}: {reason}"
+
+
+def _lines(f: IO[bytes]) -> Iterator[str]:
+    """The file's text lines from its start, read by positional reads of its descriptor where
+    it has one, so a parser reading ahead on another thread keeps its position; `f` stays
+    open (a TextIOWrapper closes its file when it is collected, unless detached)."""
+    try:
+        raw: IO[bytes] = io.BufferedReader(_PositionalReader(f.fileno()))
+        borrowed = False
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        f.seek(0)
+        raw, borrowed = f, True
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+    try:
+        yield from text
+    finally:
+        if borrowed:
+            text.detach()
+
+
+class _PositionalReader(io.RawIOBase):
+    """A descriptor's bytes from offset 0, by pread: never moves the descriptor's offset, and
+    never closes it."""
+
+    def __init__(self, fd: int):
+        self._fd, self._offset = fd, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = os.pread(self._fd, len(buffer), self._offset)
+        buffer[: len(chunk)] = chunk
+        self._offset += len(chunk)
+        return len(chunk)
 
 
 class _Counted:

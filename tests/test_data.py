@@ -282,3 +282,27 @@ def test_permission_denied(tmp_path, monkeypatch):
 
         monkeypatch.setattr(tasks.sources, "open", deny, raising=False)
     assert_one_line_error(str(path), "permission denied")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_arrays_float32_cannot_hold_are_one_line_naming_row_and_column(tmp_path, suffix, recwarn):
+    path = str(tmp_path / f"d{suffix}")
+
+    def save(x, y):
+        if suffix == ".npz":
+            np.savez(path, x=x, y=y)
+        else:
+            torch.save({"x": torch.as_tensor(x), "y": torch.as_tensor(y)}, path)
+
+    timestamps = np.ones((5, 2), dtype=np.int64)
+    timestamps[3, 1] = 1_700_000_000_000_000_001
+    save(timestamps, np.ones(5))
+    assert_one_line_error(
+        path, "x, row 3, column 1: the integer 1700000000000000001 is not exact in float32"
+    )
+    save(np.ones(5), np.array([1.0, 2.0, 1e300, 1.0, 1.0]))
+    assert_one_line_error(path, "y, row 2, column 0: 1e+300 is beyond float32's range")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    exact = np.array([16_777_216, 30_000_000, -(2**60)], dtype=np.int64)
+    save(exact, np.ones(3))
+    assert load_dataset(path).x[:, 0].tolist() == [16_777_216.0, 30_000_000.0, -(2.0**60)]

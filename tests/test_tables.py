@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
@@ -23,11 +24,14 @@ from prefect.states import State
 import tasks.tables
 from flows.predict_flow import main as predict
 from flows.train_flow import main as train
-from tasks.data import load_dataset, load_tensors, training_categories
+from tasks.data import load_dataset, load_tensors, table_row_blocks, training_categories
 from tasks.errors import InputError
+from tasks.mapped import Scratch
 from tasks.model import OneHot, initial_model, instantiate, model_spec
+from tasks.sources import DataFile
 from tasks.split import split_indices
 from tasks.stage import using_cache
+from tasks.stream import convert_to_map
 from tasks.tables import iter_columns
 
 from .conftest import REPO
@@ -342,3 +346,178 @@ def test_missing_values_read_a_block_at_a_time_are_reported_as_read_whole(tmp_pa
         list(iter_columns(f, ".parquet", str(path), ["a", "y"], {}, rows_per_block=2))
     assert str(streamed.value) == str(whole.value)
     assert str(whole.value).endswith("column 'a' has missing values, the first at row 2")
+
+
+# --- one reading: every read path converts a cell alike --------------------------------------
+
+
+def _every_read_path(
+    path: Path,
+    features: tuple[str, ...],
+    targets: tuple[str, ...],
+    categories: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, tuple[list, list] | str]:
+    """x and y as lists, or the error's message, from each way trainflow reads a table:
+    training's whole file, predict's reader a few rows at a time, and (numbers only) the
+    memory-mapped conversion."""
+    source, out = str(path), {}
+
+    def attempt(name, read):
+        try:
+            x, y = read()
+            out[name] = (x.tolist(), y.tolist())
+        except InputError as exc:
+            out[name] = str(exc)
+
+    def whole():
+        data = load_dataset(source, targets, features=features)
+        return data.x, data.y
+
+    def streamed():
+        with path.open("rb") as f:
+            blocks = list(
+                table_row_blocks(f, source, features, targets, categories or {}, rows_per_block=8)
+            )
+        return torch.cat([x for x, _ in blocks]), torch.cat([y for _, y in blocks])
+
+    def mapped():
+        with DataFile(source) as file:
+            data = convert_to_map(file, path.suffix, targets, features, Scratch(None))
+        return data.table.gather(torch.arange(len(data)))
+
+    attempt("whole", whole)
+    attempt("streamed", streamed)
+    if categories is None:
+        attempt("mapped", mapped)
+    return out
+
+
+def test_a_blank_text_cell_is_missing_and_unknown_in_every_format_and_read_path(tmp_path):
+    # One table, as pyarrow writes it: a null is a blank CSV cell. A blank or spaces-only
+    # string is missing too, so a Parquet "" and a CSV `""` agree.
+    table = pa.table(
+        {
+            "a": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            "color": ["red", None, "blue", "", "  ", "red"],
+            "y": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        }
+    )
+    paths = {suffix: tmp_path / f"t{suffix}" for suffix in (".csv", ".parquet", ".feather")}
+    pa_csv.write_csv(table, paths[".csv"])
+    pq.write_table(table, paths[".parquet"])
+    feather.write_feather(table, paths[".feather"])
+    vocabulary = {"color": ("blue", "red")}
+    ids = [2.0, 0.0, 1.0, 0.0, 0.0, 2.0]
+    for suffix, path in paths.items():
+        data = load_dataset(str(path))
+        assert data.categories == vocabulary, suffix
+        assert data.x[:, 1].tolist() == ids, suffix
+        read = _every_read_path(path, ("a", "color"), ("y",), vocabulary)
+        assert read["whole"] == read["streamed"], suffix
+        # predict's reader with any vocabulary, even one naming "": a blank is never a value
+        with path.open("rb") as f:
+            blocks = table_row_blocks(f, str(path), ("a", "color"), ("y",), {"color": ("",)}, 2)
+            assert torch.cat([x for x, _ in blocks])[:, 1].tolist() == [0.0] * 6, suffix
+
+
+NUMBERS = "a,y\n" + "".join(f"{i}.5,{i}\n" for i in range(300))
+
+
+@pytest.mark.parametrize(
+    ("cell", "read"),
+    [
+        ("1_000", "line 252, column 'a': '1_000' is not a number"),
+        ("1 000", "line 252, column 'a': '1 000' is not a number"),
+        ("١٢٣", "line 252, column 'a': '١٢٣' is not a number"),  # Arabic-Indic digits
+        ('" 2.5 "', 2.5),  # surrounding spaces don't count, quoted or not
+        ("+1e3", 1000.0),
+        ("", "column 'a' has missing values, the first at row 250 (line 252)"),
+    ],
+)
+def test_every_read_path_converts_a_cell_alike(tmp_path, cell, read):
+    lines = NUMBERS.splitlines()
+    lines[252 - 1] = f"{cell},250"
+    path = tmp_path / "d.csv"
+    path.write_text("\n".join(lines) + "\n")
+    results = _every_read_path(path, ("a",), ("y",))
+    if isinstance(read, str):
+        expected = f"data file {str(path)!r}: {read}"
+        assert results == {"whole": expected, "streamed": expected, "mapped": expected}
+    else:
+        assert results["whole"][0][250] == [read]
+        assert results["whole"] == results["streamed"] == results["mapped"]
+
+
+INT64_BEYOND = 1_700_000_000_000_000_001  # a nanosecond timestamp: float32 would drop digits
+
+
+@pytest.mark.parametrize(
+    ("values", "kind", "message"),
+    [
+        ([INT64_BEYOND], pa.int64(), f"the integer {INT64_BEYOND} is not exact in float32"),
+        ([16_777_217], pa.int64(), "the integer 16777217 is not exact in float32"),
+        ([2**64 - 1], pa.uint64(), f"the integer {2**64 - 1} is not exact in float32"),
+        ([1e300], pa.float64(), "1e+300 is beyond float32's range"),
+        ([-1e39], pa.float64(), "-1e+39 is beyond float32's range"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".feather"])
+def test_a_number_float32_cannot_hold_is_one_line_naming_column_and_row_on_every_path(
+    tmp_path, recwarn, values, kind, message, suffix
+):
+    rows = 40
+    column = [1] * rows
+    column[33] = values[0]
+    table = pa.table({"a": pa.array(column, kind), "y": pa.array([1.0] * rows)})
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".csv":
+        pa_csv.write_csv(table, path)
+        where = "line 35, column 'a'"
+    else:
+        (pq.write_table if suffix == ".parquet" else feather.write_feather)(table, path)
+        where = "row 33, column 'a'"
+    results = _every_read_path(path, ("a",), ("y",))
+    (said,) = set(results.values())  # the same on every path
+    assert said.startswith(f"data file {str(path)!r}: {where}: {message} ("), said
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        ([16_777_216, -16_777_216], pa.int64()),  # float32 holds every integer up to 2^24
+        ([30_000_000, 2**60], pa.int64()),  # and beyond, those with 24 significant bits
+        ([16_777_217.5, 3.4e38], pa.float64()),  # a float rounds to float32, as any float does
+    ],
+)
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_numbers_float32_holds_read_alike_on_every_path(tmp_path, values, kind, suffix):
+    table = pa.table({"a": pa.array(values, kind), "y": pa.array([1.0] * len(values))})
+    path = tmp_path / f"t{suffix}"
+    (pa_csv.write_csv if suffix == ".csv" else pq.write_table)(table, path)
+    results = _every_read_path(path, ("a",), ("y",))
+    expected = [[float(np.float32(v))] for v in values]
+    assert results["whole"][0] == expected, results
+    assert results["whole"] == results["streamed"] == results["mapped"]
+
+
+@pytest.mark.parametrize(
+    ("cells", "message"),
+    [
+        (f"{INT64_BEYOND},1\n", f"line 3, column 'ts': the integer {INT64_BEYOND} is not exact"),
+        ("1e300,1\n", "line 3, column 'ts': 1e300 is beyond float32's range"),
+    ],
+)
+def test_a_number_float32_cannot_hold_is_exit_2_one_line_and_writes_nothing(
+    tmp_path, subprocess_env, cells, message
+):
+    source = tmp_path / "d.csv"
+    source.write_text("ts,y\n1,1\n" + cells + "2,2\n3,3\n")
+    command = [sys.executable, str(REPO / "flows" / "train_flow.py"), "--data", str(source)]
+    command += ["--runs-dir", "runs", "--cache-dir", "cache", "--epochs", "1"]
+    done = subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert err[-1].startswith(f"train_flow.py: error: data file {str(source)!r}: {message}")
+    assert "Traceback" not in done.stderr and "RuntimeWarning" not in done.stderr
+    assert not any(p.is_file() for p in tmp_path.rglob("*") if p != source)
