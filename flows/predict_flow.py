@@ -25,8 +25,8 @@ from flows.server import ServerError
 from tasks.errors import InputError, StorageError, quiet_input_errors
 from tasks.predict import (
     PredictSummary,
-    default_output,
     find_model,
+    output_url,
     publish,
     score,
     scoring_cache,
@@ -41,7 +41,7 @@ def predict_flow(config: PredictConfig = PredictConfig()) -> PredictSummary:  # 
     started = time.perf_counter()
     with stage_log() as stages:
         run = find_model(model=cfg.model, runs_dir=cfg.runs_dir)
-        out = default_output(run, cfg.out)
+        out = output_url(run, cfg.out)  # refused here, before scoring, if it can't be kept
         # All or nothing: an output that can't be written leaves no cache entry behind.
         with scoring_cache(cfg.cache_dir, run, cfg.no_cache, cfg.refresh_cache), transaction():
             scores = score(

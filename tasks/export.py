@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tempfile
 import warnings
@@ -27,6 +28,12 @@ if TYPE_CHECKING:  # imported where a writer is made: a run that writes no event
 MODEL, PROGRAM, SPLIT = "model.safetensors", "model.pt2", "split.safetensors"
 METRICS = "metrics.json"
 COLUMNS = "columns.json"  # the model's input and output columns, by name, for predict
+# The architecture (a ModelSpec): with model.safetensors, all predict rebuilds the model from.
+# Predict never loads model.pt2: torch.export.load runs code an archive can carry.
+SPEC = "spec.json"
+# The Prefect artifact that records where a train flow run's folder is, absolute, so that
+# `--model prefect.flow-run.<id>` names that folder whatever the caller's working directory.
+RUN_FOLDER_ARTIFACT = "run-folder"
 # TensorBoard reads every file with "tfevents" in its name; fixed names mean a re-run into the
 # same folder replaces the graph and the hparams record instead of adding a second one.
 GRAPH_EVENTS, HPARAMS_EVENTS = "events.out.tfevents.0.graph", "events.out.tfevents.0.hparams"
@@ -150,6 +157,7 @@ def write_outputs(
         files.atomic_write(run_dir / HPARAMS_EVENTS, record)
         files.write_safetensors(run_dir / MODEL, trained.state)
         files.atomic_write(run_dir / PROGRAM, exported.program)
+        files.write_json(run_dir / SPEC, dataclasses.asdict(trained.spec))
         files.write_safetensors(run_dir / SPLIT, {"train": parts.train, "val": parts.val})
         files.write_json(run_dir / COLUMNS, columns)
         files.write_json(run_dir / METRICS, metrics)  # last: a run folder with it is complete
@@ -165,7 +173,13 @@ def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:
 
 
 def publish(trained: Trained, run_dir: Path) -> None:
-    """The run as Prefect UI artifacts: a summary card and a table of the losses."""
+    """The run as Prefect UI artifacts: a summary card, a table of the losses, and the run
+    folder's absolute path (what predict looks up by flow run id)."""
+    create_table_artifact(
+        key=RUN_FOLDER_ARTIFACT,
+        description="The run folder this flow run wrote",
+        table=[{"run_folder": str(Path(run_dir).absolute())}],
+    )
     create_markdown_artifact(
         key="train-summary",
         description="Final losses and where the run's files are",

@@ -1,16 +1,25 @@
-"""predict: a trained run's `model.pt2` applied to a table, batch by batch, cached like a stage.
+"""predict: a trained run's model applied to a table, batch by batch, cached like a stage.
 
-A training run's folder holds everything scoring needs: the program (`model.pt2`), the config
-it was trained with (`config.json`: the loss says how outputs become predictions, the data
-recipe says what 'synthetic' means) and its column schema (`columns.json`: which columns, in
-which order, the program takes, and which are targets).
+A training run's folder holds everything scoring needs, as data: the weights
+(`model.safetensors`) and architecture (`spec.json`) the model is rebuilt from by trainflow's
+own code, the config it was trained with (`config.json`: the loss says how outputs become
+predictions, the data recipe says what 'synthetic' means) and its column schema
+(`columns.json`: which columns, in which order, the model takes, and which are targets).
+
+`model.pt2` is never loaded here: `torch.export.load` unpickles parts of an archive and hands
+its shape expressions to sympy's `eval`, so whoever can write a run folder or the cache (whose
+export-graph entry becomes `model.pt2`) could make it run code. The rebuilt model computes
+what a genuine `model.pt2` does, from files that can change the numbers but run nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import glob
 import io
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -21,17 +30,20 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+import xxhash
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
-from torch import Tensor
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from torch import Tensor, nn
 
 from tasks import files
 from tasks.data import SYNTHETIC, check_format, read_file, synthetic, table_row_blocks
 from tasks.device import resolve_device
 from tasks.errors import InputError, writing
-from tasks.export import COLUMNS, METRICS, PROGRAM
-from tasks.keys import file_digest
+from tasks.export import COLUMNS, METRICS, MODEL, PROGRAM, RUN_FOLDER_ARTIFACT, SPEC
 from tasks.metrics import ValMetrics
+from tasks.model import ModelSpec, instantiate, model_code, spec_from_json
 from tasks.rules import DEFAULT_CACHE_DIR
 from tasks.rundir import CONFIG, StageRecord, stage_table
 from tasks.sources import DataFile, Identity, suffix_of
@@ -58,7 +70,8 @@ class ModelRun:
     features: tuple[str, ...]
     targets: tuple[str, ...]
     config: dict[str, Any]  # the training run's TrainConfig, as JSON
-    program_digest: str  # of model.pt2's bytes: what the cache keys the model by
+    spec: ModelSpec  # the architecture (spec.json)
+    weights_digest: str  # of model.safetensors' bytes: what the cache keys the weights by
     # Per categorical feature, the training rows' vocabulary: a value's id is 1 + its index.
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
@@ -68,14 +81,12 @@ class ModelRun:
 
     @property
     def schema(self) -> dict[str, Any]:
-        """What besides the program's bytes decides the scores: which columns go in, in which
-        order, how text becomes ids, and the loss the metrics are computed with."""
+        """What besides the weights' bytes decides the scores: the architecture, which columns
+        go in, in which order, how text becomes ids, and the loss the metrics are computed
+        with."""
         schema = {"features": self.features, "targets": self.targets, "loss": self.loss}
+        schema["spec"] = dataclasses.asdict(self.spec)
         return schema | ({"categories": self.categories} if self.categories else {})
-
-    @property
-    def program(self) -> Path:
-        return Path(self.folder) / PROGRAM
 
 
 @dataclass(frozen=True)
@@ -117,8 +128,16 @@ def latest_run(runs_dir: Path) -> Path:
 
 
 def flow_run_folder(run_id: str) -> Path:
-    """The run folder a `train` flow run wrote, asked of the Prefect server that ran it."""
+    """The run folder a `train` flow run wrote, as that run recorded it (absolute, in its
+    `run-folder` artifact), asked of the Prefect server that ran it. Never resolved against
+    this process's working directory: a relative `runs_dir` there names another folder."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+    from prefect.client.schemas.sorting import ArtifactSort
 
     try:
         flow_run_id = uuid.UUID(run_id)
@@ -129,21 +148,40 @@ def flow_run_folder(run_id: str) -> Path:
             flow_run = client.read_flow_run(flow_run_id)
         except Exception as exc:  # ObjectNotFound, or the server's own error
             raise InputError(f"--model {FLOW_RUN}{run_id}: no such flow run ({exc})") from None
-    state = flow_run.state.type.value if flow_run.state else "unknown"
-    if state != "COMPLETED":
-        raise InputError(f"--model {FLOW_RUN}{run_id}: that training run is {state}, not COMPLETED")
-    config = flow_run.parameters.get("config") or {}
-    runs_dir = Path(config.get("runs_dir", "runs"))
-    if config.get("run_name"):
-        return runs_dir / config["run_name"]
-    # generate_run_name ends every generated folder name with the flow run id's first 8 digits.
-    matches = sorted(runs_dir.glob(f"*-{run_id[:8]}")) if runs_dir.is_dir() else []
-    if len(matches) != 1:
-        raise InputError(
-            f"--model {FLOW_RUN}{run_id}: found {len(matches)} run folders for it under "
-            f"{str(runs_dir)!r}, expected 1"
+        state = flow_run.state.type.value if flow_run.state else "unknown"
+        if state != "COMPLETED":
+            raise InputError(
+                f"--model {FLOW_RUN}{run_id}: that training run is {state}, not COMPLETED"
+            )
+        # The newest: a retried flow run records its folder again, as the attempt that
+        # completed saw it.
+        records = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=[RUN_FOLDER_ARTIFACT]),
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
         )
-    return matches[0]
+    folder = _recorded_folder(records[0].data) if records else None
+    if folder is None:
+        raise InputError(
+            f"--model {FLOW_RUN}{run_id}: that run recorded no run folder (trained before "
+            "trainflow recorded one); pass its folder as --model"
+        )
+    if not folder.is_dir():
+        raise InputError(f"--model {FLOW_RUN}{run_id}: its run folder {str(folder)!r} is gone")
+    return folder
+
+
+def _recorded_folder(data: Any) -> Path | None:
+    """The absolute path in a `run-folder` artifact's table (JSON text, as the server keeps it)."""
+    try:
+        rows = json.loads(data) if isinstance(data, str) else data
+        folder = Path(rows[0]["run_folder"])
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    return folder if folder.is_absolute() else None
 
 
 def find_run(model: str, runs_dir: str) -> Path:
@@ -168,7 +206,15 @@ def _is_uuid(text: str) -> bool:
 
 
 def read_run(folder: Path) -> ModelRun:
-    missing = [name for name in (PROGRAM, CONFIG, COLUMNS) if not (folder / name).is_file()]
+    """The run, checked: its JSON read, its model rebuilt once (so that a spec and weights
+    that don't fit are refused here, before anything is scored or written)."""
+    needed = (MODEL, SPEC, CONFIG, COLUMNS)
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing == [SPEC]:
+        raise InputError(
+            f"--model {folder}: no {SPEC} (trained before trainflow wrote one); train the same "
+            "config again to add it"
+        )
     if missing:
         raise InputError(
             f"--model {folder}: not a finished training run (missing {', '.join(missing)})"
@@ -183,11 +229,62 @@ def read_run(folder: Path) -> ModelRun:
         }
         if not isinstance(config.get("loss"), str):  # how outputs become predictions
             raise ValueError(f"{CONFIG} names no loss")
+        spec = spec_from_json(json.loads((folder / SPEC).read_text()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"--model {folder}: unreadable {CONFIG} or {COLUMNS} ({exc})") from None
-    return ModelRun(
-        str(folder.absolute()), features, targets, config, file_digest(folder / PROGRAM), categories
+        raise InputError(
+            f"--model {folder}: unreadable {CONFIG}, {COLUMNS} or {SPEC} ({exc})"
+        ) from None
+    weights = _read_weights(folder)
+    run = ModelRun(
+        str(folder.absolute()),
+        features,
+        targets,
+        config,
+        spec,
+        xxhash.xxh3_128_hexdigest(weights),
+        categories,
     )
+    rebuilt_model(run, weights)
+    return run
+
+
+def _read_weights(folder: Path) -> bytes:
+    try:
+        return (folder / MODEL).read_bytes()
+    except OSError as exc:
+        raise InputError(f"--model {folder}: unreadable {MODEL} ({exc.strerror})") from None
+
+
+def rebuilt_model(run: ModelRun, weights: bytes | None = None) -> nn.Module:
+    """The run's model from data alone: its architecture built by trainflow's own code (or an
+    installed plugin's, by name, as in training) and its weights loaded from safetensors,
+    which holds tensors and nothing that runs. In eval mode, as export-graph exported it.
+
+    `weights` are model.safetensors' bytes as `run` was read with; read again, they must be
+    the same bytes, or the cache would key one model's scores by another's digest."""
+    folder = Path(run.folder)
+    weights = _read_weights(folder) if weights is None else weights
+    if xxhash.xxh3_128_hexdigest(weights) != run.weights_digest:
+        raise InputError(f"--model {folder}: {MODEL} changed while predict was running")
+    try:
+        state = safetensors_load(weights)
+    except SafetensorError as exc:
+        raise InputError(f"--model {folder}: unreadable {MODEL} ({_one_line(exc)})") from None
+    try:
+        return instantiate(run.spec, state).eval()
+    except InputError as exc:  # a model name no installed package provides
+        raise InputError(f"--model {folder}: {SPEC}: {exc}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(
+            f"--model {folder}: {MODEL} does not fit {SPEC} ({_one_line(exc)})"
+        ) from None
+
+
+def _one_line(exc: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (load_state_dict lists its mismatches a line each)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -229,12 +326,14 @@ def row_blocks(
     yield data.x, data.y
 
 
-def apply_program(program: Path, blocks: Iterable[Tensor], batch_size: int, device: str) -> Tensor:
-    """The exported model on every row of the blocks, in calls of exactly `batch_size` rows
-    (the last one fewer) whatever the blocks' sizes: the batches, and so the rounding, of
-    one whole tensor. Outputs on the CPU."""
+def apply_model(
+    module: nn.Module, blocks: Iterable[Tensor], batch_size: int, device: str
+) -> Tensor:
+    """The model on every row of the blocks, in calls of exactly `batch_size` rows (the last
+    one fewer) whatever the blocks' sizes: the batches, and so the rounding, of one whole
+    tensor. Outputs on the CPU."""
     target = resolve_device(device)
-    module = torch.export.load(program).module().to(target)
+    module = module.to(target)
     outputs, pending = [], torch.empty(0)
     with torch.no_grad():
         for block in blocks:
@@ -269,16 +368,40 @@ def score_rows(
     """Outputs for every row; what stays in memory is the outputs and the targets, not the
     features (README: "Batch prediction", its limit)."""
     targets: list[Tensor] = []
+    source = file.url if file is not None else SYNTHETIC
 
     def features() -> Iterator[Tensor]:
+        first_row = 0
         for x, y in row_blocks(file, run, rows_per_block):
+            check_finite(x, y, run, source, first_row)
             if y is not None:
                 targets.append(y)
+            first_row += len(x)
             yield x
 
-    outputs = apply_program(run.program, features(), batch_size, device)
+    outputs = apply_model(rebuilt_model(run), features(), batch_size, device)
     y = torch.cat(targets) if targets else None
     return Scores(outputs, metrics(outputs, y, run.loss) if y is not None else {})
+
+
+def check_finite(x: Tensor, y: Tensor | None, run: ModelRun, source: str, first_row: int) -> None:
+    """Training refuses a NaN or Inf cell (tasks/data.py), so predict does too, by the column
+    and row (from 0, as the output's `row`): the model never saw one, and a `nan` prediction
+    would be written and cached as if it were a score. A category id is never one: a missing
+    or unseen text is id 0, unknown."""
+    categorical = {i for i, name in enumerate(run.features) if name in run.categories}
+    for values, names, skip in ((x, run.features, categorical), (y, run.targets, set())):
+        if values is None:
+            continue
+        bad = ~np.isfinite(values.numpy())
+        if skip:
+            bad[:, sorted(skip)] = False
+        if bad.any():
+            row, column = (int(i) for i in np.argwhere(bad)[0])
+            raise InputError(
+                f"data file {source!r}: a NaN/Inf value in column {names[column]!r}, "
+                f"row {first_row + row} (from 0); training refuses these too"
+            )
 
 
 def prediction_columns(scores: Scores, run: ModelRun, first_row: int = 0) -> dict[str, np.ndarray]:
@@ -357,17 +480,47 @@ def output_bytes(columns: dict[str, np.ndarray], suffix: str) -> bytes:
     return buffer.getvalue()
 
 
+def output_location(url: str) -> tuple[Any, str]:
+    """`--out`'s filesystem and path, refused (before anything is scored) where the file could
+    not be kept: a filesystem that lives in this process's memory is gone when predict exits."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as exc:  # an unknown protocol, or its package missing
+        raise InputError(f"--out {url}: {exc}") from None
+    if _in_process(fs):
+        raise InputError(
+            f"--out {url}: that filesystem keeps its files in this process's memory, gone when "
+            "predict exits; write to a local path or a store that outlives the process"
+        )
+    return fs, path
+
+
+def _in_process(fs: Any) -> bool:
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    while fs is not None:  # a caching or folder wrapper keeps its files where its target does
+        if isinstance(fs, MemoryFileSystem):
+            return True
+        fs = getattr(fs, "fs", None)
+    return False
+
+
+def _is_local(fs: Any) -> bool:
+    return fs.protocol in ("file", "local") or "file" in fs.protocol
+
+
 def write_output(url: str, blocks: Iterable[dict[str, np.ndarray]]) -> None:
     """Whole or not at all: a local file by atomic rename; an object store by one upload of a
     finished local file."""
-    import fsspec
-
     suffix = suffix_of(url)
+    fs, path = output_location(url)
     with writing(f"the output {url!r}"):
-        fs, path = fsspec.core.url_to_fs(url)
-        if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        if _is_local(fs):
             files.make_dirs(Path(path).parent)
-            with files.atomic_file(Path(path)) as f:
+            remove_leftovers(Path(path))
+            with held_temporary(Path(path)) as f:
                 write_blocks(f, blocks, suffix)
         else:
             with tempfile.TemporaryDirectory() as scratch:
@@ -375,6 +528,73 @@ def write_output(url: str, blocks: Iterable[dict[str, np.ndarray]]) -> None:
                 with local.open("wb") as f:
                     write_blocks(f, blocks, suffix)
                 fs.put_file(str(local), path)
+
+
+# A temporary output file, named `.<output>.<random>.predict.tmp` beside the output, is held
+# under an advisory lock (flock) by its writer from creation to rename. The kernel drops the
+# lock when the writer dies, however it dies (SIGKILL too), so a temporary file nobody holds is
+# a dead writer's leftover, never a live one's, whatever its age and however many predicts
+# write that output at once.
+LEFTOVER_SUFFIX = ".predict.tmp"
+
+
+@contextmanager
+def held_temporary(path: Path) -> Iterator[BinaryIO]:
+    """A file for `path`'s new bytes, renamed over `path` when the block ends (fsynced, then
+    the folder too); an error removes it. Held under its lock until renamed."""
+    while True:
+        fd, name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=LEFTOVER_SUFFIX
+        )
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # remove_leftovers may have taken it for a dead writer's between mkstemp and flock.
+        if _names(name, fd):
+            break
+        os.close(fd)
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, files.FILE_MODE)
+        with open(fd, "wb", closefd=False) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # still held: no sweep can take it before the rename
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    files.fsync_dir(path.parent)
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Remove the temporary files of `path` that no live writer holds: what a predict killed
+    while writing `path` left. Returns them."""
+    removed = []
+    pattern = f".{glob.escape(path.name)}.*{LEFTOVER_SUFFIX}"
+    for candidate in path.parent.glob(pattern):
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:  # gone meanwhile: renamed by its writer, or removed by another sweep
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _names(str(candidate), fd):
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:  # held: a live writer's (BlockingIOError), or gone meanwhile
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _names(name: str, fd: int) -> bool:
+    """Whether `name` is still the file open as `fd`."""
+    try:
+        return os.path.samestat(os.stat(name), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 # --- Prefect tasks ----------------------------------------------------------------------------
@@ -389,8 +609,9 @@ def find_model(model: str, runs_dir: str) -> ModelRun:
 def score(
     run: ModelRun, source: str | None, identity: Identity, batch_size: int, device: str
 ) -> Scores:
-    """Keyed by the program's bytes and the data's content: the same model on the same data
-    never scores twice. `batch_size` is in the key: a matmul may round differently per batch.
+    """Keyed by the weights' bytes, the architecture and the data's content: the same model on
+    the same data never scores twice. `batch_size` is in the key: a matmul may round
+    differently per batch.
 
     `source` None: the data the run was trained on."""
     source = source or run.config["data"]
@@ -400,8 +621,9 @@ def score(
         entry = cache_entry(
             "score",
             score_rows,
-            program=run.program_digest,
+            weights=run.weights_digest,
             model=run.schema,
+            plugin=model_code(run.spec.name),
             data=recipe,
             batch_size=batch_size,
             device=device_type,
@@ -413,8 +635,9 @@ def score(
         entry = cache_entry(
             "score",
             score_rows,
-            program=run.program_digest,
+            weights=run.weights_digest,
             model=run.schema,
+            plugin=model_code(run.spec.name),
             data=data,
             batch_size=batch_size,
             device=device_type,
@@ -428,8 +651,12 @@ def write_predictions(scores: Scores, run: ModelRun, out: str) -> str:
     return out
 
 
-def default_output(run: ModelRun, out: str | None) -> str:
-    return out or str(Path(run.folder) / "predictions.csv")
+def output_url(run: ModelRun, out: str | None) -> str:
+    """Where the predictions go (default: the run folder's predictions.csv), checked before
+    anything is scored: a place that can't keep the file is refused."""
+    url = out or str(Path(run.folder) / "predictions.csv")
+    output_location(url)
+    return url
 
 
 def publish(scores: Scores, run: ModelRun, out: str, seconds: float) -> None:

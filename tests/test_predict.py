@@ -6,22 +6,27 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flows.predict_flow import main as predict
 from flows.train_flow import main as train
 from tasks.data import table_row_blocks
 from tasks.errors import InputError, StorageError
+from tasks.model import ModelSpec, instantiate
 from tasks.predict import (
     ModelRun,
     Scores,
@@ -43,7 +48,8 @@ from tasks.tables import read_columns
 
 
 def _run(loss: str, targets: tuple[str, ...] = ("y",)) -> ModelRun:
-    return ModelRun("/nowhere", ("a", "b"), targets, {"loss": loss}, "0" * 32)
+    spec = ModelSpec("linear", 2, len(targets))
+    return ModelRun("/nowhere", ("a", "b"), targets, {"loss": loss}, spec, "0" * 32)
 
 
 def test_regression_predictions_are_the_outputs():
@@ -185,15 +191,19 @@ COLORS = {"color": ("blue", "red")}  # the training rows' vocabulary: no violet
 
 @pytest.fixture(scope="module")
 def categorical_model(tmp_path_factory) -> ModelRun:
-    """A program over (a, color id, b), exported here: scoring needs no training for this."""
+    """A linear model over (a, color id, b), its weights and spec written here: scoring needs
+    no training for this."""
+    from safetensors.torch import save_file
+
     folder = tmp_path_factory.mktemp("model")
-    model = torch.nn.Sequential(torch.nn.Linear(3, 1))
-    torch.nn.init.normal_(model[0].weight, generator=torch.Generator().manual_seed(0))
-    program = torch.export.export(
-        model, (torch.ones(4, 3),), dynamic_shapes=({0: torch.export.Dim("rows")},)
-    )
-    torch.export.save(program, folder / "model.pt2")
-    return ModelRun(str(folder), ("a", "color", "b"), ("y",), {"loss": "mse"}, "0" * 32, COLORS)
+    spec = ModelSpec("linear", 3, 1)
+    weight = torch.randn(1, 3, generator=torch.Generator().manual_seed(0))
+    save_file({"0.weight": weight, "0.bias": torch.zeros(1)}, folder / "model.safetensors")
+    (folder / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+    (folder / "config.json").write_text(json.dumps({"loss": "mse"}))
+    columns = {"features": ["a", "color", "b"], "targets": ["y"], "categories": COLORS}
+    (folder / "columns.json").write_text(json.dumps(columns))
+    return read_run(folder)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".feather"])
@@ -215,9 +225,11 @@ def test_scoring_a_block_at_a_time_equals_scoring_the_whole_table(
     assert set(x[:, 1].tolist()) == {0.0, 1.0, 2.0}  # violet: unknown (0), never an error
     assert torch.equal(streamed.outputs, whole.outputs)
     assert streamed.metrics == whole.metrics
-    # The program's batches are exactly batch_size rows whatever the blocks: one whole call
+    # The model's batches are exactly batch_size rows whatever the blocks: one whole call
     # per batch of the table read at once gives the same bits.
-    module = torch.export.load(categorical_model.program).module()
+    folder = Path(categorical_model.folder)
+    state = load_file(folder / "model.safetensors")
+    module = instantiate(categorical_model.spec, state).eval()
     with torch.no_grad():
         by_hand = torch.cat([module(x[i : i + 16]) for i in range(0, len(x), 16)])
     assert torch.equal(streamed.outputs, by_hand)
@@ -268,12 +280,38 @@ def test_an_output_written_a_block_at_a_time_equals_one_written_whole(suffix):
         assert all(np.array_equal(streamed[name], single[name]) for name in single.files)
 
 
-@pytest.mark.parametrize("folder", ["memory", "local"])
-def test_an_output_is_whole_or_absent_when_a_block_fails_midway(tmp_path, folder):
+@pytest.fixture
+def disk_store(tmp_path, monkeypatch) -> str:
+    """An object store stand-in: a filesystem that fsspec does not count as local (so an
+    output goes there by one upload, as to S3), keeping its files in a folder."""
+    import fsspec
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = tmp_path / "store"
+    root.mkdir()
+
+    class DiskStore(DirFileSystem):
+        protocol = "diskstore"
+        cachable = False
+
+        def __init__(self, **options):
+            super().__init__(path=str(root), fs=LocalFileSystem(auto_mkdir=True))
+
+    fsspec.register_implementation("diskstore", DiskStore, clobber=True)
+    return "diskstore://"
+
+
+@pytest.mark.parametrize("folder", ["file-url", "local", "object-store"])
+def test_an_output_is_whole_or_absent_when_a_block_fails_midway(tmp_path, folder, disk_store):
     import fsspec
 
     scores, run = Scores(torch.arange(300.0).reshape(-1, 1), {}), _run("mse")
-    url = "memory://predictions/p.csv" if folder == "memory" else str(tmp_path / "p.csv")
+    url = {
+        "file-url": (tmp_path / "out" / "p.csv").as_uri(),
+        "local": str(tmp_path / "out" / "p.csv"),
+        "object-store": f"{disk_store}predictions/p.csv",
+    }[folder]
     write_output(url, prediction_blocks(scores, run, rows_per_block=64))
     fs, path = fsspec.core.url_to_fs(url)
     assert fs.cat_file(path) == output_bytes(prediction_columns(scores, run), ".csv")
@@ -289,8 +327,6 @@ def test_an_output_is_whole_or_absent_when_a_block_fails_midway(tmp_path, folder
     assert fs.cat_file(path) == output_bytes(prediction_columns(scores, run), ".csv")
     names = [Path(entry).name for entry in fs.ls(str(Path(path).parent), detail=False)]
     assert names == ["p.csv"]
-    if folder == "memory":
-        fs.rm(path)
 
 
 def test_latest_is_the_newest_completed_run(tmp_path):
@@ -308,7 +344,7 @@ def test_latest_is_the_newest_completed_run(tmp_path):
 
 
 def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
-    with pytest.raises(InputError, match=r"not a finished training run \(missing model.pt2"):
+    with pytest.raises(InputError, match=r"not a finished training run \(missing model.saf"):
         read_run(tmp_path)
 
 
@@ -418,6 +454,9 @@ def _files(folder: Path) -> dict[str, bytes]:
         ("unwritable-output", "cannot write the output", 1),
         ("bad-format", "--out: must be a .csv, .parquet or .npz file", 2),
         ("synthetic-for-two-features", "--data synthetic: the model takes a, b, synthetic", 2),
+        ("weights-not-of-the-spec", "model.safetensors does not fit spec.json \\(", 2),
+        ("unknown-model-in-the-spec", "spec.json: --model 'nope' is not a known model", 2),
+        ("no-spec", "no spec.json \\(trained before trainflow wrote one\\)", 2),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, case, message, code):
@@ -435,6 +474,15 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, cas
         out = str(tmp_path / "out.txt")
     elif case == "synthetic-for-two-features":
         table = "synthetic"
+    elif case in ("weights-not-of-the-spec", "unknown-model-in-the-spec", "no-spec"):
+        model = str(tmp_path / "run")
+        shutil.copytree(trained, model)
+        spec = json.loads((trained / "spec.json").read_text())
+        if case == "no-spec":
+            (tmp_path / "run" / "spec.json").unlink()
+        else:
+            edit = {"n_outputs": 3} if case == "weights-not-of-the-spec" else {"name": "nope"}
+            (tmp_path / "run" / "spec.json").write_text(json.dumps(spec | edit))
     cache = tmp_path / "cache"
     before = _files(tmp_path)
     with pytest.raises(SystemExit) if case == "bad-format" else contextlib.nullcontext():
@@ -471,3 +519,280 @@ def test_the_same_program_under_another_column_order_is_scored_again(trained, tm
         assert predict([*args, "--cache-dir", cache]) == 0
         outs.append([float(r["prediction"]) for r in _read(out)])
     assert outs[0] != outs[1]  # b and a swapped in: other numbers, not a cache hit
+
+
+# --- what someone who can write the run folder or the cache can and cannot do ----------------
+
+
+class _Exploit:
+    """A pickle that, when unpickled, creates `marker`: code run by loading data."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _planted(program: bytes, marker: Path, how: str) -> bytes:
+    """`program` (a torch.export.save archive) with code that runs when torch loads it: a
+    pickle in the member torch unpickles (its sample inputs; weights_only=False is torch's
+    fallback), or a shape expression in the graph's JSON (which torch hands to sympy's eval)."""
+    import zipfile
+
+    source, planted = zipfile.ZipFile(io.BytesIO(program)), io.BytesIO()
+    with zipfile.ZipFile(planted, "w") as out:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if how == "pickle" and info.filename.endswith("data/sample_inputs/model.pt"):
+                buffer = io.BytesIO()
+                torch.save(_Exploit(marker), buffer)
+                data = buffer.getvalue()
+            if how == "graph" and info.filename.endswith("models/model.json"):
+                code = f"__import__('pathlib').Path({str(marker)!r}).touch() or Symbol("
+                data = data.replace(b'"expr_str": "Symbol(', f'"expr_str": "{code}'.encode())
+            out.writestr(info, data)
+    return planted.getvalue()
+
+
+def _predictions(out: Path) -> list[float]:
+    return [float(r["prediction"]) for r in _read(out)]
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("how", ["pickle", "graph"])
+def test_code_planted_in_model_pt2_never_runs(trained, tmp_path, how):
+    table = _table(tmp_path / "t.csv", rows=50, seed=6, target=False)
+    folder = tmp_path / "run"
+    shutil.copytree(trained, folder)
+    marker = tmp_path / "pwned"
+    (folder / "model.pt2").write_bytes(_planted((trained / "model.pt2").read_bytes(), marker, how))
+    out = tmp_path / "p.csv"
+    code = predict(["--model", str(folder), "--data", str(table), "--out", str(out), "--no-cache"])
+    assert not marker.exists()
+    # model.pt2 is never what predict loads: the run's weights in its architecture are.
+    assert code == 0
+    expected = _expected(trained, table).astype(np.float32)
+    assert np.array_equal(np.array(_predictions(out)).astype(np.float32), expected)
+
+
+def _plant_in_cache(cache: Path, key: str, program: bytes) -> None:
+    """Rewrite the export-graph entry's program, as anyone who can write the cache can: a
+    new blob under its own checksum, and the record naming it."""
+    import xxhash
+    from safetensors.torch import load_file, save
+
+    record_path = cache / "records" / f"{key}.json"
+    record = json.loads(record_path.read_text())
+    tensors = load_file(cache / "blobs" / f"{record['blob']['xxh3']}.safetensors")
+    tensors["program"] = torch.frombuffer(bytearray(program), dtype=torch.uint8)
+    blob = save(tensors)
+    checksum = xxhash.xxh3_128_hexdigest(blob)
+    (cache / "blobs" / f"{checksum}.safetensors").write_bytes(blob)
+    record["blob"] = {"xxh3": checksum, "size": len(blob)}
+    record_path.write_text(json.dumps(record))
+
+
+def test_code_planted_in_the_export_graph_cache_entry_never_runs(tmp_path, subprocess_env):
+    """A planted entry is a cache hit: training copies its program into the new run folder's
+    model.pt2, and predict scores that folder without running it."""
+    from .conftest import REPO
+
+    def train_cli(name: str) -> str:
+        command = [sys.executable, str(REPO / "flows" / "train_flow.py"), "--epochs", "3"]
+        command += ["--run-name", name, "--runs-dir", "runs", "--cache-dir", "cache"]
+        done = subprocess.run(
+            command, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    train_cli("genuine")
+    genuine = tmp_path / "runs" / "genuine"
+    assert predict(["--model", str(genuine), "--no-cache"]) == 0
+    expected = _predictions(genuine / "predictions.csv")
+    stages = json.loads((genuine / "stages.json").read_text())
+    (key,) = [s["key"] for s in stages if s["name"] == "export-graph"]
+    program = (genuine / "model.pt2").read_bytes()
+    for how in ("pickle", "graph"):
+        marker = tmp_path / f"pwned-{how}"
+        _plant_in_cache(tmp_path / "cache", key, _planted(program, marker, how))
+        printed = train_cli(how)
+        assert re.search(r"^export-graph\s+Cached\b", printed, re.MULTILINE), printed
+        assert (tmp_path / "runs" / how / "model.pt2").read_bytes() != program  # planted
+        assert predict(["--model", str(tmp_path / "runs" / how), "--no-cache"]) == 0
+        assert not marker.exists()
+        assert _predictions(tmp_path / "runs" / how / "predictions.csv") == expected
+
+
+def _flow_run_id(capsys) -> str:
+    printed = capsys.readouterr().out
+    return re.search(r"/runs/flow-run/([0-9a-f-]{36})", printed).group(1)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_flow_run_id_names_the_folder_that_run_wrote_from_any_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """Two folders each hold a run named 'same' (a relative --runs-dir, as the nightly
+    deployment has): the flow run of the first is scored with its own model, from the second
+    folder too, and refused once its folder is gone."""
+    ids = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        args = ["--epochs", "3", "--init-seed", str(seed), "--run-name", "same"]
+        assert train([*args, "--cache-dir", str(tmp_path / f"cache-{name}")]) == 0
+        ids[name] = _flow_run_id(capsys)
+    scored = {}
+    for name in ("a", "b"):  # each run's own model, by its folder
+        out = tmp_path / f"{name}.csv"
+        folder = str(tmp_path / name / "runs" / "same")
+        assert predict(["--model", folder, "--out", str(out), "--no-cache"]) == 0
+        scored[name] = _predictions(out)
+    assert scored["a"] != scored["b"]
+    out = tmp_path / "by-id.csv"  # from folder b, run a's id
+    assert predict(["--model", f"prefect.flow-run.{ids['a']}", "--out", str(out)]) == 0
+    assert _predictions(out) == scored["a"]
+    capsys.readouterr()
+    shutil.rmtree(tmp_path / "a" / "runs" / "same")
+    out.unlink()
+    assert predict(["--model", f"prefect.flow-run.{ids['a']}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "a" / "runs" / "same") in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize(("cell", "column"), [("nan", "a"), ("-inf", "b"), ("inf", "y")])
+def test_a_nan_or_inf_cell_is_refused_naming_its_column_and_row(
+    trained, tmp_path, capsys, cell, column
+):
+    table = _table(tmp_path / "t.csv", rows=20, seed=8)
+    header, *rows = table.read_text().splitlines()
+    cells = rows[7].split(",")
+    cells[header.split(",").index(column)] = cell
+    rows[7] = ",".join(cells)
+    table.write_text("\n".join([header, *rows]) + "\n")
+    out, cache = tmp_path / "out.csv", tmp_path / "cache"
+    before = _files(tmp_path)
+    args = ["--model", str(trained), "--data", str(table), "--out", str(out)]
+    assert predict([*args, "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"column {column!r}" in err[0] and "row 7" in err[0], err
+    assert _files(tmp_path) == before  # no output, no cache entry
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_an_output_that_dies_with_the_process_is_refused_before_scoring(
+    trained, tmp_path, capsys, monkeypatch
+):
+    import fsspec
+
+    import tasks.predict
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored an output that could not be kept")
+
+    monkeypatch.setattr(tasks.predict, "score_rows", never)
+    before = _files(tmp_path)
+    args = ["--model", str(trained), "--out", "memory://kept/p.csv"]
+    assert predict([*args, "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out memory://kept/p.csv" in err[0], err
+    assert not fsspec.filesystem("memory").exists("/kept/p.csv")
+    assert _files(tmp_path) == before
+
+
+# A writer that has written its first block and waits to be killed.
+STALLED_WRITER = """
+import sys
+import torch
+from tasks.model import ModelSpec
+from tasks.predict import ModelRun, Scores, prediction_blocks, write_output
+
+run = ModelRun("/nowhere", ("a", "b"), ("y",), {"loss": "mse"}, ModelSpec("linear", 2, 1), "")
+
+def blocks():
+    parts = prediction_blocks(Scores(torch.zeros(300, 1), {}), run, rows_per_block=64)
+    yield next(parts)
+    print("writing", flush=True)
+    sys.stdin.read()  # until killed
+
+write_output(sys.argv[1], blocks())
+"""
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_predict(trained, tmp_path):
+    import signal
+
+    from .conftest import REPO
+
+    out = tmp_path / "out" / "p.csv"
+    args = ["--model", str(trained), "--out", str(out), "--no-cache"]
+
+    def temporaries() -> list[str]:
+        return sorted(p.name for p in out.parent.iterdir() if p.name != "p.csv")
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", STALLED_WRITER, str(out)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        (live,) = temporaries()
+        # Another predict to the same output meanwhile: the live writer's file is its own.
+        assert predict(args) == 0
+        assert temporaries() == [live]
+        assert len(_read(out)) == 80
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+    assert writer.returncode == -signal.SIGKILL
+    assert temporaries() == [live]  # what a SIGKILL leaves
+    assert predict(args) == 0
+    assert temporaries() == []
+    assert len(_read(out)) == 80
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ModelSpec("linear", 3, 1),
+        ModelSpec("mlp", 3, 4, (16, 8), "gelu"),
+        ModelSpec("mlp", 3, 2, (8,), "tanh", standardize=True),
+        ModelSpec("mlp", 3, 1, (8,), "silu", standardize=True, categories=((1, 4),)),
+    ],
+    ids=["linear", "mlp", "standardized", "categorical"],
+)
+def test_the_rebuilt_model_computes_what_its_model_pt2_does(tmp_path, spec):
+    """Predict scores with the model rebuilt from spec.json and model.safetensors; for a
+    genuine run folder that is model.pt2's numbers, bit for bit."""
+    from safetensors.torch import save_file
+
+    from tasks.export import export_program
+    from tasks.model import initial_model
+    from tasks.predict import rebuilt_model
+
+    rows = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    # A category id column: ids out of the vocabulary and NaN go to the unknown slot.
+    odd = float("nan") if spec.categories else 2.0
+    rows[:, 1] = torch.tensor([0.0, 1, 2, 3, 4, 1.5, -1, odd]).repeat(8)
+    initial = initial_model(spec, seed=3, train_x=rows)
+    program_file = tmp_path / "model.pt2"
+    torch.export.save(export_program(instantiate(spec, initial.state).eval(), rows), program_file)
+    save_file(initial.state, tmp_path / "model.safetensors")
+    (tmp_path / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+    (tmp_path / "config.json").write_text(json.dumps({"loss": "mse"}))
+    columns = {"features": ["a", "b", "c"], "targets": ["y"]}
+    (tmp_path / "columns.json").write_text(json.dumps(columns))
+    model = rebuilt_model(read_run(tmp_path))
+    with torch.no_grad():
+        for batch in (1, 7, 64):
+            expected = torch.export.load(program_file).module()(rows[:batch])
+            assert not expected.isnan().any()
+            assert torch.equal(model(rows[:batch]), expected)  # bit for bit
