@@ -6,6 +6,7 @@ Every entry point (train, sweep, predict) runs its flow inside `command_line_run
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import sys
@@ -20,6 +21,8 @@ from flows.server import Server, ServerError
 HEARTBEAT_SETTINGS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 
 _found: Server | None = None
+# The home where this command launched a server not yet announced (once it answers).
+_unannounced: Path | None = None
 
 
 def start_early() -> None:
@@ -30,6 +33,7 @@ def start_early() -> None:
 
 
 def _find() -> Server:
+    global _unannounced
     import prefect
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_API_PORT
 
@@ -37,10 +41,37 @@ def _find() -> Server:
     if configured:
         return Server(configured)
     home = Path(PREFECT_HOME.value())
+    _unannounced = home  # before: a Ctrl-C may come as soon as the server is launched
     found = local.find_or_start(home, PREFECT_SERVER_API_PORT.value(), prefect.__version__)
+    if not found.started:
+        _unannounced = None
     for line in found.news:
         print(line, file=sys.stderr, flush=True)
     return found
+
+
+@atexit.register
+def _say_still_starting() -> None:
+    """A command that ends before its server answers (Ctrl-C while it boots) still says
+    that it leaves one running."""
+    note = local.still_starting(_unannounced) if _unannounced is not None else None
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+
+
+def _ready(server: Server, home: Path) -> Server:
+    """The server once it answers, its news told; an error there leaves nothing to say at exit
+    (it says what became of the server)."""
+    global _unannounced
+    try:
+        server = local.wait_until_ready(server, home)
+    except ServerError:
+        _unannounced = None
+        raise
+    _unannounced = None
+    for line in server.news:
+        print(line, file=sys.stderr, flush=True)
+    return server
 
 
 @contextmanager
@@ -57,7 +88,8 @@ def command_line_run() -> Iterator[Server]:
 
     server = _found or _find()
     if server.pid is not None or server.started:
-        local.wait_until_ready(server, Path(PREFECT_HOME.value()))
+        # The server that answers may be another than the one found: see wait_until_ready.
+        server = _ready(server, Path(PREFECT_HOME.value()))
     elif not local.answers(server.api_url):
         raise ServerError(f"PREFECT_API_URL {server.api_url}: no server answers there")
     before = os.environ.get("PREFECT_API_URL")

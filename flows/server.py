@@ -6,6 +6,12 @@ A temporary server per run costs every run its boot, and takes the UI away when 
 ends. Instead the first command-line run in a PREFECT_HOME starts `prefect server start` on
 127.0.0.1, detached, says so, and leaves it running for later runs and the UI; it is
 recorded where Prefect records a background server, so `prefect server stop` stops it.
+
+A server is trainflow's by its pid, its command line (`prefect server start`) and the home
+and launch token in its environment, never by its start time: a step of the wall clock
+moves that. A launched server is announced only once it answers on its port, from its pid,
+with its home: two homes' first runs may launch on one port at the same moment, and the
+one that loses it launches again on another.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,7 @@ except ImportError:  # Windows: concurrent first runs may each start a server th
     fcntl = None  # type: ignore[assignment]
 
 HOST = "127.0.0.1"  # the API has no authentication: never another interface
-RECORD = "trainflow-server.json"  # the server trainflow started: pid, start time, port, version
+RECORD = "trainflow-server.json"  # the server trainflow started: pid, token, port, version
 PID_FILE = "server.pid"  # Prefect's record of a background server: `prefect server stop` reads it
 LOG = "trainflow-server.log"
 LOCK = "trainflow-server.lock"
@@ -42,6 +49,9 @@ START_TIMEOUT = 300.0
 # A server that has been up longer than START_TIMEOUT and doesn't answer for this long is hung.
 ANSWER_TIMEOUT = 15.0
 STOP_COMMAND = "prefect server stop"
+TOKEN = "TRAINFLOW_SERVER_TOKEN"  # in a launched server's environment: which launch it is
+# Launches on another port after losing one to a server that bound it first.
+LAUNCHES = 3
 
 # Local checks never go through a proxy, whatever HTTP_PROXY says.
 _local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -54,9 +64,9 @@ class ServerError(Exception):
 @dataclass(frozen=True)
 class Record:
     pid: int
-    created: float  # the process's start time: a pid reused after a restart doesn't match
     port: int
     version: str  # Prefect's, in the process that started it
+    token: str = ""  # in the server's environment: a pid reused after a restart doesn't match
 
     @property
     def api_url(self) -> str:
@@ -68,7 +78,8 @@ class Server:
     api_url: str
     pid: int | None = None  # a local server's process, when known
     started: bool = False  # launched by this call (it may still be booting)
-    news: tuple[str, ...] = ()  # what the user must be told: started, replaced
+    news: tuple[str, ...] = ()  # what the user must be told: replaced; started, once it answers
+    wanted_port: int | None = None  # the configured port, when a launch had to take another
 
 
 def find_or_start(home: Path, port: int, version: str) -> Server:
@@ -85,7 +96,7 @@ def _find_or_start(home: Path, port: int, version: str) -> Server:
     with _locked(home):
         record = read_record(home)
         if record is not None:
-            process = _process(record)
+            process = _process(record, home)
             if process is not None and record.version == version:
                 return Server(record.api_url, record.pid)
             if process is not None:  # e.g. after `pip install -U prefect`: run what's installed
@@ -103,28 +114,43 @@ def _find_or_start(home: Path, port: int, version: str) -> Server:
             if _serves_home(f"http://{HOST}:{port}/api", home):
                 return Server(f"http://{HOST}:{port}/api")
             port = _free_port()
-        process = _launch(home, port)
-        record = Record(process.pid, psutil.Process(process.pid).create_time(), port, version)
-        (home / RECORD).write_text(json.dumps(asdict(record)))
-        (home / PID_FILE).write_text(str(process.pid))
-    busy = f"; port {wanted} is in use" if port != wanted else ""
-    news.append(
-        f"Started a Prefect server at http://{HOST}:{port} (pid {process.pid}{busy}) for this "
-        f"and later runs; it stays up for the UI. Stop it with: {STOP_COMMAND}"
+        record = _launch(home, port, version)
+    return Server(
+        record.api_url,
+        record.pid,
+        started=True,
+        news=tuple(news),
+        wanted_port=wanted if port != wanted else None,
     )
-    return Server(record.api_url, process.pid, started=True, news=tuple(news))
 
 
-def wait_until_ready(server: Server, home: Path) -> None:
-    """Until the server answers; a dead or silent one is a one-line ServerError."""
+def wait_until_ready(server: Server, home: Path) -> Server:
+    """The server, once it answers; a dead or silent one is a one-line ServerError.
+
+    A server with a pid must answer from that pid, with this home: on the port of one that
+    lost it to another server, that other answers. One that lost its port so is launched
+    again on another; the news announces a server this call launched, once it answers.
+    """
+    for _ in range(LAUNCHES):
+        if not _lost_port(server, home):
+            return _announced(server) if server.started else replace(server, news=())
+        server = _launch_again(server, home)
+    raise ServerError(f"the Prefect server exited while starting{_log_tail(home)}")
+
+
+def _lost_port(server: Server, home: Path) -> bool:
+    """Wait until the server answers; whether it exited instead while another holds its port."""
     process = _running(server.pid)
     if server.pid is not None and process is None:
         raise ServerError(f"the Prefect server (pid {server.pid}) has exited{_log_tail(home)}")
+    port = _port_of(server.api_url)
     # A server still booting gets the rest of START_TIMEOUT; an old one only ANSWER_TIMEOUT.
     booted_by = process.create_time() + START_TIMEOUT if process else 0.0
     deadline = max(booted_by, time.time() + ANSWER_TIMEOUT)
-    while not _healthy(server.api_url):
+    while not _answers_as(process, port, home):
         if process is not None and (not process.is_running() or _is_zombie(process)):
+            if not _port_free(port):
+                return True
             raise ServerError(f"the Prefect server exited while starting{_log_tail(home)}")
         if time.time() > deadline:
             raise ServerError(
@@ -132,13 +158,59 @@ def wait_until_ready(server: Server, home: Path) -> None:
                 f"stop it with `{STOP_COMMAND}` and run again{_log_tail(home)}"
             )
         time.sleep(0.1)
+    return False
+
+
+def _answers_as(process: psutil.Process | None, port: int, home: Path) -> bool:
+    """Whether the server answering on `port` is `process` (when known), in this home."""
+    api_url = f"http://{HOST}:{port}/api"
+    if process is None:
+        return _healthy(api_url)
+    return port in _listening_ports(process) and _serves_home(api_url, home)
+
+
+def _launch_again(server: Server, home: Path) -> Server:
+    """After `server` lost its port: the same launch on a free one, or the one another
+    command of this home launched meanwhile."""
+    with _locked(home):
+        record = read_record(home)
+        if record is not None and record.pid == server.pid:
+            _forget(home, record)
+            record = _launch(home, _free_port(), record.version)
+            wanted = server.wanted_port or _port_of(server.api_url)
+            return Server(record.api_url, record.pid, started=True, wanted_port=wanted)
+        if record is not None and _process(record, home) is not None:
+            return Server(record.api_url, record.pid)
+    raise ServerError(f"the Prefect server (pid {server.pid}) has exited{_log_tail(home)}")
+
+
+def still_starting(home: Path) -> str | None:
+    """What to say of the server launched in this home when the command ends before it
+    answers, if it runs."""
+    record = read_record(home)
+    if record is None or _process(record, home) is None:
+        return None
+    return (
+        f"A Prefect server is starting at http://{HOST}:{record.port} (pid {record.pid}) for "
+        f"later runs; it stays up for the UI. Stop it with: {STOP_COMMAND}"
+    )
+
+
+def _announced(server: Server) -> Server:
+    port = _port_of(server.api_url)
+    busy = f"; port {server.wanted_port} is in use" if server.wanted_port else ""
+    started = (
+        f"Started a Prefect server at http://{HOST}:{port} (pid {server.pid}{busy}) for this "
+        f"and later runs; it stays up for the UI. Stop it with: {STOP_COMMAND}"
+    )
+    return replace(server, news=(started,))
 
 
 def stop(home: Path) -> str:
     """Stop the server trainflow started in this PREFECT_HOME; says what happened."""
     with _locked(home):
         record = read_record(home)
-        process = _process(record) if record else None
+        process = _process(record, home) if record else None
         if record is not None:
             _forget(home, record)
         if process is None:
@@ -149,7 +221,10 @@ def stop(home: Path) -> str:
 
 def read_record(home: Path) -> Record | None:
     try:
-        return Record(**json.loads((home / RECORD).read_text()))
+        stored = json.loads((home / RECORD).read_text())
+        # An older trainflow's record (with a start time, without a token) still names its server.
+        names = [field.name for field in fields(Record)]
+        return Record(**{name: stored[name] for name in names if name in stored})
     except (OSError, ValueError, TypeError):
         return None
 
@@ -178,9 +253,21 @@ def _locked(home: Path) -> Iterator[None]:
         yield
 
 
-def _launch(home: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+def _launch(home: Path, port: int, version: str) -> Record:
+    """`prefect server start` on `port`, detached, recorded in this home (the lock is held)."""
+    token = uuid.uuid4().hex
+    unset = ("PREFECT_API_URL", "PREFECT_UI_API_URL")  # the latter would name another server
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # started for the user, quietly
+    env |= {
+        # What recognises it later, readable by psutil from outside.
+        "PREFECT_HOME": str(home.absolute()),  # absolute: the server runs in the home
+        TOKEN: token,
+        # Its own settings name the port it has, not the configured one it may have missed:
+        # the UI's pages ask the API that /ui-settings names.
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_UI_API_URL": f"http://{HOST}:{port}/api",
+    }
     detached: dict[str, Any] = (
         {"start_new_session": True}  # not in the terminal's process group: Ctrl-C spares it
         if os.name == "posix"
@@ -190,7 +277,7 @@ def _launch(home: Path, port: int) -> subprocess.Popen[bytes]:
         # stdin, stdout and stderr are never the caller's: a CI step or a `$(…)` that reads
         # the run's output must not wait for the server to close it.
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST]
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [*command, "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -199,6 +286,10 @@ def _launch(home: Path, port: int) -> subprocess.Popen[bytes]:
             env=env,
             **detached,
         )
+    record = Record(process.pid, port, version, token)
+    (home / RECORD).write_text(json.dumps(asdict(record)))
+    (home / PID_FILE).write_text(str(process.pid))
+    return record
 
 
 def _background_server(home: Path) -> Server | None:
@@ -257,11 +348,25 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
-def _process(record: Record) -> psutil.Process | None:
+def _process(record: Record, home: Path) -> psutil.Process | None:
+    """The live server `record` names: that pid, running `prefect server start` on the
+    record's port, in this home, with the record's token (a record without one predates it)."""
     process = _running(record.pid)
-    if process is None or abs(process.create_time() - record.created) > 1.0:
+    if process is None:
         return None
-    return process
+    try:
+        command, environment = process.cmdline(), process.environ()
+        # An older trainflow set no PREFECT_HOME, but started its server in the home.
+        started_in = environment.get("PREFECT_HOME") or process.cwd()
+    except psutil.Error:  # gone, or another user's: not ours
+        return None
+    ours = (
+        _is_prefect_server(command)
+        and command[-2:] == ["--port", str(record.port)]
+        and Path(started_in).resolve() == home.resolve()
+        and environment.get(TOKEN, "") == record.token
+    )
+    return process if ours else None
 
 
 def _running(pid: int | None) -> psutil.Process | None:
@@ -297,6 +402,10 @@ def _forget(home: Path, record: Record) -> None:
             (home / PID_FILE).unlink()
     except (OSError, ValueError):
         pass
+
+
+def _port_of(api_url: str) -> int:
+    return int(api_url.rsplit(":", 1)[1].split("/")[0])
 
 
 def _port_free(port: int) -> bool:
@@ -342,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "status":
         record = read_record(home)
-        if record is None or _process(record) is None:
+        if record is None or _process(record, home) is None:
             print(f"No Prefect server started by trainflow is running (PREFECT_HOME {home}).")
             return 1
         state = "answering" if _healthy(record.api_url) else "not answering"
@@ -350,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         server = find_or_start(home, port, version)
-        wait_until_ready(server, home)
+        for line in server.news:
+            print(line, file=sys.stderr)
+        server = wait_until_ready(server, home)
     except ServerError as exc:
         print(f"flows.server: error: {exc}", file=sys.stderr)
         return 1

@@ -112,6 +112,13 @@ class Running:
             if re.search(pattern, line):
                 return line
 
+    def finish(self, timeout: float = 600) -> int:
+        """Every line to the end; the exit code."""
+        deadline = time.monotonic() + timeout
+        while (line := self.lines.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            self.seen.append(line)
+        return self.process.wait(timeout=60)
+
     def kill(self, signum: int) -> int:
         self.process.send_signal(signum)
         return self.process.wait(timeout=120)
@@ -192,16 +199,123 @@ def test_a_new_home_gets_one_announced_server_that_only_stop_removes(tmp_path):
     assert psutil.pid_exists(os.getpid()) and not (home / PID_FILE).exists()
 
 
+def _stop_all(*tags: str) -> None:
+    """What a failed test left: every tagged process, ended (a passing test left none)."""
+    for pid in _left_alive(*tags):
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            process.kill()
+            process.wait(timeout=30)
+
+
+def _serves(port: int) -> Path:
+    """The PREFECT_HOME of the server answering on `port`, so the database it writes."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/admin/settings", timeout=30) as r:
+        return Path(json.load(r)["home"])
+
+
+def test_two_new_homes_started_at_once_each_get_their_own_server(tmp_path):
+    # Both prefer one free port: both see it free, both launch there, one server loses it.
+    port, homes = _free_port(), [tmp_path / "home-a", tmp_path / "home-b"]
+    tags = [f"race-{name}-{uuid.uuid4().hex}" for name in ("a", "b")]
+    try:
+        commands = [
+            Running(
+                tmp_path,
+                _env(home, port, tag),
+                _script("train_flow.py"),
+                *["--epochs", "2", "--runs-dir", str(home.parent / f"runs-{home.name}")],
+            )
+            for home, tag in zip(homes, tags, strict=True)
+        ]
+        ends = []
+        for command in commands:
+            assert command.finish() == 0, "\n".join(command.seen)
+            (started,) = [line for line in command.seen if STARTED.match(line)]
+            server_port, pid = map(int, STARTED.match(started).groups())
+            assert (f"port {port} is in use" in started) == (server_port != port), started
+            ends.append((server_port, pid, UI_LINE.fullmatch(command.seen[-1])[2]))
+        # One won the preferred port; the other said it took another.
+        assert sorted(end[0] == port for end in ends) == [False, True]
+        assert ends[0][1] != ends[1][1]
+        for home, tag, (server_port, pid, flow_run_id) in zip(homes, tags, ends, strict=True):
+            assert _left_alive(tag) == {pid}  # the announced one answers, in its own home
+            assert read_record(home).pid == pid and (home / PID_FILE).read_text() == str(pid)
+            assert _serves(server_port).resolve() == home.resolve()
+            assert _flow_run(server_port, flow_run_id)["state"]["type"] == "COMPLETED"
+        for home in homes:
+            code, out = _run(tmp_path, _env(home, port, "stop"), "-m", "flows.server", "stop")
+            assert code == 0 and out[-1].startswith("Stopped the Prefect server"), out
+        assert _left_alive(*tags) == set()
+    finally:
+        _stop_all(*tags)
+
+
+def test_a_server_started_off_the_configured_port_shows_its_own_api_in_the_ui(tmp_path):
+    home, port, tag = tmp_path / "prefect-home", _free_port(), f"ui-{uuid.uuid4().hex}"
+    try:
+        with socket.socket() as blocker:
+            blocker.bind(("127.0.0.1", port))
+            blocker.listen()
+            code, out = _run(tmp_path, _env(home, port, tag), "-m", "flows.server", "start")
+        assert code == 0, "\n".join(out)
+        server_port = int(out[-1].rsplit(":", 1)[1])
+        assert server_port != port
+        # What the browser asks before it shows a run page: the API it then talks to.
+        url = f"http://127.0.0.1:{server_port}/ui-settings"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            api_url = json.load(response)["api_url"]
+        assert api_url == f"http://127.0.0.1:{server_port}/api"
+        code, out = _run(tmp_path, _env(home, port, "stop"), "-m", "flows.server", "stop")
+        assert code == 0 and _left_alive(tag) == set(), out
+    finally:
+        _stop_all(tag)
+
+
+def test_a_step_of_the_wall_clock_leaves_the_server_stoppable(tmp_path):
+    home, port, tag = tmp_path / "prefect-home", _free_port(), f"clock-{uuid.uuid4().hex}"
+    try:
+        code, out = _run(tmp_path, _env(home, port, tag), "-m", "flows.server", "start")
+        assert code == 0, "\n".join(out)
+        (pid,) = _left_alive(tag)
+        # A step of the wall clock moves every process's start time as psutil computes it
+        # (boot time + ticks since boot): here, seen from the stopping command only.
+        clock = tmp_path / "clock-step"
+        clock.mkdir()
+        (clock / "sitecustomize.py").write_text(
+            "import psutil\n"
+            "real = psutil.Process.create_time\n"
+            "psutil.Process.create_time = lambda self: real(self) + 7.0\n"
+        )
+        stepped = _env(home, port, "stop", PYTHONPATH=os.pathsep.join([str(clock), str(REPO)]))
+        code, out = _run(tmp_path, stepped, "-m", "flows.server", "status")
+        assert code == 0 and out[-1].endswith("answering"), out
+        code, out = _run(tmp_path, stepped, "-m", "flows.server", "stop")
+        assert out[-1] == f"Stopped the Prefect server at http://127.0.0.1:{port} (pid {pid}).", out
+        assert code == 0 and _gone(pid) and _left_alive(tag) == set()
+        assert read_record(home) is None and not (home / PID_FILE).exists()
+    finally:
+        _stop_all(tag)
+
+
 def test_ctrl_c_while_a_new_server_boots_leaves_just_that_server(tmp_path):
     home, port = tmp_path / "prefect-home", _free_port()
     tag = f"boot-{uuid.uuid4().hex}"
     running = Running(tmp_path, _env(home, port, tag), _script("train_flow.py"), "--epochs", "3")
-    pid = int(STARTED.match(running.wait_for(STARTED.pattern))[2])
+    # The command records its server as it launches it, seconds before that server answers.
+    deadline = time.monotonic() + 300
+    while (record := read_record(home)) is None:
+        assert time.monotonic() < deadline and running.process.poll() is None
+        time.sleep(0.02)
     # A terminal's Ctrl-C signals its whole foreground process group: the CLI's, not the
     # server's, which runs in a session of its own.
     os.killpg(running.process.pid, signal.SIGINT)
-    running.process.wait(timeout=120)
-    assert _left_alive(tag) == {pid}  # the announced one
+    running.finish()
+    # Not yet announced, so said on the way out.
+    pid = record.pid
+    starting = f"A Prefect server is starting at http://127.0.0.1:{port} (pid {pid})"
+    assert any(line.startswith(starting) for line in running.seen), running.seen
+    assert _left_alive(tag) == {pid}
     code, out = _run(tmp_path, _env(home, port, "stop"), "-m", "flows.server", "stop")
     assert code == 0
     assert out[-1] == f"Stopped the Prefect server at http://127.0.0.1:{port} (pid {pid})."
