@@ -18,7 +18,14 @@ from tasks.errors import InputError
 from tasks.mapped import too_big
 from tasks.sources import DataFile, Identity, suffix_of
 from tasks.stage import cache_enabled, cache_entry, stage
-from tasks.tables import TABLE_FORMATS, UNKNOWN, column_names, iter_columns, read_columns
+from tasks.tables import (
+    TABLE_FORMATS,
+    UNKNOWN,
+    column_names,
+    iter_columns,
+    read_columns,
+    unfit_for_float32,
+)
 
 SYNTHETIC = "synthetic"
 EXTENSIONS = (*TABLE_FORMATS, ".npz", ".pt", ".pth")
@@ -248,6 +255,15 @@ def _from_table(
     return _checked(x, y, chosen, targets, source, table.categories)
 
 
+def table_roles_of(
+    file: DataFile, suffix: str, target: tuple[str, ...], features: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """table_roles from the file's header: the columns by name, so that naming the default
+    columns (`--target y` for a last column y) keys and reads as leaving them out."""
+    with file.open() as f:
+        return table_roles(column_names(f, suffix, file.url), target, features, file.url)
+
+
 def table_roles(
     header: list[str], target: tuple[str, ...], features: tuple[str, ...], source: str
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -325,6 +341,12 @@ def _as_float_tensor(array: np.ndarray | Tensor, name: str, source: str) -> Tens
         tensor = None
     if tensor is None or tensor.is_complex():
         raise InputError(f"data file {source!r}: array {name!r} is not real-valued numbers")
+    # The tables' rule for arrays too: float32 must hold each value (an integer exactly).
+    wide = tensor.dtype == torch.float64 or not tensor.is_floating_point()
+    if wide and tensor.ndim <= 2 and (unfit := unfit_for_float32(tensor.numpy())):
+        index, why = unfit
+        row, col = divmod(index, tensor.shape[1]) if tensor.ndim == 2 else (index, 0)
+        raise InputError(f"data file {source!r}: {name}, row {row}, column {col}: {why}")
     return tensor.to(torch.float32)
 
 
@@ -395,6 +417,8 @@ def load_tensors(
     suffix = check_format(source, target, features)
     with DataFile(source) as file:  # a remote file is fetched once, for the key and the load
         data = file.identity(identity) if cache_enabled() else None
+        if suffix in TABLE_FORMATS:
+            features, target = table_roles_of(file, suffix, target, features)
         if suffix in TABLE_FORMATS and too_big(file, suffix, available_memory()):
             from tasks import stream  # README: "Data larger than memory"
 

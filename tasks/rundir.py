@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -147,9 +148,18 @@ def config_conflict(folder: Path, config: dict[str, Any]) -> str | None:
     changed = [
         f"{name}: {existing.get(name)!r} → {value!r}"
         for name, value in config.items()
-        if name not in RESULT_NEUTRAL and existing.get(name) != value
+        if name not in RESULT_NEUTRAL
+        and _comparable(name, existing.get(name)) != _comparable(name, value)
     ]
     return ", ".join(changed) or None
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """Two spellings of one local data file (`d.csv`, `./d.csv`, its absolute path) are one
+    config; a URL is compared as written."""
+    if name == "data" and isinstance(value, str) and "://" not in value:
+        return os.path.abspath(value)
+    return value
 
 
 @contextmanager

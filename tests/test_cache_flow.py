@@ -182,7 +182,7 @@ def _plugin(root: Path, version: str, hidden: int = 3) -> Path:
         f"                         nn.Linear({hidden}, spec.n_outputs))\n"
     )
     dist = root / f"tinymodels-{version}.dist-info"
-    dist.mkdir()
+    dist.mkdir(exist_ok=True)
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tinymodels\nVersion: {version}\n")
     (dist / "entry_points.txt").write_text("[trainflow.models]\ntiny = tinymodels:build\n")
     return root
@@ -228,6 +228,74 @@ def test_upgrading_or_editing_a_plugin_model_misses(tmp_path, subprocess_env):
     assert states["build-model"] == states["train-epochs"] == "Completed"
 
 
+def _plugin_with_helper(root: Path, hidden: int) -> Path:
+    """'tinymodels' whose builder reads its width from another package of the user's."""
+    _plugin(root, "1.0")
+    (root / "tinymodels" / "__init__.py").write_text(
+        "import torch.nn as nn\n"
+        "import widths\n"
+        "def build(spec):\n"
+        "    return nn.Sequential(nn.Linear(spec.n_inputs, widths.HIDDEN), nn.Tanh(),\n"
+        "                         nn.Linear(widths.HIDDEN, spec.n_outputs))\n"
+    )
+    (root / "widths").mkdir(exist_ok=True)
+    (root / "widths" / "__init__.py").write_text(f"HIDDEN = {hidden}\n")
+    return root
+
+
+def test_editing_a_plugin_models_helper_package_misses(tmp_path, subprocess_env):
+    plugin = _plugin_with_helper(tmp_path / "plugin", hidden=3)
+    assert _plugin_run(tmp_path, subprocess_env, plugin, "three")["build-model"] == "Completed"
+    _plugin_with_helper(plugin, hidden=4)  # the helper's constant, edited in place
+    states = _plugin_run(tmp_path, subprocess_env, plugin, "four")
+    assert states["build-model"] == states["train-epochs"] == "Completed"
+    shapes = {
+        name: load_file(tmp_path / "runs" / name / "model.safetensors")["0.weight"].shape
+        for name in ("three", "four")
+    }
+    assert shapes == {"three": (3, 1), "four": (4, 1)}
+
+
+def test_an_edit_of_code_the_train_stage_reaches_only_at_run_time_misses(tmp_path, subprocess_env):
+    """The DDP path (tasks/distributed.py) runs in train-epochs' body, never in the function
+    whose key it is: editing it must re-train, in a copy of the project."""
+    project = tmp_path / "project"
+    for package in ("tasks", "flows"):
+        shutil.copytree(REPO / package, project / package)
+    env = {**subprocess_env, "PYTHONPATH": str(project)}
+
+    def run(name: str) -> dict[str, str]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(project / "flows" / "train_flow.py"),
+                "--epochs",
+                "2",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--run-name",
+                name,
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        stages = json.loads((tmp_path / "runs" / name / "stages.json").read_text())
+        return {s["name"]: s["state"] for s in stages}
+
+    run("before")
+    distributed = project / "tasks" / "distributed.py"
+    distributed.write_text(distributed.read_text() + "\n\nSHARD_SCALE = 2.0\n")
+    states = run("after")
+    assert states["train-epochs"] == states["export-graph"] == "Completed"
+    assert states["load-tensors"] == states["split"] == "Cached"  # they never reach it
+
+
 # --- bad input and run folders ---------------------------------------------------------------
 
 
@@ -249,6 +317,26 @@ def test_bad_input_leaves_the_cache_and_the_runs_folder_as_they_were(tmp_path, c
     with pytest.raises(InputError):
         _train(tmp_path, "bad", data=str(bad), **options)
     assert _files(tmp_path) == before
+
+
+def test_naming_the_default_target_and_features_keys_as_leaving_them_out(tmp_path):
+    data = str(_csv(tmp_path / "table.csv"))  # columns a, b, y
+    _train(tmp_path, "defaults", data=data)
+    named = _train(tmp_path, "named", data=data, target=("y",), features=("a", "b"))
+    assert _states(named) == ALL_HIT
+    reordered = _train(tmp_path, "reordered", data=data, features=("b", "a"))
+    assert _states(reordered)["load-tensors"] == "Completed"  # other tensors: another key
+
+
+def test_two_spellings_of_one_data_file_are_one_config_for_a_run_name(tmp_path):
+    _csv(tmp_path / "d.csv")  # the tests run in tmp_path
+    _train(tmp_path, "mine", data="d.csv")
+    again = _train(tmp_path, "mine", data="./d.csv")
+    assert _states(again) == ALL_HIT
+    assert _states(_train(tmp_path, "mine", data=str(tmp_path / "d.csv"))) == ALL_HIT
+    _csv(tmp_path / "other.csv", seed=1)
+    with pytest.raises(InputError, match=r"another config \(data: '\S*d\.csv' → 'other\.csv'\)"):
+        _train(tmp_path, "mine", data="other.csv")
 
 
 def test_a_run_name_reused_with_another_config_is_refused(tmp_path):
