@@ -45,7 +45,10 @@ def _library_roots() -> tuple[str, ...]:
     roots.update(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
     if user := site.getusersitepackages():
         roots.add(user)
-    return tuple(sorted(os.path.join(os.path.realpath(r), "") for r in roots))
+    # As spelled and as resolved: a module's path is compared as a string, with no system call
+    # (this runs for every module imported); a path spelled neither way counts as editable.
+    spelled = {os.path.abspath(r) for r in roots} | {os.path.realpath(r) for r in roots}
+    return tuple(sorted(os.path.join(r, "") for r in spelled))
 
 
 LIBRARY_ROOTS = _library_roots()
@@ -54,7 +57,7 @@ LIBRARY_ROOTS = _library_roots()
 def is_library_file(path: str | None) -> bool:
     """In the standard library or an installed distribution: code that changes only with a
     Python or a distribution's version. A file-less module (built in, frozen) is one too."""
-    return path is None or os.path.realpath(path).startswith(LIBRARY_ROOTS)
+    return path is None or os.path.abspath(path).startswith(LIBRARY_ROOTS)
 
 
 class _RecordingLoader(importlib.machinery.SourceFileLoader):
