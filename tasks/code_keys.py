@@ -37,7 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tasks.imported import is_library_file, source_of
+from tasks.imported import is_library_file, loaded_count, loaded_since, source_of
 
 
 def _memo_dir() -> Path | None:
@@ -70,21 +70,32 @@ class Source:
 class CodeKey:
     digest: str
     sources: tuple[Source, ...]
+    loaded_before: int = 0  # tasks.imported.loaded_count() when the key was made
 
 
 def code_key(*roots: Any) -> CodeKey:
     """The code that `roots` (functions, classes, modules or their instances) can reach."""
+    loaded_before = loaded_count()
     walk = _Walk()
     for root in roots:
         walk.root(root)
+    if walk.dynamic:
+        # An import by a name computed at run time may reach any module: every editable
+        # module this process has imported counts (what it imports later, stale_sources sees).
+        for name, module in list(sys.modules.items()):
+            path = getattr(module, "__file__", None)
+            if path and not is_library_file(path) and name not in walk.seen:
+                walk.root(module)
     payload = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "modules": sorted(walk.read.items()),
         "libraries": sorted(walk.libraries),
         "missing": sorted(walk.missing),
+        "dynamic": sorted(walk.dynamic),
     }
     digest = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
-    return CodeKey(digest, tuple(walk.sources[name] for name in sorted(walk.sources)))
+    sources = tuple(walk.sources[name] for name in sorted(walk.sources))
+    return CodeKey(digest, sources, loaded_before)
 
 
 def code_fingerprint(*roots: Any) -> str:
@@ -92,20 +103,38 @@ def code_fingerprint(*roots: Any) -> str:
 
 
 def stale_sources(key: CodeKey) -> str | None:
-    """Why an output computed under `key` may not be the keyed code's, or None."""
+    """Why an output computed under `key` may not be the keyed code's, or None: a module of
+    the key imported since with other code, a file changed since it was read, or a module
+    outside the key imported while the output was computed (reached by a route the walk can't
+    see: an import by a computed name, a registry)."""
+    if (differs := differs_from_imported(key)) is not None:
+        return differs
     for source in key.sources:
         if not source.vouched:
             return f"{source.path} changed after this process started"
-        module = sys.modules.get(source.module)
-        imported = source_of(module) if module is not None else None
-        if imported is not None and _bytes_digest(imported.text) != source.digest:
-            return f"{source.path} was imported again, with other code, after the key was made"
         try:
             now = Path(source.path).read_bytes()
         except OSError:
             return f"{source.path} is gone"
         if _bytes_digest(now) != source.digest:
             return f"{source.path} changed since this process imported it"
+    keyed = {source.module for source in key.sources}
+    if outside := [name for name in loaded_since(key.loaded_before) if name not in keyed]:
+        return f"module {outside[0]} was imported while it was computed, outside the key"
+    return None
+
+
+def differs_from_imported(key: CodeKey) -> str | None:
+    """Whether this process's code differs from the key's: a module of the key that it
+    imported (or, not imported yet, would import) from other bytes. What a rank of a DDP job,
+    a process of its own, checks before it computes anything under its launcher's key."""
+    for source in key.sources:
+        module = sys.modules.get(source.module)
+        imported = source_of(module) if module is not None else None
+        if imported is not None and _bytes_digest(imported.text) != source.digest:
+            return f"{source.path} was imported with other code than the key's"
+        if imported is None and _bytes_digest(_read_file(source.path) or b"") != source.digest:
+            return f"{source.path} changed since the key was made"
     return None
 
 
@@ -118,6 +147,7 @@ class _Walk:
         self.sources: dict[str, Source] = {}
         self.libraries: set[str] = set()
         self.missing: set[str] = set()
+        self.dynamic: set[str] = set()  # modules that import by a name computed at run time
         self.seen: set[str] = set()
 
     def root(self, obj: Any) -> None:
@@ -162,7 +192,7 @@ class _Walk:
             package = module.__package__ or ""
             is_package = hasattr(module, "__path__")
         else:  # not imported (yet): what an import would read now
-            path = module.origin or ""
+            path = module.origin if module.has_location and module.origin else ""
             text = _read_file(path)
             vouched = True
             package = module.parent or ""
@@ -170,7 +200,13 @@ class _Walk:
         if text is None:  # a namespace package or an extension: nothing to read
             self.read[name] = "no source"
             return
-        ast_digest, imports = _parsed(text)
+        if not path.endswith(".py"):  # a compiled extension: its bytes are its code
+            self.read[name] = _bytes_digest(text)
+            self.sources[name] = Source(name, path, _bytes_digest(text), vouched)
+            return
+        ast_digest, imports, dynamic = _parsed(text)
+        if dynamic:
+            self.dynamic.add(name)
         self.read[name] = ast_digest
         self.sources[name] = Source(name, path, _bytes_digest(text), vouched)
         base = name if is_package else package
@@ -218,7 +254,7 @@ def _import_spec(name: str) -> importlib.machinery.ModuleSpec | None:
 
 
 def _read_file(path: str) -> bytes | None:
-    if not path.endswith(".py"):
+    if not path:
         return None
     try:
         return Path(path).read_bytes()
@@ -305,7 +341,12 @@ def _requirement_name(requirement: str) -> str:
 # --- parsing ------------------------------------------------------------------------------
 
 Import = tuple[int, str, tuple[str, ...]]  # (level, module, names): one import statement
-_parses: dict[str, tuple[str, tuple[Import, ...]]] = {}
+Parsed = tuple[str, tuple[Import, ...], bool]  # AST digest, imports, imports a computed name
+_parses: dict[str, Parsed] = {}
+# Calls that import or run code by a name or text given at run time. With a literal module
+# name the import is followed like a statement; anything else makes the key coarse.
+_IMPORTERS = {"__import__", "import_module"}
+_LOADERS = {"spec_from_file_location", "run_path", "run_module", "load_module", "exec_module"}
 _parses_lock = threading.Lock()
 
 
@@ -321,25 +362,45 @@ class _DropDocstrings(ast.NodeTransformer):
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Module = _strip
 
 
-def parse_module(text: bytes) -> tuple[str, tuple[Import, ...]]:
-    """A digest of the module's AST without comments, formatting or docstrings, and every
-    import statement in it."""
+def parse_module(text: bytes) -> Parsed:
+    """A digest of the module's AST without comments, formatting or docstrings; every import
+    in it (statements, and `import_module`/`__import__` of a literal name); and whether it
+    imports or runs code by a name computed at run time."""
     try:
         tree = ast.parse(text)
     except SyntaxError:  # compiled by another Python? count every byte
-        return _bytes_digest(text), ()
+        return _bytes_digest(text), (), True
     imports: list[Import] = []
+    dynamic = False
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imports += [(0, alias.name, ()) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             names = tuple(alias.name for alias in node.names)
             imports.append((node.level, node.module or "", names))
+        elif isinstance(node, ast.Call) and (called := _called_name(node)):
+            first = node.args[0] if node.args else None
+            literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+            if called in _IMPORTERS and literal and not first.value.startswith("."):
+                imports.append((0, first.value, ()))
+            else:  # a literal's text passed to exec or eval is in the key
+                code_from_text = called in ("exec", "eval") and not literal
+                dynamic |= called in _IMPORTERS or called in _LOADERS or code_from_text
     dump = ast.dump(_DropDocstrings().visit(tree), annotate_fields=False)
-    return hashlib.sha256(dump.encode()).hexdigest(), tuple(imports)
+    return hashlib.sha256(dump.encode()).hexdigest(), tuple(imports), dynamic
 
 
-def _parsed(text: bytes) -> tuple[str, tuple[Import, ...]]:
+def _called_name(call: ast.Call) -> str | None:
+    """`f` of `f(…)`, and `import_module` of `importlib.import_module(…)`; a method named
+    `eval` or `exec` (`model.eval()`) is not the builtin."""
+    if isinstance(call.func, ast.Name):
+        return call.func.id
+    if isinstance(call.func, ast.Attribute) and call.func.attr not in ("eval", "exec"):
+        return call.func.attr
+    return None
+
+
+def _parsed(text: bytes) -> Parsed:
     """parse_module, memoised in memory and on disk (MEMO_DIR) under a digest of everything
     it is a function of: the text, the Python that parses it and this module's code. A memo
     made from any other text, Python or normalizer is never used; an unreadable or
@@ -363,7 +424,7 @@ def _memo_path(digest: str) -> Path | None:
     return MEMO_DIR / f"{digest[:40]}.json" if MEMO_DIR is not None else None
 
 
-def _read_memo(digest: str) -> tuple[str, tuple[Import, ...]] | None:
+def _read_memo(digest: str) -> Parsed | None:
     memo = _memo_path(digest)
     if memo is None:
         return None
@@ -371,18 +432,20 @@ def _read_memo(digest: str) -> tuple[str, tuple[Import, ...]] | None:
         stored = json.loads(memo.read_text())
         if stored["digest"] == digest:
             imports = tuple((int(lv), str(m), tuple(map(str, n))) for lv, m, n in stored["imports"])
-            return str(stored["ast"]), imports
+            return str(stored["ast"]), imports, bool(stored["dynamic"])
     return None
 
 
-def _write_memo(digest: str, found: tuple[str, tuple[Import, ...]]) -> None:
+def _write_memo(digest: str, found: Parsed) -> None:
     memo = _memo_path(digest)
     if memo is None:
         return
     with contextlib.suppress(OSError):
         memo.parent.mkdir(parents=True, exist_ok=True)
         scratch = memo.with_name(f"{memo.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        scratch.write_text(json.dumps({"digest": digest, "ast": found[0], "imports": found[1]}))
+        ast_digest, imports, dynamic = found
+        parsed = {"digest": digest, "ast": ast_digest, "imports": imports, "dynamic": dynamic}
+        scratch.write_text(json.dumps(parsed))
         os.replace(scratch, memo)  # whole or absent: a reader never sees half a memo
         _prune_memos(memo.parent)
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from tasks import fence
 from tasks.checkpoint import Checkpoints, CheckpointSettings, TrainState, decode
+from tasks.code_keys import CodeKey, differs_from_imported
 from tasks.errors import InputError
 from tasks.loaders import Batch, Batches, Loaders, TensorBatches
 from tasks.loop import Interrupted, LossFn
@@ -55,6 +56,7 @@ class Job:
     owner: fence.Owner | None = None  # the deployment flow run the launcher trains for
     launcher: int = 0  # the launcher's pid (set by launch_ranks)
     fenced: str = ""  # a file rank 0 creates when a re-run took the flow run over (ditto)
+    code: CodeKey | None = None  # what the lineage key covers: a rank must run that code
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,11 @@ def run_rank(job: Job) -> RankReport:
     """One rank, from process-group start to its report (the launcher's entry point)."""
     from tasks.train import Progress, train_model  # tasks.train imports this module
 
+    # A rank is a process of its own: it imported the code from disk at its start, maybe
+    # after an edit. Its checkpoints are filed under the launcher's key, so it must be running
+    # the code that key covers, or a later run would resume from another code's steps.
+    if job.code is not None and (differs := differs_from_imported(job.code)) is not None:
+        raise InputError(f"{differs}: the source changed after the run started; run it again")
     _die_with_the_launcher(job.launcher)
     start = time.perf_counter()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -36,6 +36,9 @@ class Imported:
 
 
 _sources: dict[str, Imported] = {}
+# The modules the recorder loaded, in order: what a stage imported while it ran is what was
+# added after its key was made (tasks/code_keys.py: stale_sources).
+_loaded: list[str] = []
 _lock = threading.Lock()
 
 
@@ -60,6 +63,12 @@ def is_library_file(path: str | None) -> bool:
     return path is None or os.path.abspath(path).startswith(LIBRARY_ROOTS)
 
 
+def _record(name: str, path: str, data: bytes) -> None:
+    with _lock:
+        _sources[name] = Imported(path, data, vouched=True)
+        _loaded.append(name)
+
+
 class _RecordingLoader(importlib.machinery.SourceFileLoader):
     """Compiles the bytes it keeps. Skipping the bytecode cache is the point: a .pyc is
     trusted by its source's size and mtime to the second, and a same-size edit within that
@@ -68,9 +77,23 @@ class _RecordingLoader(importlib.machinery.SourceFileLoader):
     def get_code(self, fullname: str) -> Any:
         path = self.get_filename(fullname)
         data = self.get_data(path)
-        with _lock:
-            _sources[fullname] = Imported(path, data, vouched=True)
+        _record(fullname, path, data)
         return self.source_to_code(data, path)
+
+
+class _RecordingExtensionLoader(importlib.machinery.ExtensionFileLoader):
+    """A compiled extension outside the installed libraries: its bytes, read just before the
+    dynamic loader maps the same file."""
+
+    def create_module(self, spec: Any) -> Any:
+        _record(spec.name, self.path, Path(self.path).read_bytes())
+        return super().create_module(spec)
+
+
+_RECORDING = {
+    importlib.machinery.SourceFileLoader: _RecordingLoader,
+    importlib.machinery.ExtensionFileLoader: _RecordingExtensionLoader,
+}
 
 
 class _Recorder(importlib.abc.MetaPathFinder):
@@ -82,11 +105,9 @@ class _Recorder(importlib.abc.MetaPathFinder):
             spec = find(fullname, path, target) if find else None
             if spec is None:
                 continue
-            loader = spec.loader
-            if type(loader) is importlib.machinery.SourceFileLoader and not is_library_file(
-                spec.origin
-            ):
-                spec.loader = _RecordingLoader(loader.name, loader.path)
+            recording = _RECORDING.get(type(spec.loader))
+            if recording is not None and not is_library_file(spec.origin):
+                spec.loader = recording(spec.loader.name, spec.loader.path)
             return spec
         return None
 
@@ -110,15 +131,27 @@ def record_imports(package: ModuleType) -> None:
                 _sources[module.__name__] = Imported(path, Path(path).read_bytes(), vouched=True)
 
 
+def loaded_count() -> int:
+    with _lock:
+        return len(_loaded)
+
+
+def loaded_since(count: int) -> list[str]:
+    """The modules the recorder loaded after `loaded_count()` returned `count`."""
+    with _lock:
+        return _loaded[count:]
+
+
 def source_of(module: ModuleType) -> Imported | None:
-    """What `module` was compiled from; None for a module with no source file."""
+    """What `module` was compiled (or, an extension, loaded) from; None for a module with no
+    file."""
     name = module.__name__
     path = getattr(module, "__file__", None)
     with _lock:
         known = _sources.get(name)
     if known is not None and known.path == path:
         return known
-    if not path or not path.endswith(".py"):
+    if not path:
         return None
     try:
         stat = os.stat(path)

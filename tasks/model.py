@@ -9,7 +9,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import torch
@@ -135,27 +135,37 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {"linear": _linear, "mlp":
 _PLUGIN_INIT = threading.Lock()  # fork_rng is process-wide: one plugin model built at a time
 
 
-def plugin_models() -> dict[str, Callable[[ModelSpec], nn.Module]]:
-    """Models other packages register, e.g. in their pyproject.toml:
+def plugin_entry_point(name: str) -> EntryPoint:
+    """The one installed entry point of model `name`, as other packages register it, e.g. in
+    their pyproject.toml:
 
         [project.entry-points."trainflow.models"]
         convnet = "mypackage.models:build_convnet"   # build_convnet(spec: ModelSpec) -> nn.Module
 
-    Only installed, named entry points are loaded — never an import path from a parameter.
+    Only installed, named entry points are loaded — never an import path from a parameter —
+    and only the one chosen: another plugin's import could change what torch computes, and its
+    code is in no key. A name two packages register is refused: which one would run is the
+    import system's choice, and the key must name the one that does.
     """
-    return {
-        ep.name: ep.load() for ep in entry_points(group=MODEL_ENTRY_POINTS) if ep.name not in MODELS
-    }
+    found = {ep.value: ep for ep in entry_points(group=MODEL_ENTRY_POINTS, name=name)}
+    if not found:
+        known = ", ".join(
+            (*MODELS, *sorted(ep.name for ep in entry_points(group=MODEL_ENTRY_POINTS)))
+        )
+        raise InputError(f"--model {name!r} is not a known model (known: {known})")
+    if len(found) > 1:
+        which = ", ".join(
+            f"{ep.value} ({ep.dist.name if ep.dist else 'no distribution'})"
+            for ep in found.values()
+        )
+        raise InputError(f"--model {name!r} is registered by more than one package: {which}")
+    return next(iter(found.values()))
 
 
 def _builder(name: str) -> Callable[[ModelSpec], nn.Module]:
     if name in MODELS:
         return MODELS[name]
-    plugins = plugin_models()
-    if name not in plugins:
-        known = ", ".join((*MODELS, *plugins))
-        raise InputError(f"--model {name!r} is not a known model (known: {known})")
-    return plugins[name]
+    return plugin_entry_point(name).load()
 
 
 def _seeded_plugin(name: str, spec: ModelSpec, seed: int) -> nn.Module:
@@ -247,16 +257,14 @@ def model_code(name: str) -> dict[str, Any] | None:
     which the stage's own code fingerprint covers."""
     if name in MODELS:
         return None
-    for ep in entry_points(group=MODEL_ENTRY_POINTS, name=name):
-        builder = ep.load()
-        dist = ep.dist
-        return {
-            "entry_point": ep.value,
-            "distribution": dist.name if dist else None,
-            "version": dist.version if dist else None,
-            "code": code_fingerprint(builder),
-        }
-    return None  # unknown: initial_model reports it
+    ep = plugin_entry_point(name)
+    dist = ep.dist
+    return {
+        "entry_point": ep.value,
+        "distribution": dist.name if dist else None,
+        "version": dist.version if dist else None,
+        "code": code_fingerprint(ep.load()),
+    }
 
 
 def model_spec(

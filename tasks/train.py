@@ -310,7 +310,8 @@ def train_epochs(
     # Not so for a schedule shaped by the run's length (cosine, onecycle): its lineage keeps
     # `epochs`, and a longer run is a new schedule from epoch 0 (README: "Schedules").
     length = {"epochs": epochs} if options.schedule_needs_length else {}
-    lineage = cache_entry("train-epochs", train_model, **recipe, **length).key
+    lineage_entry = cache_entry("train-epochs", train_model, **recipe, **length)
+    lineage = lineage_entry.key
     # The run folder says whose checkpoints these are: a retry or a re-run into the same folder
     # takes over the files it wrote, and never touches another run's.
     checkpoints = checkpointing.open(lineage, str(run_dir)) if checkpointing and lineage else None
@@ -338,6 +339,7 @@ def train_epochs(
             threads=default_threads(launch.nproc),
             hang_timeout=launch.hang_timeout,
             owner=fence.owner(),  # rank 0 asks on this process's behalf before a checkpoint
+            code=lineage_entry.code,
         )
         trained = launch_ranks(launch, job, logger.info)
         # The curves, from the history, here: every node's run folder gets them.

@@ -188,16 +188,15 @@ def _plugin(root: Path, version: str, hidden: int = 3) -> Path:
     return root
 
 
-def _plugin_run(tmp_path: Path, env: dict[str, str], plugin: Path, name: str) -> dict[str, str]:
-    env = {**env, "PYTHONPATH": str(plugin)}
+def _command_states(
+    tmp_path: Path, env: dict[str, str], name: str, *flags: str, project: Path = REPO
+) -> dict[str, str]:
+    """`python <project>/flows/train_flow.py` into tmp_path's runs and cache: its stages' states."""
     done = subprocess.run(
         [
             sys.executable,
-            str(REPO / "flows" / "train_flow.py"),
-            "--model",
-            "tiny",
-            "--epochs",
-            "3",
+            str(project / "flows" / "train_flow.py"),
+            *flags,
             "--runs-dir",
             str(tmp_path / "runs"),
             "--run-name",
@@ -214,6 +213,11 @@ def _plugin_run(tmp_path: Path, env: dict[str, str], plugin: Path, name: str) ->
     assert done.returncode == 0, done.stderr[-3000:]
     stages = json.loads((tmp_path / "runs" / name / "stages.json").read_text())
     return {s["name"]: s["state"] for s in stages}
+
+
+def _plugin_run(tmp_path: Path, env: dict[str, str], plugin: Path, name: str) -> dict[str, str]:
+    env = {**env, "PYTHONPATH": str(plugin)}
+    return _command_states(tmp_path, env, name, "--model", "tiny", "--epochs", "3")
 
 
 def test_upgrading_or_editing_a_plugin_model_misses(tmp_path, subprocess_env):
@@ -265,28 +269,7 @@ def test_an_edit_of_code_the_train_stage_reaches_only_at_run_time_misses(tmp_pat
     env = {**subprocess_env, "PYTHONPATH": str(project)}
 
     def run(name: str) -> dict[str, str]:
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(project / "flows" / "train_flow.py"),
-                "--epochs",
-                "2",
-                "--runs-dir",
-                str(tmp_path / "runs"),
-                "--run-name",
-                name,
-                "--cache-dir",
-                str(tmp_path / "cache"),
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        stages = json.loads((tmp_path / "runs" / name / "stages.json").read_text())
-        return {s["name"]: s["state"] for s in stages}
+        return _command_states(tmp_path, env, name, "--epochs", "2", project=project)
 
     run("before")
     distributed = project / "tasks" / "distributed.py"

@@ -190,7 +190,103 @@ def test_a_module_imported_after_the_key_was_made_with_other_code_is_never_store
     code = code_keys.code_key(deferred.stage)
     (fakeproj.package / "runner.py").write_text(RUNNER.replace("* self.scale", "* self.scale * 3"))
     assert deferred.stage(1) == 6  # the import inside the stage compiles the edited text
-    assert "was imported again" in (code_keys.stale_sources(code) or "")
+    assert "was imported with other code" in (code_keys.stale_sources(code) or "")
+
+
+def test_an_import_module_of_a_literal_name_is_followed_like_an_import_statement(fakeproj):
+    (fakeproj.package / "literal.py").write_text(
+        "import importlib\n\n\ndef stage(n):\n"
+        "    return importlib.import_module('fakeproj.other').other(n)\n"
+    )
+    _forget("fakeproj")
+    literal = importlib.import_module("fakeproj.literal")
+    before = code_keys.code_key(literal.stage)
+    assert "fakeproj.other" in {s.module for s in before.sources}
+    (fakeproj.package / "other.py").write_text("def other(n):\n    return n - 2\n")
+    assert code_keys.code_key(literal.stage).digest != before.digest  # not imported yet
+
+
+COMPUTED_NAME = """\
+import importlib, json
+import tasks
+from tasks import code_keys
+computed = importlib.import_module("fakeproj.computed")
+importlib.import_module("fakeproj.other")  # loaded, though nothing imports it by name
+code = code_keys.code_key(computed.stage)
+before = code_keys.stale_sources(code)
+value = computed.stage("runner", 1)  # imports fakeproj.runner, which no key covers
+print(json.dumps({"modules": [s.module for s in code.sources], "before": before,
+                  "value": value, "after": code_keys.stale_sources(code)}))
+"""
+
+
+def test_an_import_by_a_computed_name_counts_every_module_loaded_and_stores_no_new_one(fakeproj):
+    fakeproj()
+    (fakeproj.package / "computed.py").write_text(
+        "import importlib\n\n\ndef stage(name, n):\n"
+        "    return importlib.import_module('fakeproj.' + name).Runner(2).go(n)\n"
+    )
+    done = subprocess.run(  # a process of its own: no test module among the modules it loaded
+        [sys.executable, "-c", COMPUTED_NAME],
+        env={**os.environ, "PYTHONPATH": f"{fakeproj.package.parent}:{REPO}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"fakeproj.computed", "fakeproj.other"} <= set(seen["modules"])
+    assert seen["before"] is None and seen["value"] == 2
+    assert seen["after"].startswith("module fakeproj.runner was imported while it was computed")
+
+
+def test_a_compiled_extension_counts_by_its_bytes(tmp_path, monkeypatch):
+    import xxhash._xxhash as compiled  # any extension: copied, it is an editable one
+
+    package = tmp_path / "fakeext"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    extension = package / Path(compiled.__file__).name
+    extension.write_bytes(Path(compiled.__file__).read_bytes())
+    (tmp_path / "uses_ext.py").write_text("def stage():\n    import fakeext._xxhash\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        stage = importlib.import_module("uses_ext").stage
+        before = code_keys.code_key(stage)
+        assert str(extension) in {s.path for s in before.sources}
+        with extension.open("ab") as f:  # another build of it
+            f.write(b"\0")
+        assert code_keys.code_key(stage).digest != before.digest  # not loaded: read from disk
+        importlib.import_module("fakeext._xxhash")  # loaded: the key keeps the bytes it loaded
+        loaded = code_keys.code_key(stage)
+        with extension.open("ab") as f:
+            f.write(b"\0")
+        assert code_keys.code_key(stage).digest == loaded.digest
+        assert "changed since this process imported it" in code_keys.stale_sources(loaded)
+    finally:
+        _forget("fakeext")
+        _forget("uses_ext")
+
+
+def test_a_rank_whose_code_is_not_the_keys_refuses_to_start(monkeypatch):
+    """A DDP rank imports the code at its own start: if that is not the code the launcher's
+    key covers, it must not compute (its checkpoints would be filed under that key)."""
+    import dataclasses
+
+    from tasks.distributed import Job, run_rank
+    from tasks.errors import InputError
+
+    code = code_keys.code_key(tasks.train.train_model)
+    assert code_keys.differs_from_imported(code) is None
+    loop = next(s for s in code.sources if s.module == "tasks.loop")
+    edited = dataclasses.replace(loop, digest="0" * 64)  # the key made from other bytes
+    tampered = dataclasses.replace(
+        code, sources=tuple(edited if s is loop else s for s in code.sources)
+    )
+    job = Job({}, 1, "cpu", None, None, "", "", 1, 10.0, code=tampered)
+    monkeypatch.setattr("tasks.distributed._die_with_the_launcher", lambda pid: None)
+    with pytest.raises(InputError, match=r"loop\.py was imported with other code"):
+        run_rank(job)
 
 
 def test_a_plugins_helper_package_is_read_and_an_installed_library_counts_by_its_version(
@@ -373,7 +469,8 @@ def test_parsing_finds_every_import_wherever_it_is_written():
             from ..i import j as k
         """
     ).encode()
-    _, imports = code_keys.parse_module(text)
+    _, imports, dynamic = code_keys.parse_module(text)
+    assert not dynamic
     assert set(imports) == {
         (0, "a.b", ()),
         (0, "c", ()),

@@ -1,9 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from tasks.errors import InputError
-from tasks.model import ModelSpec, initial_model, instantiate
+from tasks.model import ModelSpec, initial_model, instantiate, model_code
 
 
 def test_linear_is_the_seed_model_with_the_seed_weights():
@@ -46,3 +49,46 @@ def test_instantiate_loads_state_and_predicts():
 def test_unknown_model_is_rejected():
     with pytest.raises(InputError, match="not a known model"):
         initial_model(ModelSpec("resnet", 1, 1), seed=0)
+
+
+def _plugin_dist(root: Path, dist: str, module: str, body: str) -> None:
+    """An installed distribution `dist` whose module registers the model 'tiny'."""
+    (root / f"{module}.py").write_text(body)
+    info = root / f"{dist}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[trainflow.models]\ntiny = {module}:build\n")
+
+
+TINY = "import torch.nn as nn\n\n\ndef build(spec):\n    return nn.Linear(spec.n_inputs, 1)\n"
+
+
+def test_only_the_chosen_plugin_is_imported(tmp_path, monkeypatch):
+    """Another plugin's import could change what torch computes, and no key covers it."""
+    _plugin_dist(tmp_path, "tinymodels", "tinymodels", TINY)
+    marker = tmp_path / "imported"
+    (tmp_path / "patches.py").write_text(f"open({str(marker)!r}, 'w').close()\n" + TINY)
+    info = tmp_path / "patchy-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: patchy\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[trainflow.models]\nother = patches:build\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = instantiate(ModelSpec("tiny", 3, 1, ()))
+        assert module(torch.zeros(2, 3)).shape == (2, 1)
+        assert model_code("tiny")["distribution"] == "tinymodels"
+        assert not marker.exists()
+    finally:
+        for name in ("tinymodels", "patches"):
+            sys.modules.pop(name, None)
+
+
+def test_a_model_name_two_packages_register_is_refused(tmp_path, monkeypatch):
+    _plugin_dist(tmp_path, "tinymodels", "tinymodels", TINY)
+    _plugin_dist(tmp_path, "tinyb", "tinyb", TINY.replace("1)", "2)"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    message = r"--model 'tiny' is registered by more than one package: .*(tinymodels|tinyb)"
+    with pytest.raises(InputError, match=message):
+        instantiate(ModelSpec("tiny", 3, 1, ()))
+    with pytest.raises(InputError, match=message):
+        model_code("tiny")
