@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import IO, Protocol
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -21,6 +20,7 @@ from tasks.tables import (
     CSV_BYTES_PER_ROW,
     _ipc_schema,
     column_names,
+    is_text_type,
     iter_columns,
 )
 
@@ -107,9 +107,7 @@ def _refuse_text(f: IO[bytes], suffix: str, chosen: tuple[str, ...], source: str
     schema = pq.read_schema(f) if suffix == ".parquet" else _ipc_schema(f)
     f.seek(0)
     for name in chosen:
-        kind = schema.field(name).type
-        kind = kind.value_type if pa.types.is_dictionary(kind) else kind
-        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        if is_text_type(schema.field(name).type):
             raise InputError(
                 f"data file {source!r}: column {name!r} is text (categorical); a table too "
                 "big for memory takes numeric columns only (README, 'Data larger than memory')"

@@ -5,13 +5,18 @@ One reading of a table, whoever reads it (training's whole file, predict's block
 memory-mapped conversion's blocks): every path reads record batches through `_blocks` and
 converts each column with `_numbers` or `_as_strings`, so a cell means one thing everywhere:
 - a CSV cell is the text written; it is a number as Arrow's float parser reads one,
-  surrounding spaces aside ("1_000", "1 000", "1,5" are not numbers);
+  surrounding spaces aside ("1_000", "1 000", "1,5" are not numbers), or a boolean as
+  pyarrow writes one ("true" is 1, "false" 0);
+- a Parquet/Feather column means what its text in a CSV means (`_as_read`): a dictionary
+  its values; a date, time or timestamp the text pyarrow's CSV writer writes (categorical);
+  a decimal the number its text is; a boolean 1 or 0; a duration its count of units;
 - a blank cell (empty, spaces only, or a null) is missing: unknown (id 0) in a categorical
   column, an error in a number column; never a category "" and never a number;
-- float32 must hold the value: an integer (of an integer column, or a CSV cell written as
-  digits) exactly, so up to ±2^24 and beyond that only with at most 24 significant bits; any
-  other finite value within ±3.4028235e+38. Anything else is one line naming the row (in a
-  CSV, its line) and the column.
+- float32 must hold the value: a whole number up to 2^64 in magnitude exactly (whatever
+  holds it: an integer, a float, a decimal, a CSV cell with or without a point), so up to
+  ±2^24 and beyond that only with at most 24 significant bits; any other finite value
+  within ±3.4028235e+38. Anything else is one line naming the row (in a CSV, its line) and
+  the column.
 
 pyarrow is imported inside the functions: a run whose load-tensors is a cache hit never pays
 for it (tests/test_export.py watches what a cached run imports).
@@ -41,16 +46,24 @@ PROGRESS_AFTER_S = 2.0  # a load slower than this reports how far it is
 PROGRESS_EVERY_S = 2.0
 CSV_BYTES_PER_ROW = 128  # to turn a block's rows into the CSV parser's block bytes
 FLOAT32_EXACT = 1 << 24  # float32 holds every integer up to this, in magnitude, exactly
+# Whole numbers up to this magnitude are ids, counts or timestamps (uint64's range): float32
+# must hold them exactly. Beyond it, a whole number is a magnitude, and rounds as a float.
+WHOLE_UP_TO = 1 << 64
 INTEGER = r"^[+-]?\d+$"  # a CSV cell written as an integer (surrounding spaces trimmed)
 
 log = logging.getLogger("trainflow.data")
 
+# A boolean as pyarrow's CSV writer spells it, and its reader reads it by default: a number,
+# 1 or 0, as a Parquet boolean column is.
+BOOLEANS = {"true": "1", "True": "1", "TRUE": "1", "false": "0", "False": "0", "FALSE": "0"}
+
 # A cell no one would call a category: digits with separators ("1,5", "1 000"), signs and
-# exponents, inf/nan. A text column of these is a numeric column in a format we can't parse,
-# not thousands of categories, so it stays an error that names the cell.
+# exponents, inf/nan, a boolean. A text column of these is a numeric column in a format we
+# can't parse, not thousands of categories, so it stays an error that names the cell.
 NUMBER_LIKE = (
     r"^\s*[+-]?(\d[\d.,' _]*|[.,]\d[\d' _]*)([eE][+-]?\d+)?\s*$"
-    r"|^\s*[+-]?(inf|infinity|nan)\s*$"
+    r"|^\s*[+-]?(?i:inf|infinity|nan)\s*$"
+    rf"|^\s*({'|'.join(BOOLEANS)})\s*$"
 )
 
 
@@ -67,11 +80,11 @@ class Columns:
 
 def column_names(f: IO[bytes], suffix: str, source: str) -> list[str]:
     """The table's column names, read from its header or schema only."""
+    f.seek(0)
+    if suffix == ".csv":  # without pyarrow: a cached run reads a CSV's header, nothing else
+        return csv_header(f)
     import pyarrow as pa
 
-    f.seek(0)
-    if suffix == ".csv":
-        return csv_header(f)
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -169,22 +182,32 @@ def iter_columns(
 
 
 def unfit_for_float32(values: np.ndarray) -> tuple[int, str] | None:
-    """The first value (flat index) that float32 would change beyond rounding, and why: an
-    integer it can't hold exactly, or a finite number beyond its range. Every read path
-    refuses these (README, "Data formats"): rounding 0.1 is what float32 does to any
-    fraction, but an id or a timestamp turned into its neighbour is another value."""
+    """The first value (flat index) that float32 would change beyond rounding, and why: a
+    whole number up to 2^64 in magnitude it can't hold exactly, or a finite number beyond
+    its range. Every read path refuses these (README, "Data formats"): rounding 0.1 is what
+    float32 does to any fraction, but an id or a timestamp turned into its neighbour is
+    another value, whichever type held it."""
     flat = values.reshape(-1)
+    if (found := _first_unfit(flat)) is None:
+        return None
+    i, whole = found
+    return i, _unfit(str(int(flat[i])) if whole else repr(float(flat[i])), whole)
+
+
+def _first_unfit(flat: np.ndarray) -> tuple[int, bool] | None:
+    """The index of the first value `unfit_for_float32` refuses, and whether it is a whole
+    number float32 can't hold (else: a finite value beyond its range)."""
     if flat.dtype.kind in "iu":
-        bad = _inexact_integers(flat)
+        whole = bad = _inexact_integers(flat)
     elif flat.dtype.kind == "f":
-        bad = _beyond_float32(flat)
+        whole = _inexact_whole(flat)
+        bad = whole | _beyond_float32(flat)
     else:
         return None
     if not bad.any():
         return None
     i = int(np.argmax(bad))
-    shown = str(int(flat[i])) if flat.dtype.kind in "iu" else repr(float(flat[i]))
-    return i, _unfit(shown, integer=flat.dtype.kind in "iu")
+    return i, bool(whole[i])
 
 
 def _unfit(shown: str, integer: bool) -> str:
@@ -207,6 +230,15 @@ def _inexact_integers(ints: np.ndarray) -> np.ndarray:
         magnitude = np.where(ints < 0, ~magnitude + one, magnitude)
     lowest = magnitude & (~magnitude + one)  # the lowest set bit (0 for 0)
     return magnitude // np.maximum(lowest, one) >= np.uint64(FLOAT32_EXACT)
+
+
+def _inexact_whole(floats: np.ndarray) -> np.ndarray:
+    """Which floats are whole numbers up to 2^64 in magnitude that float32 would round."""
+    if floats.dtype.itemsize <= 4:  # float32 and float16 values are float32 values
+        return np.zeros(floats.shape, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are neither: no warning
+        narrowed = floats.astype(np.float32)
+        return (np.abs(floats) <= WHOLE_UP_TO) & (np.floor(floats) == floats) & (narrowed != floats)
 
 
 def _beyond_float32(floats: np.ndarray) -> np.ndarray:
@@ -259,7 +291,7 @@ def _blocks(
     try:
         for batch in _batches(counted, suffix, where.header, list(names), rows, whole):
             total += batch.num_rows
-            yield batch
+            yield batch if suffix == ".csv" else _as_read(batch)
     except pa.ArrowInvalid as exc:
         if suffix != ".csv":
             raise InputError(f"data file {source!r}: not a readable {suffix} file") from None
@@ -327,6 +359,43 @@ def _batches(
     yield from pv.open_csv(f, read_options=read, convert_options=convert)
 
 
+def _as_read(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A Parquet/Feather batch with each column as the values its text in a CSV means, so
+    that one table reads alike in every format: a dictionary as its values; a date, time or
+    timestamp as the text pyarrow's CSV writer writes for it (so categorical); a duration as
+    its count of units, the number that writer writes."""
+    import pyarrow as pa
+
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        if is_text_type(column.type):
+            column = column.cast(pa.string())
+        elif pa.types.is_duration(column.type):
+            column = column.cast(pa.int64())
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def is_text_type(kind: pa.DataType) -> bool:
+    """Whether a Parquet/Feather column of this type is text (categorical): strings, and dates,
+    times and timestamps, whose cells in a CSV are text; a dictionary by its values."""
+    import pyarrow as pa
+
+    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    return any(
+        test(kind)
+        for test in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_date,
+            pa.types.is_time,
+            pa.types.is_timestamp,
+        )
+    )
+
+
 def vocabulary(strings: pa.ChunkedArray) -> tuple[str, ...]:
     """The column's distinct values, sorted; a missing value is no category."""
     import pyarrow.compute as pc
@@ -357,16 +426,12 @@ def _ipc_schema(f: IO[bytes]) -> pa.Schema:
 def _is_text(column: pa.Array, name: str, where: _Where, first_row: int) -> bool:
     """A categorical column: text in Parquet/Feather; in a CSV, text no cell of which looks
     like a number (a column mixing the two is numbers with a bad cell)."""
-    import pyarrow as pa
-
     if where.suffix != ".csv":
-        kind = column.type
-        kind = kind.value_type if pa.types.is_dictionary(kind) else kind
-        return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        return is_text_type(column.type)
     import pyarrow.compute as pc  # here: ~0.3 s of imports an all-number table never needs
 
     strings = _as_strings(column, name, where, first_row)
-    return not pc.any(pc.match_substring_regex(strings, NUMBER_LIKE, ignore_case=True)).as_py()
+    return not pc.any(pc.match_substring_regex(strings, NUMBER_LIKE)).as_py()
 
 
 def _as_strings(column: pa.Array, name: str, where: _Where, first_row: int) -> pa.Array:
@@ -387,28 +452,37 @@ def _as_strings(column: pa.Array, name: str, where: _Where, first_row: int) -> p
 
 def _numbers(column: pa.Array, name: str, where: _Where, first_row: int) -> np.ndarray:
     """A column as float32, by the same rules on every read path: a CSV cell is a number as
-    Arrow's parser reads one (surrounding spaces aside); a blank or null is a missing value;
-    an integer float32 can't hold exactly, or a finite value beyond its range, is refused."""
+    Arrow's parser reads one (surrounding spaces aside) or a boolean; a blank or null is a
+    missing value; a whole number up to 2^64 float32 can't hold exactly, or a finite value
+    beyond its range, is refused."""
     import pyarrow as pa
 
     kind, source = column.type, where.source
     if where.suffix == ".csv":
-        return _csv_numbers(column, name, where, first_row)
-    numeric = pa.types.is_integer(kind) or pa.types.is_floating(kind)
-    if not (numeric or pa.types.is_decimal(kind) or pa.types.is_boolean(kind)):
+        return _text_numbers(column, name, where, first_row)
+    if pa.types.is_decimal(kind):
+        # The number its text is, as in a CSV: exactly, where float64 would round
+        # 12345678901234567890 before it could be checked.
+        return _text_numbers(column.cast(pa.string()), name, where, first_row)
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
         what = "text" if _is_text(column, name, where, first_row) else f"{kind} values"
         raise InputError(f"data file {source!r}: column {name!r} holds {what}, not numbers")
     _refuse_missing(column, name, where, first_row)
-    if not numeric:  # decimals round as floats do; booleans are 0 and 1
+    if pa.types.is_boolean(kind):  # 1 and 0
         column = column.cast(pa.float64())
     values = column.to_numpy(zero_copy_only=False)
-    if unfit := unfit_for_float32(values):
-        row, why = unfit
-        raise InputError(f"{where.cell(name, first_row + row)}: {why}")
+    if (unfit := _first_unfit(values)) is not None:
+        row, whole = unfit
+        # The value as pyarrow's CSV writer writes it (the same cast), so every format says
+        # the same.
+        shown = column.slice(row, 1).cast(pa.string())[0].as_py()
+        raise InputError(f"{where.cell(name, first_row + row)}: {_unfit(shown, whole)}")
     return values.astype(np.float32)
 
 
-def _csv_numbers(cells: pa.Array, name: str, where: _Where, first_row: int) -> np.ndarray:
+def _text_numbers(cells: pa.Array, name: str, where: _Where, first_row: int) -> np.ndarray:
+    """Cells of text (a CSV's, a decimal's) as float32: a number as Arrow's float parser reads
+    one, surrounding spaces aside, or a boolean as 1 or 0."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -416,22 +490,24 @@ def _csv_numbers(cells: pa.Array, name: str, where: _Where, first_row: int) -> n
         parsed = cells.cast(pa.float64())
     except pa.ArrowInvalid:
         cells = _as_strings(cells, name, where, first_row)
+        numbers = _booleans_as_digits(cells)
         try:
-            parsed = cells.cast(pa.float64())
+            parsed = numbers.cast(pa.float64())
         except pa.ArrowInvalid:
-            row = _first_failing(cells, lambda part: part.cast(pa.float64()))
+            row = _first_failing(numbers, lambda part: part.cast(pa.float64()))
             raise InputError(
                 f"{where.cell(name, first_row + row)}: {cells[row].as_py()!r} is not a number"
             ) from None
     _refuse_missing(parsed, name, where, first_row)
     values = parsed.to_numpy(zero_copy_only=False)
-    # As in a typed table, an integer (here: a cell written as one) must be exact, and a
-    # finite number (here: "1e400" too, which float64 already made infinite) within range.
+    # Only a value beyond ±2^24 can be one float32 would change: a whole number it can't hold,
+    # or a finite one (here: "1e400" too, which float64 already made infinite) beyond range.
     at = np.flatnonzero(np.abs(values) > FLOAT32_EXACT)
     if len(at):
         text = _as_strings(cells.take(pa.array(at)), name, where, first_row)
+        inexact = _inexact_whole(values[at])
+        # A cell written as digits is that integer exactly, not the float64 nearest it.
         integer = pc.match_substring_regex(text, INTEGER).to_numpy(zero_copy_only=False)
-        inexact = np.zeros(len(at), dtype=bool)
         inexact[integer] = _inexact_integer_cells(text.filter(pa.array(integer)))
         inf = pc.match_substring_regex(text, r"^[+-]?inf", ignore_case=True)
         infinite = np.isinf(values[at]) & ~inf.to_numpy(zero_copy_only=False)
@@ -443,6 +519,16 @@ def _csv_numbers(cells: pa.Array, name: str, where: _Where, first_row: int) -> n
     return values.astype(np.float32)
 
 
+def _booleans_as_digits(strings: pa.Array) -> pa.Array:
+    """Cells spelled as BOOLEANS as "1" and "0"; any other cell as it is."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    index = pc.index_in(strings, value_set=pa.array(list(BOOLEANS)))
+    digits = pc.take(pa.array(list(BOOLEANS.values())), index)
+    return pc.if_else(pc.is_null(index), strings, digits)
+
+
 def _inexact_integer_cells(cells: pa.Array) -> np.ndarray:
     """`_inexact_integers` of cells written as integers (digits, a sign)."""
     import pyarrow as pa
@@ -451,7 +537,8 @@ def _inexact_integer_cells(cells: pa.Array) -> np.ndarray:
         return _inexact_integers(cells.cast(pa.int64()).to_numpy())
     except pa.ArrowInvalid:  # beyond int64: Python's integers are exact at any size
         magnitudes = [abs(int(cell)) for cell in cells.to_pylist()]
-        return np.array([n // (n & -n) >= FLOAT32_EXACT if n else False for n in magnitudes])
+        whole = [0 < n <= WHOLE_UP_TO and n // (n & -n) >= FLOAT32_EXACT for n in magnitudes]
+        return np.array(whole, dtype=bool)
 
 
 def _refuse_missing(column: pa.Array, name: str, where: _Where, first_row: int) -> None:

@@ -5,6 +5,8 @@ vocabulary comes from the training rows, model.pt2 takes ids, predict takes the 
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import json
 import logging
 import re
@@ -521,3 +523,121 @@ def test_a_number_float32_cannot_hold_is_exit_2_one_line_and_writes_nothing(
     assert err[-1].startswith(f"train_flow.py: error: data file {str(source)!r}: {message}")
     assert "Traceback" not in done.stderr and "RuntimeWarning" not in done.stderr
     assert not any(p.is_file() for p in tmp_path.rglob("*") if p != source)
+
+
+# --- one table, one set of tensors: a typed column means what its CSV text means ------------
+
+ROWS = 6
+
+
+def _one_table_cases() -> list:
+    """(column a's values as pyarrow writes them to every format, what every read gives):
+    numbers (a's floats), the vocabulary "as written" (its CSV cells), or the one-line
+    error."""
+
+    def at_row_3(value, filler, kind=None):
+        values = [filler] * ROWS
+        values[3] = value
+        return pa.array(values, kind)
+
+    big = 12_345_678_901_234_567_890
+    stamp = datetime.datetime(2024, 1, 2, 3, 4, 5, 123456)
+    return [
+        pytest.param(pa.array([True, False] * 3), [1.0, 0.0] * 3, id="bool"),
+        pytest.param(
+            at_row_3(16_777_217.0, 1.0), "the integer 16777217 is not exact", id="whole-float"
+        ),
+        pytest.param(
+            at_row_3(2.0**60 + 2.0**12, 1.0),
+            "the integer 1.152921504606851e+18 is not exact",
+            id="whole-float-beyond-2^53",
+        ),
+        pytest.param(
+            at_row_3(decimal.Decimal(big), decimal.Decimal(1), pa.decimal128(20, 0)),
+            f"the integer {big} is not exact",
+            id="decimal-integer",
+        ),
+        pytest.param(
+            at_row_3(decimal.Decimal("16777217.00"), decimal.Decimal(1), pa.decimal128(12, 2)),
+            "the integer 16777217.00 is not exact",
+            id="decimal-whole",
+        ),
+        pytest.param(
+            at_row_3(decimal.Decimal("16777217.25"), decimal.Decimal(1), pa.decimal128(12, 2)),
+            [1.0, 1.0, 1.0, float(np.float32(16_777_217.25)), 1.0, 1.0],
+            id="decimal-fraction-rounds",
+        ),
+        pytest.param(
+            at_row_3(decimal.Decimal(10**20 + 1), decimal.Decimal(1), pa.decimal128(21, 0)),
+            [1.0, 1.0, 1.0, float(np.float32(1e20)), 1.0, 1.0],
+            id="integer-beyond-2^64-rounds",
+        ),
+        pytest.param(
+            at_row_3(2.0**60, 0.5), [0.5, 0.5, 0.5, 2.0**60, 0.5, 0.5], id="float32-holds-2^60"
+        ),
+        pytest.param(
+            pa.array([1, 2, 1, 5, 2, 1]).dictionary_encode(),
+            [1.0, 2.0, 1.0, 5.0, 2.0, 1.0],
+            id="dictionary-of-int64",
+        ),
+        pytest.param(
+            pa.array(["b", "a", "b", "c", "a", "b"]).dictionary_encode(),
+            "as written",
+            id="dict-str",
+        ),
+        pytest.param(
+            pa.array([datetime.date(2024, 1, d % 3 + 1) for d in range(ROWS)], pa.date32()),
+            "as written",
+            id="date32",
+        ),
+        pytest.param(
+            pa.array([stamp + datetime.timedelta(seconds=d % 2) for d in range(ROWS)]),
+            "as written",
+            id="timestamp",
+        ),
+        pytest.param(pa.array([stamp.time()] * ROWS, pa.time64("us")), "as written", id="time64"),
+        pytest.param(
+            pa.array([1, 2, 3, 4, 5, 6], pa.duration("s")),
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            id="duration",
+        ),
+    ]
+
+
+def _same_place(message: str) -> str:
+    """The error with its place as a row: a CSV's line L is data row L - 2."""
+    return re.sub(r"line (\d+)", lambda m: f"row {int(m[1]) - 2}", message)
+
+
+@pytest.mark.parametrize(("column", "read"), _one_table_cases())
+def test_one_table_written_by_pyarrow_reads_alike_in_every_format_and_read_path(
+    tmp_path, recwarn, column, read
+):
+    table = pa.table({"a": column, "y": pa.array([float(i) for i in range(ROWS)])})
+    paths = {suffix: tmp_path / f"t{suffix}" for suffix in (".csv", ".parquet", ".feather")}
+    pa_csv.write_csv(table, paths[".csv"])
+    pq.write_table(table, paths[".parquet"])
+    feather.write_feather(table, paths[".feather"])
+    with paths[".csv"].open(newline="") as f:
+        written = [row[0] for row in list(csv.reader(f))[1:]]
+    if read == "as written":  # categorical: the vocabulary is the CSV writer's text
+        vocabulary = {"a": tuple(sorted(set(written)))}
+        ids = [[1.0 + vocabulary["a"].index(cell)] for cell in written]
+    for suffix, path in paths.items():
+        if read == "as written":
+            assert load_dataset(str(path)).categories == vocabulary, suffix
+            results = _every_read_path(path, ("a",), ("y",), vocabulary)
+            assert results["whole"][0] == results["streamed"][0] == ids, (suffix, results)
+            # the memory-mapped path takes numbers only: a categorical column is refused
+            with DataFile(str(path)) as file, pytest.raises(InputError, match="'a'"):
+                convert_to_map(file, suffix, ("y",), ("a",), Scratch(None))
+        elif isinstance(read, str):
+            results = _every_read_path(path, ("a",), ("y",))
+            said = {_same_place(str(message)) for message in results.values()}
+            expected = f"data file {str(path)!r}: row 3, column 'a': {read} in float32 ("
+            assert len(said) == 1 and said.pop().startswith(expected), (suffix, results)
+        else:
+            results = _every_read_path(path, ("a",), ("y",))
+            assert results["whole"][0] == [[v] for v in read], (suffix, results)
+            assert results["whole"] == results["streamed"] == results["mapped"], suffix
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
