@@ -103,6 +103,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
             run_dir=run.path,
             config=run.config,
             columns=data.columns,
+            cache=run.cache_url,
         )
     return run.summary()
 

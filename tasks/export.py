@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import xxhash
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from tasks import files
@@ -32,7 +35,9 @@ COLUMNS = "columns.json"  # the model's input and output columns, by name, for p
 # Predict never loads model.pt2: torch.export.load runs code an archive can carry.
 SPEC = "spec.json"
 # The Prefect artifact that records where a train flow run's folder is, absolute, so that
-# `--model prefect.flow-run.<id>` names that folder whatever the caller's working directory.
+# `--model prefect.flow-run.<id>` names that folder whatever the caller's working directory;
+# with the digest of the model the run exported there (`model_digest`), so that the id never
+# names another model a later run wrote into that folder, and the run's cache, absolute.
 RUN_FOLDER_ARTIFACT = "run-folder"
 # TensorBoard reads every file with "tfevents" in its name; fixed names mean a re-run into the
 # same folder replaces the graph and the hparams record instead of adding a second one.
@@ -65,6 +70,16 @@ class Exported:
     @classmethod
     def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Exported:
         return cls(tensors["program"].numpy().tobytes(), tensors["graph_events"].numpy().tobytes())
+
+
+def model_digest(
+    weights_digest: str, spec: dict[str, Any], columns: dict[str, Any], loss: str
+) -> str:
+    """One digest of what decides a run's scores: the xxh3-128 of model.safetensors' bytes,
+    the architecture, the columns and the loss. Of the JSON as parsed, not as formatted, so
+    that the files export-graph writes and the files predict reads give the same digest."""
+    record = {"weights": weights_digest, "spec": spec, "columns": columns, "loss": loss}
+    return xxhash.xxh3_128_hexdigest(json.dumps(record, sort_keys=True).encode())
 
 
 def export_program(model: nn.Module, sample: Tensor) -> torch.export.ExportedProgram:
@@ -146,8 +161,9 @@ def write_outputs(
     run_dir: Path,
     config: dict[str, Any],
     columns: dict[str, list[str]],
-) -> None:
-    """Every file of the run folder that export-graph owns, on a miss and on a hit alike."""
+) -> str:
+    """Every file of the run folder that export-graph owns, on a miss and on a hit alike.
+    Returns the digest of the model written (`model_digest`)."""
     with writing(f"the run folder {str(run_dir)!r}"):
         metrics = metrics_record(trained)
         final = {f"final/{name}": value for name, value in final_values(trained).items()}
@@ -155,12 +171,19 @@ def write_outputs(
         # run_name ".": the record belongs to this folder's run, not to a sub-run of its own.
         record = event_bytes(lambda w: w.add_hparams(hparams(config), final, run_name="."))
         files.atomic_write(run_dir / HPARAMS_EVENTS, record)
-        files.write_safetensors(run_dir / MODEL, trained.state)
+        # In memory, unlike the split: the digest is of the very bytes written, and the
+        # weights are what predict reads whole anyway.
+        weights = safetensors_bytes({k: v.contiguous() for k, v in trained.state.items()})
+        files.atomic_write(run_dir / MODEL, weights)
         files.atomic_write(run_dir / PROGRAM, exported.program)
-        files.write_json(run_dir / SPEC, dataclasses.asdict(trained.spec))
+        spec = dataclasses.asdict(trained.spec)
+        files.write_json(run_dir / SPEC, spec)
         files.write_safetensors(run_dir / SPLIT, {"train": parts.train, "val": parts.val})
         files.write_json(run_dir / COLUMNS, columns)
         files.write_json(run_dir / METRICS, metrics)  # last: a run folder with it is complete
+    # As the files read back: tuples are JSON lists.
+    spec, columns = json.loads(json.dumps(spec)), json.loads(json.dumps(columns))
+    return model_digest(xxhash.xxh3_128_hexdigest(weights), spec, columns, config["loss"])
 
 
 def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:
@@ -172,13 +195,15 @@ def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:
     return sorted({round(i * step) for i in range(max_rows)})
 
 
-def publish(trained: Trained, run_dir: Path) -> None:
+def publish(trained: Trained, run_dir: Path, model: str, cache: str) -> None:
     """The run as Prefect UI artifacts: a summary card, a table of the losses, and the run
-    folder's absolute path (what predict looks up by flow run id)."""
+    folder's absolute path with the digest of the model exported there and the run's cache
+    (what predict looks up by flow run id). A retried flow run records them again: predict
+    reads the newest."""
     create_table_artifact(
         key=RUN_FOLDER_ARTIFACT,
-        description="The run folder this flow run wrote",
-        table=[{"run_folder": str(Path(run_dir).absolute())}],
+        description="The run folder this flow run wrote, the model it exported, its cache",
+        table=[{"run_folder": str(Path(run_dir).absolute()), "model": model, "cache": cache}],
     )
     create_markdown_artifact(
         key="train-summary",
@@ -232,14 +257,15 @@ def export_graph(
     run_dir: Path,
     config: dict[str, Any],
     columns: dict[str, list[str]],
+    cache: str,
 ) -> Exported:
     """The program and graph are cached; the run folder's files and the UI artifacts are
-    written on a hit as on a miss."""
+    written on a hit as on a miss. `cache`: the run's stage cache, absolute, for the record."""
     entry = cache_entry("export-graph", export_model, trained=trained, sample=sample)
     exported = entry.load(Exported)
     hit = exported is not None
     if exported is None:
         exported = entry.keep(export_model(trained, sample))
-    write_outputs(exported, trained, parts, run_dir, config, columns)
-    publish(trained, run_dir)
+    model = write_outputs(exported, trained, parts, run_dir, config, columns)
+    publish(trained, run_dir, model, cache)
     return entry.cached(exported) if hit else exported

@@ -41,11 +41,19 @@ from tasks import files
 from tasks.data import SYNTHETIC, check_format, read_file, synthetic, table_row_blocks
 from tasks.device import resolve_device
 from tasks.errors import InputError, writing
-from tasks.export import COLUMNS, METRICS, MODEL, PROGRAM, RUN_FOLDER_ARTIFACT, SPEC
+from tasks.export import (
+    COLUMNS,
+    METRICS,
+    MODEL,
+    PROGRAM,
+    RUN_FOLDER_ARTIFACT,
+    SPEC,
+    model_digest,
+)
 from tasks.metrics import ValMetrics
 from tasks.model import ModelSpec, instantiate, model_code, spec_from_json
 from tasks.rules import DEFAULT_CACHE_DIR
-from tasks.rundir import CONFIG, StageRecord, stage_table
+from tasks.rundir import CONFIG, LOCATIONS, StageRecord, stage_table
 from tasks.sources import DataFile, Identity, suffix_of
 from tasks.stage import (
     cache_enabled,
@@ -74,6 +82,12 @@ class ModelRun:
     weights_digest: str  # of model.safetensors' bytes: what the cache keys the weights by
     # Per categorical feature, the training rows' vocabulary: a value's id is 1 + its index.
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    model_digest: str = ""  # of the weights, spec, columns and loss (export.model_digest)
+    # Predict's defaults: the data the run was trained on and its stage cache, as the run
+    # resolved them (locations.json); a run trained before that file was written has only
+    # config.json's, which may be relative to a folder predict can't know.
+    data: str = SYNTHETIC
+    cache: str = DEFAULT_CACHE_DIR
 
     @property
     def loss(self) -> str:
@@ -127,7 +141,16 @@ def latest_run(runs_dir: Path) -> Path:
     return max(runs, key=lambda f: ((f / METRICS).stat().st_mtime_ns, f.name))
 
 
-def flow_run_folder(run_id: str) -> Path:
+@dataclass(frozen=True)
+class Recorded:
+    """What a `train` flow run recorded in its `run-folder` artifact."""
+
+    folder: Path  # absolute
+    model: str | None  # export.model_digest of what it exported there; None before recorded
+    cache: str | None  # its stage cache, absolute
+
+
+def flow_run_record(run_id: str) -> Recorded:
     """The run folder a `train` flow run wrote, as that run recorded it (absolute, in its
     `run-folder` artifact), asked of the Prefect server that ran it. Never resolved against
     this process's working directory: a relative `runs_dir` there names another folder."""
@@ -163,34 +186,71 @@ def flow_run_folder(run_id: str) -> Path:
             sort=ArtifactSort.CREATED_DESC,
             limit=1,
         )
-    folder = _recorded_folder(records[0].data) if records else None
-    if folder is None:
+    recorded = _recorded(records[0].data) if records else None
+    if recorded is None:
         raise InputError(
             f"--model {FLOW_RUN}{run_id}: that run recorded no run folder (trained before "
             "trainflow recorded one); pass its folder as --model"
         )
-    if not folder.is_dir():
-        raise InputError(f"--model {FLOW_RUN}{run_id}: its run folder {str(folder)!r} is gone")
-    return folder
+    if not recorded.folder.is_dir():
+        raise InputError(
+            f"--model {FLOW_RUN}{run_id}: its run folder {str(recorded.folder)!r} is gone"
+        )
+    return recorded
 
 
-def _recorded_folder(data: Any) -> Path | None:
-    """The absolute path in a `run-folder` artifact's table (JSON text, as the server keeps it)."""
+def _recorded(data: Any) -> Recorded | None:
+    """A `run-folder` artifact's table (JSON text, as the server keeps it), if it names an
+    absolute folder."""
     try:
         rows = json.loads(data) if isinstance(data, str) else data
-        folder = Path(rows[0]["run_folder"])
-    except (ValueError, TypeError, KeyError, IndexError):
+        row = rows[0]
+        folder = Path(row["run_folder"])
+        model, cache = row.get("model"), row.get("cache")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
-    return folder if folder.is_absolute() else None
+    if not folder.is_absolute():
+        return None
+    return Recorded(
+        folder,
+        model if isinstance(model, str) else None,
+        cache if isinstance(cache, str) else None,
+    )
+
+
+def recorded_run(run_id: str) -> ModelRun:
+    """The model a `train` flow run exported, read from the folder it recorded, or refused if
+    that folder now holds another (a later run of another config under the same name, or
+    other files): an id names that run's model, never whatever the folder holds now. A
+    cached or same-config re-run into the folder writes the same bytes, so it still
+    resolves."""
+    recorded = flow_run_record(run_id)
+    named = f"--model {FLOW_RUN}{run_id}: its run folder {str(recorded.folder)!r}"
+    if recorded.model is None:
+        raise InputError(
+            f"{named} has no recorded model digest (trained before trainflow recorded one); "
+            "pass the folder as --model to score what it holds"
+        )
+    run = read_run(recorded.folder)
+    if run.model_digest != recorded.model:
+        raise InputError(
+            f"{named} now holds another model than that run exported (trained again or "
+            "changed since); pass the folder as --model to score what it holds"
+        )
+    # That run's own cache: a later same-config run into the folder may have named another.
+    return dataclasses.replace(run, cache=recorded.cache or run.cache)
+
+
+def flow_run_id(model: str) -> str | None:
+    """The flow run id `--model` gives (`prefect.flow-run.<id>` or a bare UUID), if any."""
+    run_id = model.removeprefix(FLOW_RUN)
+    return run_id if model.startswith(FLOW_RUN) or _is_uuid(run_id) else None
 
 
 def find_run(model: str, runs_dir: str) -> Path:
-    """The run folder `--model` names: a folder, its model.pt2, 'latest', or a flow run id."""
+    """The run folder `--model` names: a folder, its model.pt2, or 'latest'."""
     if model == "latest":
         return latest_run(Path(runs_dir))
-    run_id = model.removeprefix(FLOW_RUN)
-    if model.startswith(FLOW_RUN) or _is_uuid(run_id):
-        return flow_run_folder(run_id)
     path = Path(model)
     folder = path.parent if path.name == PROGRAM else path
     if not folder.is_dir():
@@ -229,23 +289,48 @@ def read_run(folder: Path) -> ModelRun:
         }
         if not isinstance(config.get("loss"), str):  # how outputs become predictions
             raise ValueError(f"{CONFIG} names no loss")
-        spec = spec_from_json(json.loads((folder / SPEC).read_text()))
+        spec_json = json.loads((folder / SPEC).read_text())
+        spec = spec_from_json(spec_json)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(
             f"--model {folder}: unreadable {CONFIG}, {COLUMNS} or {SPEC} ({exc})"
         ) from None
+    data, cache = _locations(folder, config)
     weights = _read_weights(folder)
+    weights_digest = xxhash.xxh3_128_hexdigest(weights)
     run = ModelRun(
         str(folder.absolute()),
         features,
         targets,
         config,
         spec,
-        xxhash.xxh3_128_hexdigest(weights),
+        weights_digest,
         categories,
+        model_digest(weights_digest, spec_json, columns, config["loss"]),
+        data,
+        cache,
     )
     rebuilt_model(run, weights)
     return run
+
+
+def _locations(folder: Path, config: dict[str, Any]) -> tuple[str, str]:
+    """The run's training data and stage cache as it resolved them (locations.json); a run
+    trained before that file has config.json's, relative to predict's working folder."""
+    try:
+        text = (folder / LOCATIONS).read_text()
+    except FileNotFoundError:
+        return config.get("data", SYNTHETIC), config.get("cache_dir", DEFAULT_CACHE_DIR)
+    except OSError as exc:
+        raise InputError(f"--model {folder}: unreadable {LOCATIONS} ({exc.strerror})") from None
+    try:
+        locations = json.loads(text)
+        data, cache = locations["data"], locations["cache"]
+        if not (isinstance(data, str) and isinstance(cache, str) and data and cache):
+            raise ValueError("data and cache must be non-empty strings")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--model {folder}: unreadable {LOCATIONS} ({exc})") from None
+    return data, cache
 
 
 def _read_weights(folder: Path) -> bytes:
@@ -602,7 +687,8 @@ def _names(name: str, fd: int) -> bool:
 
 @task(name="find-model")
 def find_model(model: str, runs_dir: str) -> ModelRun:
-    return read_run(find_run(model, runs_dir))
+    run_id = flow_run_id(model)
+    return recorded_run(run_id) if run_id is not None else read_run(find_run(model, runs_dir))
 
 
 @stage(name="score")
@@ -614,7 +700,7 @@ def score(
     differently per batch.
 
     `source` None: the data the run was trained on."""
-    source = source or run.config["data"]
+    source = source or run.data
     device_type = resolve_device(device).type
     if source == SYNTHETIC:
         recipe = {k: run.config[k] for k in ("n_samples", "data_seed", "noise")}
@@ -706,6 +792,6 @@ def scoring_cache(
 ) -> Iterator[None]:
     """The cache a predict run reads and writes: `--cache-dir`, else the training run's own."""
     mode = cache_mode(no_cache, refresh_cache)
-    url = CacheStore(cache_dir or run.config.get("cache_dir", DEFAULT_CACHE_DIR)).url
+    url = CacheStore(cache_dir or run.cache).url
     with using_cache(url if mode != "off" else "", mode):
         yield

@@ -24,11 +24,15 @@ from tasks.checkpoint import CheckpointSettings
 from tasks.errors import InputError, writing
 from tasks.export import METRICS
 from tasks.files import write_json
-from tasks.rules import safe_run_name
+from tasks.rules import SYNTHETIC, safe_run_name
 from tasks.stage import CacheMode, cache_mode, recording_stages, using_cache
 from tasks.store import CacheStore
 
 CONFIG, STAGES = "config.json", "stages.json"
+# config.json keeps the config as given (relative paths included); this file says what its
+# data and cache_dir named from the folder training ran in, so that predict's defaults are
+# the run's own whatever predict's working folder.
+LOCATIONS = "locations.json"
 # Settings that change how a run goes, not what it computes: a run folder may be reused with
 # other values of these (a resumed run with --refresh-cache, another checkpoint cadence…).
 RESULT_NEUTRAL = frozenset(
@@ -82,10 +86,13 @@ class Run:
     stages: list[StageRecord] = field(default_factory=list)
 
     def create(self) -> Path:
-        """The run folder, with config.json, once input is valid; returns its path."""
+        """The run folder, with config.json and locations.json, once input is valid; returns
+        its path."""
         with writing(f"the run folder {str(self.path)!r}"):
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / CONFIG, self.config)
+            data = _comparable("data", self.config["data"])
+            write_json(self.path / LOCATIONS, {"data": data, "cache": self.cache_url})
             self._write_stages()
         return self.path
 
@@ -156,8 +163,8 @@ def config_conflict(folder: Path, config: dict[str, Any]) -> str | None:
 
 def _comparable(name: str, value: Any) -> Any:
     """Two spellings of one local data file (`d.csv`, `./d.csv`, its absolute path) are one
-    config; a URL is compared as written."""
-    if name == "data" and isinstance(value, str) and "://" not in value:
+    config; a URL (or 'synthetic', a recipe) is compared as written."""
+    if name == "data" and isinstance(value, str) and "://" not in value and value != SYNTHETIC:
         return os.path.abspath(value)
     return value
 

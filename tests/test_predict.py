@@ -663,6 +663,92 @@ def test_a_flow_run_id_names_the_folder_that_run_wrote_from_any_folder(
     assert not out.exists()
 
 
+def _flow_cli(script: str, args: list[str], cwd: Path, env: dict[str, str]):
+    """A flow's command line, as a user runs it from `cwd`."""
+    from .conftest import REPO
+
+    command = [sys.executable, str(REPO / "flows" / script), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _train_id(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Train from `cwd`; the flow run's id, as the printed Prefect UI link names it."""
+    done = _flow_cli("train_flow.py", args, cwd, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return re.search(r"/runs/flow-run/([0-9a-f-]{36})", done.stdout).group(1)
+
+
+def test_a_flow_run_id_is_refused_once_its_folder_holds_another_model(tmp_path, subprocess_env):
+    """The folder run A recorded is moved away and run B, another config, trains under the same
+    name: A's id never scores B's model. With A's folder back, or after a cached re-run of A's
+    config into it (the same weights, bit for bit), A's id names A's model again."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir(), other.mkdir()
+    runs = work / "runs"
+
+    def train(*args: str) -> str:
+        return _train_id([*args, "--run-name", "idtest"], work, subprocess_env)
+
+    def by_id(run_id: str, out: str):
+        args = ["--model", f"prefect.flow-run.{run_id}", "--out", str(other / out), "--no-cache"]
+        return _flow_cli("predict_flow.py", args, other, subprocess_env)
+
+    a = train("--epochs", "2")
+    assert by_id(a, "a.csv").returncode == 0
+    scored_a = _predictions(other / "a.csv")
+    (runs / "idtest").rename(runs / "idtest-moved")
+    b = train("--epochs", "3", "--lr", "0.05")
+    before = _files(tmp_path)
+    done = by_id(a, "refused.csv")
+    assert done.returncode == 2, done.stdout[-2000:]
+    last = done.stderr.strip().splitlines()[-1]  # the error, after Prefect's log lines
+    assert last.startswith("predict_flow.py: error: --model prefect.flow-run."), last
+    assert f"{str(runs / 'idtest')!r} now holds another model" in last, last
+    assert _files(tmp_path) == before  # nothing written
+    assert by_id(b, "b.csv").returncode == 0
+    assert _predictions(other / "b.csv") != scored_a
+
+    shutil.rmtree(runs / "idtest")
+    (runs / "idtest-moved").rename(runs / "idtest")
+    assert by_id(a, "a-back.csv").returncode == 0
+    assert _predictions(other / "a-back.csv") == scored_a
+    rerun = train("--epochs", "2")  # A's config again: cached, the same files
+    assert rerun != a
+    assert by_id(a, "a-rerun.csv").returncode == 0
+    assert _predictions(other / "a-rerun.csv") == scored_a
+
+
+def test_the_default_data_and_cache_are_the_training_runs_from_any_folder(tmp_path, subprocess_env):
+    """A run trained from `work` on `train.csv` with the default cache (both relative): predict
+    from another folder, by flow run id or by the run folder, without --data or --cache-dir,
+    scores that file and caches in that cache, never in a folder of its own working
+    directory's."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir(), other.mkdir()
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=80), rng.normal(size=80)
+    (work / "train.csv").write_text(
+        "a,b,y\n" + "".join(f"{a[i]},{b[i]},{1 + 2 * a[i] - b[i]}\n" for i in range(80))
+    )
+    run_id = _train_id(
+        ["--data", "train.csv", "--epochs", "2", "--run-name", "r"], work, subprocess_env
+    )
+    cache = work / ".trainflow" / "cache"
+    for model, printed in (
+        (f"prefect.flow-run.{run_id}", "Completed"),
+        (str(work / "runs" / "r"), "Cached"),
+    ):
+        out = other / "p.csv"
+        done = _flow_cli(
+            "predict_flow.py", ["--model", model, "--out", str(out)], other, subprocess_env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(_read(out)) == 80  # the rows of work/train.csv
+        assert re.search(rf"^score\s+{printed}\b", done.stdout, re.MULTILINE), done.stdout
+        assert list((cache / "records").glob("score-*.json"))
+        assert not (other / ".trainflow").exists()
+
+
 @pytest.mark.usefixtures("prefect_api")
 @pytest.mark.parametrize(("cell", "column"), [("nan", "a"), ("-inf", "b"), ("inf", "y")])
 def test_a_nan_or_inf_cell_is_refused_naming_its_column_and_row(
