@@ -37,7 +37,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tasks.imported import is_library_file, loaded_count, loaded_since, source_of
+from tasks.imported import (
+    is_library_file,
+    loaded_count,
+    loaded_since,
+    record_imports,
+    source_of,
+)
 
 
 def _memo_dir() -> Path | None:
@@ -75,6 +81,7 @@ class CodeKey:
 
 def code_key(*roots: Any) -> CodeKey:
     """The code that `roots` (functions, classes, modules or their instances) can reach."""
+    record_imports()  # first among the finders again, should another have been put in front
     loaded_before = loaded_count()
     walk = _Walk()
     for root in roots:
@@ -346,7 +353,15 @@ _parses: dict[str, Parsed] = {}
 # Calls that import or run code by a name or text given at run time. With a literal module
 # name the import is followed like a statement; anything else makes the key coarse.
 _IMPORTERS = {"__import__", "import_module"}
-_LOADERS = {"spec_from_file_location", "run_path", "run_module", "load_module", "exec_module"}
+_LOADERS = {
+    "spec_from_file_location",
+    "spec_from_loader",
+    "module_from_spec",
+    "run_path",
+    "run_module",
+    "load_module",
+    "load_source",
+}
 _parses_lock = threading.Lock()
 
 

@@ -18,6 +18,7 @@ import site
 import sys
 import sysconfig
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +34,9 @@ class Imported:
     path: str
     text: bytes
     vouched: bool
+    # The module object the bytes were executed in: a module imported again by another loader
+    # (a finder put in front of the recorder later) is not described by an older record.
+    module: weakref.ref[ModuleType] | None = None
 
 
 _sources: dict[str, Imported] = {}
@@ -63,10 +67,10 @@ def is_library_file(path: str | None) -> bool:
     return path is None or os.path.abspath(path).startswith(LIBRARY_ROOTS)
 
 
-def _record(name: str, path: str, data: bytes) -> None:
+def _record(module: ModuleType, path: str, data: bytes) -> None:
     with _lock:
-        _sources[name] = Imported(path, data, vouched=True)
-        _loaded.append(name)
+        _sources[module.__name__] = Imported(path, data, True, weakref.ref(module))
+        _loaded.append(module.__name__)
 
 
 class _RecordingLoader(importlib.machinery.SourceFileLoader):
@@ -74,11 +78,19 @@ class _RecordingLoader(importlib.machinery.SourceFileLoader):
     trusted by its source's size and mtime to the second, and a same-size edit within that
     second would run code other than the bytes read."""
 
-    def get_code(self, fullname: str) -> Any:
-        path = self.get_filename(fullname)
+    def exec_module(self, module: ModuleType) -> None:
+        path = self.get_filename(module.__name__)
         data = self.get_data(path)
-        _record(fullname, path, data)
-        return self.source_to_code(data, path)
+        self.code = self.source_to_code(data, path)
+        _record(module, path, data)
+        super().exec_module(module)  # runs what get_code returns
+
+    def get_code(self, fullname: str) -> Any:
+        code = getattr(self, "code", None)  # exec_module's; runpy asks before any
+        if code is None:
+            path = self.get_filename(fullname)
+            code = self.source_to_code(self.get_data(path), path)
+        return code
 
 
 class _RecordingExtensionLoader(importlib.machinery.ExtensionFileLoader):
@@ -86,8 +98,12 @@ class _RecordingExtensionLoader(importlib.machinery.ExtensionFileLoader):
     dynamic loader maps the same file."""
 
     def create_module(self, spec: Any) -> Any:
-        _record(spec.name, self.path, Path(self.path).read_bytes())
+        self.data = Path(self.path).read_bytes()
         return super().create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        _record(module, self.path, self.data)
+        super().exec_module(module)
 
 
 _RECORDING = {
@@ -118,17 +134,22 @@ def _started() -> float:
     return psutil.Process().create_time()
 
 
-def record_imports(package: ModuleType) -> None:
-    """Idempotent. `package` (whose __init__ is running this) and this module were imported
-    just before: their bytes are read now. Other modules imported before the recorder are read
-    at first use, with the file-age check of `source_of`."""
-    if not any(isinstance(f, _Recorder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Recorder())
+def record_imports(package: ModuleType | None = None) -> None:
+    """Puts the recorder first among the finders (again, if one was put in front of it since).
+    `package` (whose __init__ is running this) and this module were imported just before:
+    their bytes are read now. Other modules imported before the recorder are read at first
+    use, with the file-age check of `source_of`."""
+    if not sys.meta_path or not isinstance(sys.meta_path[0], _Recorder):
+        recorders = [f for f in sys.meta_path if isinstance(f, _Recorder)]
+        for recorder in recorders:
+            sys.meta_path.remove(recorder)
+        sys.meta_path.insert(0, recorders[0] if recorders else _Recorder())
     for module in (sys.modules[__name__], package):
         path = getattr(module, "__file__", None)
-        if path and module.__name__ not in _sources:
+        if module is not None and path and module.__name__ not in _sources:
             with contextlib.suppress(OSError), _lock:
-                _sources[module.__name__] = Imported(path, Path(path).read_bytes(), vouched=True)
+                text = Path(path).read_bytes()
+                _sources[module.__name__] = Imported(path, text, True, weakref.ref(module))
 
 
 def loaded_count() -> int:
@@ -149,7 +170,7 @@ def source_of(module: ModuleType) -> Imported | None:
     path = getattr(module, "__file__", None)
     with _lock:
         known = _sources.get(name)
-    if known is not None and known.path == path:
+    if known is not None and known.path == path and known.module and known.module() is module:
         return known
     if not path:
         return None
@@ -160,7 +181,8 @@ def source_of(module: ModuleType) -> Imported | None:
         return None
     # Imported before the recorder, or a module object made by hand: trusted only if the file
     # has not changed since this process started (any import of it read these bytes).
-    imported = Imported(path, data, vouched=max(stat.st_mtime, stat.st_ctime) < _started())
+    vouched = max(stat.st_mtime, stat.st_ctime) < _started()
+    imported = Imported(path, data, vouched, weakref.ref(module))
     with _lock:
-        _sources.setdefault(name, imported)
-        return _sources[name]
+        _sources[name] = imported
+        return imported

@@ -387,7 +387,7 @@ def test_no_cache_hashes_nothing(tmp_path, monkeypatch):
         raise AssertionError("hashed with --no-cache")
 
     monkeypatch.setattr(tasks.sources, "file_digest", no_hashing)
-    monkeypatch.setattr(tasks.stage, "stage_key", no_hashing)
+    monkeypatch.setattr(tasks.stage, "keyed", no_hashing)
     bypass = _train(tmp_path, "bypass", data=str(_csv(tmp_path / "data.csv")), no_cache=True)
     assert all(s["key"] is None for s in bypass.stages)
     assert not (tmp_path / "cache").exists()

@@ -79,6 +79,7 @@ def fakeproj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     for name, text in MODULES.items():
         (package / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # should another loader import it
 
     def load(helpers: str = HELPERS, runner: str = RUNNER) -> dict[str, str]:
         (package / "helpers.py").write_text(helpers)
@@ -479,3 +480,17 @@ def test_parsing_finds_every_import_wherever_it_is_written():
         (0, "f", ("g",)),
         (2, "i", ("j",)),
     }
+
+
+def test_no_trainflow_module_makes_its_keys_count_every_loaded_module():
+    """An import by a computed name anywhere in trainflow would make every key depend on what
+    the process happens to have loaded: no two processes would share an entry."""
+    import tasks.data
+    import tasks.export
+    import tasks.predict
+
+    walk = code_keys._Walk()
+    for stage in (tasks.data.load_tensors, tasks.train.train_epochs, tasks.predict.score):
+        walk.root(stage)
+    assert walk.dynamic == set()
+    assert {"tasks.imported", "tasks.code_keys", "tasks.train"} <= walk.seen
