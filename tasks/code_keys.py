@@ -10,13 +10,17 @@ callback, a deferred import or a plugin's helper package is in it.
 
 A reached module is read, as its AST without comments, docstrings or formatting, unless it
 belongs to the standard library or an installed distribution: those count by the Python
-version and the distribution's version. An editable install is read. A plugin's own module is
-read wherever it is installed, and its distribution counts with its requirements' versions.
+version and the distribution's version. An editable install is read; a compiled extension
+counts by its bytes; code in no readable file (a zip) makes the stage uncached. A plugin's own
+module is read wherever it is installed, and its distribution counts with its requirements'
+versions; once loaded, a plugin is in every key the process makes. An import by a name
+computed at run time makes the key count every editable module loaded.
 
 The text read is the one the module was compiled from (`tasks.imported`); a module not yet
 imported is read from disk. `stale_sources` tells, before an output is stored, whether any of
-those texts differs from what the process has imported since or from the file now: then the
-output may not be the keyed code's, and it is not stored.
+those texts differs from what the process has imported since or from the file now, or whether
+the computation imported a module outside its key: then the output may not be the keyed
+code's, and it is not stored.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ import os
 import platform
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
+from types import FunctionType, MethodType, ModuleType
 from typing import Any
 
 from tasks.imported import (
@@ -64,6 +69,20 @@ MEMO_DIR = _memo_dir()
 _NORMALIZER = Path(__file__).read_text()
 
 
+class UnreadableCode(Exception):
+    """A reached module's code is not in a readable file: no key can describe it."""
+
+
+_plugins: set[str] = set()  # modules of the plugins this process has loaded
+
+
+def plugin_loaded(module: str) -> None:
+    """A plugin's module, loaded: from now on every key of this process covers it. Its import
+    may have changed what other code computes (patched torch, filled a registry), and a key
+    made before or without it would not say so."""
+    _plugins.add(module)
+
+
 @dataclass(frozen=True)
 class Source:
     module: str
@@ -84,7 +103,7 @@ def code_key(*roots: Any) -> CodeKey:
     record_imports()  # first among the finders again, should another have been put in front
     loaded_before = loaded_count()
     walk = _Walk()
-    for root in roots:
+    for root in (*roots, *(sys.modules[m] for m in sorted(_plugins) if m in sys.modules)):
         walk.root(root)
     if walk.dynamic:
         # An import by a name computed at run time may reach any module: every editable
@@ -109,11 +128,12 @@ def code_fingerprint(*roots: Any) -> str:
     return code_key(*roots).digest
 
 
-def stale_sources(key: CodeKey) -> str | None:
+def stale_sources(key: CodeKey, loaded_until: int | None = None) -> str | None:
     """Why an output computed under `key` may not be the keyed code's, or None: a module of
     the key imported since with other code, a file changed since it was read, or a module
     outside the key imported while the output was computed (reached by a route the walk can't
-    see: an import by a computed name, a registry)."""
+    see: an import by a computed name, a registry). `loaded_until`: `loaded_count()` when the
+    computation ended; what was imported after it is a later computation's."""
     if (differs := differs_from_imported(key)) is not None:
         return differs
     for source in key.sources:
@@ -126,7 +146,10 @@ def stale_sources(key: CodeKey) -> str | None:
         if _bytes_digest(now) != source.digest:
             return f"{source.path} changed since this process imported it"
     keyed = {source.module for source in key.sources}
-    if outside := [name for name in loaded_since(key.loaded_before) if name not in keyed]:
+    loaded = loaded_since(key.loaded_before)
+    if loaded_until is not None:  # what the computation itself imported, not what came after
+        loaded = loaded[: max(0, loaded_until - key.loaded_before)]
+    if outside := [name for name in loaded if name not in keyed]:
         return f"module {outside[0]} was imported while it was computed, outside the key"
     return None
 
@@ -158,12 +181,13 @@ class _Walk:
         self.seen: set[str] = set()
 
     def root(self, obj: Any) -> None:
-        obj = getattr(obj, "fn", obj)  # a Prefect task stands for its function
-        if isinstance(obj, ModuleType):
-            name = obj.__name__
-        else:
-            holder = obj if isinstance(obj, type) or callable(obj) else type(obj)
-            name = getattr(holder, "__module__", None) or type(obj).__module__
+        for name in dict.fromkeys(_modules_holding(obj)):
+            if name not in self.seen:
+                self._root_module(name)
+
+    def _root_module(self, name: str) -> None:
+        if name.partition(".")[0] in sys.stdlib_module_names:
+            return  # a builtin's or the standard library's: the Python version counts for it
         module = sys.modules.get(name) or _import_spec(name)
         if module is None:
             self.missing.add(name)
@@ -198,14 +222,20 @@ class _Walk:
             )
             package = module.__package__ or ""
             is_package = hasattr(module, "__path__")
+            spec = module.__spec__
         else:  # not imported (yet): what an import would read now
             path = module.origin if module.has_location and module.origin else ""
             text = _read_file(path)
             vouched = True
             package = module.parent or ""
             is_package = module.submodule_search_locations is not None
-        if text is None:  # a namespace package or an extension: nothing to read
-            self.read[name] = "no source"
+            spec = module
+        if text is None:
+            if spec is not None and spec.has_location and spec.origin:
+                # Code from a place that is no plain file (a zip, a custom loader): what ran
+                # can't be read, so nothing computed from it can be keyed.
+                raise UnreadableCode(f"the source of module {name} ({spec.origin}) can't be read")
+            self.read[name] = "no source"  # a namespace package: no code of its own
             return
         if not path.endswith(".py"):  # a compiled extension: its bytes are its code
             self.read[name] = _bytes_digest(text)
@@ -228,6 +258,32 @@ class _Walk:
             for item in names:  # `from package import module`, or just a name
                 if item != "*" and absolute:
                     self.visit(f"{absolute}.{item}", optional=True)
+
+
+def _modules_holding(obj: Any, depth: int = 0) -> Iterator[str]:
+    """The modules whose code `obj` runs when called or used: a function's (and what its
+    closure holds), a partial's function and arguments, a method's function and instance,
+    an instance's class."""
+    if depth > 8:  # a cycle of closures
+        return
+    obj = getattr(obj, "fn", obj)  # a Prefect task stands for its function
+    if isinstance(obj, ModuleType):
+        yield obj.__name__
+    elif isinstance(obj, functools.partial):
+        for part in (obj.func, *obj.args, *obj.keywords.values()):
+            yield from _modules_holding(part, depth + 1)
+    elif isinstance(obj, MethodType):
+        yield from _modules_holding(obj.__func__, depth + 1)
+        yield from _modules_holding(obj.__self__, depth + 1)
+    elif isinstance(obj, FunctionType):
+        yield obj.__module__
+        for cell in obj.__closure__ or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                yield from _modules_holding(cell.cell_contents, depth + 1)
+    elif isinstance(obj, type):
+        yield obj.__module__
+    elif not isinstance(obj, bool | int | float | str | bytes | type(None)):
+        yield type(obj).__module__
 
 
 def _resolve(level: int, target: str, package: str) -> str | None:
@@ -352,7 +408,8 @@ Parsed = tuple[str, tuple[Import, ...], bool]  # AST digest, imports, imports a 
 _parses: dict[str, Parsed] = {}
 # Calls that import or run code by a name or text given at run time. With a literal module
 # name the import is followed like a statement; anything else makes the key coarse.
-_IMPORTERS = {"__import__", "import_module"}
+_IMPORTERS = {"__import__", "import_module", "pkgutil.resolve_name"}
+_IMPORT_MODULES = {"importlib", "pkgutil", "builtins", "runpy"}
 _LOADERS = {
     "spec_from_file_location",
     "spec_from_loader",
@@ -379,40 +436,70 @@ class _DropDocstrings(ast.NodeTransformer):
 
 def parse_module(text: bytes) -> Parsed:
     """A digest of the module's AST without comments, formatting or docstrings; every import
-    in it (statements, and `import_module`/`__import__` of a literal name); and whether it
-    imports or runs code by a name computed at run time."""
+    in it (statements, and `import_module`/`__import__`/`pkgutil.resolve_name` of a literal
+    name); and whether it imports or runs code by a name computed at run time: any other use
+    of those functions or of a module loader (an alias, a reference passed on,
+    `getattr(importlib, "import_module")`), or `exec`/`eval` of text that is not literal."""
     try:
         tree = ast.parse(text)
     except SyntaxError:  # compiled by another Python? count every byte
         return _bytes_digest(text), (), True
     imports: list[Import] = []
     dynamic = False
+    direct: set[int] = set()  # the function nodes of calls with a literal name, followed
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imports += [(0, alias.name, ()) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             names = tuple(alias.name for alias in node.names)
             imports.append((node.level, node.module or "", names))
+            # Under another name (or pkgutil's, bare) a call can't be told from any other.
+            renamed = [a.name for a in node.names if a.asname and a.asname != a.name]
+            bare = [a.name for a in node.names if node.module == "pkgutil"]
+            dynamic |= any(
+                _qualified(node.module or "", n) in _IMPORTERS for n in (*renamed, *bare)
+            )
         elif isinstance(node, ast.Call) and (called := _called_name(node)):
             first = node.args[0] if node.args else None
             literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
             if called in _IMPORTERS and literal and not first.value.startswith("."):
-                imports.append((0, first.value, ()))
-            else:  # a literal's text passed to exec or eval is in the key
-                code_from_text = called in ("exec", "eval") and not literal
-                dynamic |= called in _IMPORTERS or called in _LOADERS or code_from_text
+                imports.append((0, first.value.partition(":")[0], ()))
+                direct.add(id(node.func))
+            elif called in ("exec", "eval") and literal:
+                direct.add(id(node.func))  # the text run is in the key
+            elif called == "getattr" and len(node.args) > 1:  # getattr(importlib, name)
+                held, name = node.args[0], node.args[1]
+                named = isinstance(name, ast.Constant) and isinstance(name.value, str)
+                of_importer = isinstance(held, ast.Name) and held.id in _IMPORT_MODULES
+                found = named and _qualified("", name.value) in _IMPORTERS | _LOADERS
+                dynamic |= found or (of_importer and not named)
+    for node in ast.walk(tree):
+        used = _identifier(node)
+        if used in _IMPORTERS | _LOADERS | {"exec", "eval"} and id(node) not in direct:
+            dynamic = True
     dump = ast.dump(_DropDocstrings().visit(tree), annotate_fields=False)
     return hashlib.sha256(dump.encode()).hexdigest(), tuple(imports), dynamic
 
 
-def _called_name(call: ast.Call) -> str | None:
-    """`f` of `f(…)`, and `import_module` of `importlib.import_module(…)`; a method named
-    `eval` or `exec` (`model.eval()`) is not the builtin."""
-    if isinstance(call.func, ast.Name):
-        return call.func.id
-    if isinstance(call.func, ast.Attribute) and call.func.attr not in ("eval", "exec"):
-        return call.func.attr
+def _identifier(node: ast.AST) -> str | None:
+    """The name a Name or an attribute access uses (`pkgutil.resolve_name` with its module:
+    importlib.util's function of that name computes a name and imports nothing); a method
+    named `eval` or `exec` (`model.eval()`) is not the builtin."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and node.attr not in ("eval", "exec"):
+        held = node.value.id if isinstance(node.value, ast.Name) else ""
+        return _qualified(held, node.attr)
     return None
+
+
+def _qualified(module: str, name: str) -> str:
+    return f"pkgutil.{name}" if name == "resolve_name" and module == "pkgutil" else name
+
+
+def _called_name(call: ast.Call) -> str | None:
+    """`f` of `f(…)`, and `import_module` of `importlib.import_module(…)`."""
+    return _identifier(call.func)
 
 
 def _parsed(text: bytes) -> Parsed:

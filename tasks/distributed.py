@@ -36,6 +36,7 @@ from tasks.code_keys import CodeKey, differs_from_imported
 from tasks.errors import InputError
 from tasks.loaders import Batch, Batches, Loaders, TensorBatches
 from tasks.loop import Interrupted, LossFn
+from tasks.model import load_model_code
 from tasks.options import Launch
 
 
@@ -271,6 +272,8 @@ def run_rank(job: Job) -> RankReport:
     # A rank is a process of its own: it imported the code from disk at its start, maybe
     # after an edit. Its checkpoints are filed under the launcher's key, so it must be running
     # the code that key covers, or a later run would resume from another code's steps.
+    if job.code is not None and (initial := job.inputs.get("initial")) is not None:
+        load_model_code(initial.spec.name)  # a plugin's module is checked too
     if job.code is not None and (differs := differs_from_imported(job.code)) is not None:
         raise InputError(f"{differs}: the source changed after the run started; run it again")
     _die_with_the_launcher(job.launcher)

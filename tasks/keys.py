@@ -22,7 +22,7 @@ import torch
 import xxhash
 from torch import Tensor
 
-from tasks.code_keys import CodeKey, code_key
+from tasks.code_keys import CodeKey, UnreadableCode, code_key
 
 FORMAT = 2  # of the cache's records; part of every key, so a new format never reads an old one
 CHUNK = 1 << 24
@@ -131,7 +131,10 @@ def value_types(value: Any) -> list[type]:
 def keyed(stage: str, fn: Callable[..., Any], inputs: dict[str, Any]) -> tuple[str, CodeKey]:
     """`<stage>-<hash>` for what `fn(**inputs)` returns as stage `stage`, and the code it
     covers (to check, before storing, that the code has not changed since: code_keys)."""
-    code = code_key(fn, *dict.fromkeys(value_types(inputs)))
+    try:
+        code = code_key(fn, *dict.fromkeys(value_types(inputs)))
+    except UnreadableCode as exc:
+        raise NoCacheKey(str(exc)) from None
     payload = {
         "stage": stage,
         "code": code.digest,

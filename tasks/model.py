@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tasks.code_keys import code_fingerprint
+from tasks.code_keys import code_fingerprint, plugin_loaded
 from tasks.data import Dataset
 from tasks.errors import InputError
 from tasks.rules import MODEL_ENTRY_POINTS
@@ -162,10 +163,17 @@ def plugin_entry_point(name: str) -> EntryPoint:
     return next(iter(found.values()))
 
 
-def _builder(name: str) -> Callable[[ModelSpec], nn.Module]:
+def load_model_code(name: str) -> Callable[[ModelSpec], nn.Module]:
+    """The builder of model `name`: ours, or the one plugin that registers it, imported."""
     if name in MODELS:
         return MODELS[name]
-    return plugin_entry_point(name).load()
+    return _load(plugin_entry_point(name))
+
+
+def _load(ep: EntryPoint) -> Callable[[ModelSpec], nn.Module]:
+    builder = ep.load()
+    plugin_loaded(ep.module)  # every key made from now on covers it
+    return builder
 
 
 def _seeded_plugin(name: str, spec: ModelSpec, seed: int) -> nn.Module:
@@ -173,7 +181,7 @@ def _seeded_plugin(name: str, spec: ModelSpec, seed: int) -> nn.Module:
     # depend on `seed` alone and the caller's RNG is left as it was.
     with _PLUGIN_INIT, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _builder(name)(spec)
+        return load_model_code(name)(spec)
 
 
 def instantiate(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.Module:
@@ -263,7 +271,8 @@ def model_code(name: str) -> dict[str, Any] | None:
         "entry_point": ep.value,
         "distribution": dist.name if dist else None,
         "version": dist.version if dist else None,
-        "code": code_fingerprint(ep.load()),
+        # The entry point's module and the builder's own (a builder may be defined elsewhere).
+        "code": code_fingerprint(_load(ep), sys.modules[ep.module]),
     }
 
 

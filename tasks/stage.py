@@ -34,6 +34,7 @@ from prefect.transactions import Transaction, get_transaction
 
 from tasks.code_keys import CodeKey, stale_sources
 from tasks.errors import StorageError, writing
+from tasks.imported import loaded_count
 from tasks.keys import NoCacheKey, keyed
 from tasks.store import CacheStore, CorruptEntry
 
@@ -109,6 +110,7 @@ class StageEntry:
         code: CodeKey | None = None,
     ):
         self.key, self.store, self.mode, self.code = key, store, mode, code
+        self.computed_by = 0  # tasks.imported.loaded_count() when the output was kept
 
     def load(self, kind: type[T]) -> T | None:
         """The stored output, or None: a miss, --refresh-cache, or an entry that can't be
@@ -134,6 +136,7 @@ class StageEntry:
         value = with_key(value, self.key)
         if self.store is None or self.key is None:
             return value
+        self.computed_by = loaded_count()
         transaction = get_transaction()
         if transaction is None:  # called outside Prefect (a test, a notebook): write now
             self.write(value)
@@ -150,7 +153,7 @@ class StageEntry:
     def write(self, value: Any) -> None:
         """Best effort: a full or read-only cache costs this entry, never the run."""
         assert self.store is not None and self.key is not None
-        if self.code is not None and (stale := stale_sources(self.code)):
+        if self.code is not None and (stale := stale_sources(self.code, self.computed_by)):
             # The output may be the old code's, and the key says the new: never stored.
             warn(
                 f"not caching {self.key}: {stale}; restart this process (the worker) "

@@ -16,13 +16,7 @@ from tasks.errors import InputError
 from tasks.mapped import MappedDataset, MappedTable, MappedWriter, Scratch
 from tasks.sources import DataFile
 from tasks.stage import StageEntry, cache_entry, warn
-from tasks.tables import (
-    CSV_BYTES_PER_ROW,
-    _ipc_schema,
-    column_names,
-    is_text_type,
-    iter_columns,
-)
+from tasks.tables import CSV_BYTES_PER_ROW, categorical_columns, column_names, iter_columns
 
 CHUNK_ROWS = 1 << 16  # rows read at a time
 # Even a small file is read in a few chunks (a chunk is at least a few rows): the code that
@@ -77,41 +71,48 @@ def stream_table(
     open_sink: Callable[[int, int], Sink],
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Read `file` once, chunk by chunk, into the sink `open_sink(n_features, n_targets)`
-    makes; the feature and target names. A one-line InputError for a bad cell (CSV: its line
-    and column), a NaN/Inf, a text column, or no rows."""
+    makes; the feature and target names. A one-line InputError for a bad cell (its row, in a
+    CSV its line, and column), a NaN/Inf, a text column, or no rows."""
     source = file.url
     with file.open() as f:
         chosen, targets = table_roles(column_names(f, suffix, source), target, features, source)
-        _refuse_text(f, suffix, chosen, source)
         sink = open_sink(len(chosen), len(targets))
         rows, bad = 0, _NonFinite()
         names = (*chosen, *targets)
-        # No vocabularies: on this path every column is numbers (a text cell is a bad cell).
-        for block in iter_columns(f, suffix, source, names, {}, _rows_per_chunk(file, suffix)):
-            x = np.ascontiguousarray(block[:, : len(chosen)])
-            y = np.ascontiguousarray(block[:, len(chosen) :])
-            bad.add("x", x, rows)
-            bad.add("y", y, rows)
-            sink.append(x, y)
-            rows += len(block)
+        every = _rows_per_chunk(file, suffix)
+        try:
+            # No vocabularies: on this path every column is numbers (a text cell is a bad cell).
+            for block in iter_columns(f, suffix, source, names, {}, every):
+                x = np.ascontiguousarray(block[:, : len(chosen)])
+                y = np.ascontiguousarray(block[:, len(chosen) :])
+                bad.add("x", x, rows)
+                bad.add("y", y, rows)
+                sink.append(x, y)
+                rows += len(block)
+        except InputError:
+            _refuse_text(f, suffix, chosen, source, every)
+            raise
     bad.check({"x": chosen, "y": targets}, source)
     return chosen, targets
 
 
-def _refuse_text(f: IO[bytes], suffix: str, chosen: tuple[str, ...], source: str) -> None:
+def _refuse_text(
+    f: IO[bytes], suffix: str, chosen: tuple[str, ...], source: str, rows_per_block: int
+) -> None:
     """Categorical columns need the training rows' vocabulary before the ids are written:
-    not on this path yet (README). Parquet and Feather say so by their schema; a CSV's text
-    column is reported as a bad cell where its first text is."""
-    if suffix == ".csv":
+    not on this path yet (README). A categorical column always fails the numbers-only read
+    (its cells are text or blank); which columns are categorical is the whole read's own
+    test over every block, in every format alike (a Parquet string column of numbers is
+    numbers here, as in a CSV), so it is asked only once the read has failed."""
+    try:
+        text = categorical_columns(f, suffix, source, chosen, rows_per_block)
+    except InputError:  # the read's own error, already raised, says what is wrong
         return
-    schema = pq.read_schema(f) if suffix == ".parquet" else _ipc_schema(f)
-    f.seek(0)
-    for name in chosen:
-        if is_text_type(schema.field(name).type):
-            raise InputError(
-                f"data file {source!r}: column {name!r} is text (categorical); a table too "
-                "big for memory takes numeric columns only (README, 'Data larger than memory')"
-            )
+    if text:
+        raise InputError(
+            f"data file {source!r}: column {text[0]!r} is text (categorical); a table too "
+            "big for memory takes numeric columns only (README, 'Data larger than memory')"
+        ) from None
 
 
 def convert_to_map(

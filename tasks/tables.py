@@ -8,8 +8,12 @@ converts each column with `_numbers` or `_as_strings`, so a cell means one thing
   surrounding spaces aside ("1_000", "1 000", "1,5" are not numbers), or a boolean as
   pyarrow writes one ("true" is 1, "false" 0);
 - a Parquet/Feather column means what its text in a CSV means (`_as_read`): a dictionary
-  its values; a date, time or timestamp the text pyarrow's CSV writer writes (categorical);
-  a decimal the number its text is; a boolean 1 or 0; a duration its count of units;
+  its values; a string or binary column (its UTF-8 text) and a null column (blank cells)
+  are cells, judged and parsed exactly as a CSV's; a date, time or timestamp the text
+  pyarrow's CSV writer writes (cells no one reads as numbers: categorical); a decimal the
+  number its text is; a boolean 1 or 0; a duration its count of units;
+- a column of cells is categorical when none of its cells looks like a number (`_is_text`),
+  else numbers (`_text_numbers`), decided over the whole column, never by one block;
 - a blank cell (empty, spaces only, or a null) is missing: unknown (id 0) in a categorical
   column, an error in a number column; never a category "" and never a number;
 - float32 must hold the value: a whole number up to 2^64 in magnitude exactly (whatever
@@ -126,7 +130,8 @@ def read_columns(
     given = vocabularies or {}
     pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
     # A categorical column's raw blocks, with their first rows: its vocabulary needs them all.
-    # A CSV column stays here until a cell looks like a number; then it is numbers throughout.
+    # A column of cells (a CSV's, a Parquet string's) stays here until a cell looks like a
+    # number; then it is numbers throughout, whichever block that cell is in.
     texts: dict[str, list[tuple[int, pa.Array]]] = {}
     rows = 0
     for batch in _blocks(where, names, 1 << 18, whole=True):
@@ -361,39 +366,62 @@ def _batches(
 
 def _as_read(batch: pa.RecordBatch) -> pa.RecordBatch:
     """A Parquet/Feather batch with each column as the values its text in a CSV means, so
-    that one table reads alike in every format: a dictionary as its values; a date, time or
-    timestamp as the text pyarrow's CSV writer writes for it (so categorical); a duration as
-    its count of units, the number that writer writes."""
+    that one table reads alike in every format: a dictionary as its values; text as cells
+    (`_is_cells`), for `_is_text` and `_numbers` to judge as a CSV's: a string as itself, a
+    binary column as its bytes (the UTF-8 text that writer writes; other bytes are a bad
+    cell), a null column as blank cells, a date, time or timestamp as the text that writer
+    writes for it; a duration as its count of units, the number that writer writes."""
     import pyarrow as pa
 
     columns = []
     for column in batch.columns:
-        if pa.types.is_dictionary(column.type):
+        kind = column.type
+        if pa.types.is_dictionary(kind):
             column = column.dictionary_decode()
-        if is_text_type(column.type):
+            kind = column.type
+        if any(
+            test(kind)
+            for test in (
+                pa.types.is_large_string,
+                pa.types.is_null,
+                pa.types.is_date,
+                pa.types.is_time,
+                pa.types.is_timestamp,
+            )
+        ):
             column = column.cast(pa.string())
-        elif pa.types.is_duration(column.type):
+        elif pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+            column = column.cast(pa.binary())
+        elif pa.types.is_duration(kind):
             column = column.cast(pa.int64())
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
-def is_text_type(kind: pa.DataType) -> bool:
-    """Whether a Parquet/Feather column of this type is text (categorical): strings, and dates,
-    times and timestamps, whose cells in a CSV are text; a dictionary by its values."""
+def _is_cells(kind: pa.DataType) -> bool:
+    """Whether a column read by `_blocks` holds cells of text: every CSV column (its bytes),
+    and a Parquet/Feather column whose CSV cells are text (`_as_read`)."""
     import pyarrow as pa
 
-    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
-    return any(
-        test(kind)
-        for test in (
-            pa.types.is_string,
-            pa.types.is_large_string,
-            pa.types.is_date,
-            pa.types.is_time,
-            pa.types.is_timestamp,
-        )
-    )
+    return pa.types.is_string(kind) or pa.types.is_binary(kind)
+
+
+def categorical_columns(
+    f: IO[bytes], suffix: str, source: str, names: Sequence[str], rows_per_block: int = 1 << 18
+) -> list[str]:
+    """Which of `names` `read_columns` would make categorical (given them as `categorical`):
+    those none of whose cells looks like a number, read a block at a time. For a read that
+    takes numbers only (the memory-mapped path) to say that a column it refused is text."""
+    where = _Where(f, suffix, column_names(f, suffix, source), source)
+    text, rows = dict.fromkeys(names, True), 0
+    for batch in _blocks(where, names, rows_per_block, whole=False):
+        for name in names:  # one cell that looks like a number makes the column numbers
+            if text[name]:
+                text[name] = _is_text(batch.column(name), name, where, rows)
+        rows += batch.num_rows
+        if not any(text.values()):
+            break
+    return [name for name in names if text[name]]
 
 
 def vocabulary(strings: pa.ChunkedArray) -> tuple[str, ...]:
@@ -424,10 +452,10 @@ def _ipc_schema(f: IO[bytes]) -> pa.Schema:
 
 
 def _is_text(column: pa.Array, name: str, where: _Where, first_row: int) -> bool:
-    """A categorical column: text in Parquet/Feather; in a CSV, text no cell of which looks
+    """A categorical column, in every format alike: cells (`_is_cells`) no one of which looks
     like a number (a column mixing the two is numbers with a bad cell)."""
-    if where.suffix != ".csv":
-        return is_text_type(column.type)
+    if not _is_cells(column.type):
+        return False
     import pyarrow.compute as pc  # here: ~0.3 s of imports an all-number table never needs
 
     strings = _as_strings(column, name, where, first_row)
@@ -451,22 +479,21 @@ def _as_strings(column: pa.Array, name: str, where: _Where, first_row: int) -> p
 
 
 def _numbers(column: pa.Array, name: str, where: _Where, first_row: int) -> np.ndarray:
-    """A column as float32, by the same rules on every read path: a CSV cell is a number as
-    Arrow's parser reads one (surrounding spaces aside) or a boolean; a blank or null is a
-    missing value; a whole number up to 2^64 float32 can't hold exactly, or a finite value
-    beyond its range, is refused."""
+    """A column as float32, by the same rules on every read path: a cell (a CSV's, a Parquet
+    string's) is a number as Arrow's parser reads one (surrounding spaces aside) or a boolean;
+    a blank or null is a missing value; a whole number up to 2^64 float32 can't hold exactly,
+    or a finite value beyond its range, is refused."""
     import pyarrow as pa
 
     kind, source = column.type, where.source
-    if where.suffix == ".csv":
+    if _is_cells(kind):
         return _text_numbers(column, name, where, first_row)
     if pa.types.is_decimal(kind):
         # The number its text is, as in a CSV: exactly, where float64 would round
         # 12345678901234567890 before it could be checked.
         return _text_numbers(column.cast(pa.string()), name, where, first_row)
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
-        what = "text" if _is_text(column, name, where, first_row) else f"{kind} values"
-        raise InputError(f"data file {source!r}: column {name!r} holds {what}, not numbers")
+        raise InputError(f"data file {source!r}: column {name!r} holds {kind} values, not numbers")
     _refuse_missing(column, name, where, first_row)
     if pa.types.is_boolean(kind):  # 1 and 0
         column = column.cast(pa.float64())

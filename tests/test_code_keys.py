@@ -494,3 +494,105 @@ def test_no_trainflow_module_makes_its_keys_count_every_loaded_module():
         walk.root(stage)
     assert walk.dynamic == set()
     assert {"tasks.imported", "tasks.code_keys", "tasks.train"} <= walk.seen
+
+
+@pytest.mark.parametrize(
+    ("text", "imports", "dynamic"),
+    [
+        (
+            "import pkgutil\nX = pkgutil.resolve_name('helper:SCALE')\n",
+            {"pkgutil", "helper"},
+            False,
+        ),
+        ("import pkgutil\nX = pkgutil.resolve_name(name)\n", {"pkgutil"}, True),
+        ("from pkgutil import resolve_name\nX = resolve_name('a:b')\n", {"pkgutil"}, True),
+        ("from importlib import import_module as imp\nimp('x')\n", {"importlib"}, True),
+        ("import importlib\nf = getattr(importlib, 'import_module')\n", {"importlib"}, True),
+        ("import importlib\nf = importlib.import_module\n", {"importlib"}, True),
+        (
+            "import importlib.util\nimportlib.util.resolve_name('.a', 'b')\n",
+            {"importlib.util"},
+            False,
+        ),
+        ("import runpy\nrunpy.run_path(p)\n", {"runpy"}, True),
+        ("exec('x = 1')\nmodel.eval()\n", set(), False),
+        ("exec(text)\n", set(), True),
+    ],
+    ids=[
+        "resolve-name-literal",
+        "resolve-name-computed",
+        "resolve-name-bare",
+        "aliased-import-module",
+        "getattr-of-importlib",
+        "import-module-passed-on",
+        "importlib-util-resolve-name",
+        "run-path",
+        "exec-literal-and-a-method-named-eval",
+        "exec-text",
+    ],
+)
+def test_every_route_to_code_by_a_name_is_followed_or_makes_the_key_count_all(
+    text, imports, dynamic
+):
+    _, found, is_dynamic = code_keys.parse_module(text.encode())
+    assert {module for _, module, _ in found} == imports
+    assert is_dynamic == dynamic
+
+
+def test_code_in_a_zip_or_any_unreadable_place_makes_the_stage_uncached(tmp_path, monkeypatch):
+    import zipfile
+
+    from tasks.keys import NoCacheKey
+
+    with zipfile.ZipFile(tmp_path / "helpers.zip", "w") as archive:
+        archive.writestr("ziphelper.py", "SCALE = 1.0\n")
+    (tmp_path / "uses_zip.py").write_text(
+        "from ziphelper import SCALE\n\n\ndef stage():\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "helpers.zip"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        stage = importlib.import_module("uses_zip").stage
+        with pytest.raises(code_keys.UnreadableCode, match="module ziphelper"):
+            code_keys.code_key(stage)
+        with pytest.raises(NoCacheKey, match="module ziphelper"):
+            stage_key("s", stage, {})
+    finally:
+        _forget("uses_zip")
+        _forget("ziphelper")
+
+
+def test_a_loaded_plugin_is_in_every_key_made_after(fakeproj, monkeypatch):
+    """A plugin's import may patch what any stage computes (torch, a registry of trainflow's),
+    also in another sweep trial of the same process: every later key covers it."""
+    monkeypatch.setattr(code_keys, "_plugins", set())
+    fakeproj()
+    before = code_keys.code_key(tasks.train.train_model)
+    code_keys.plugin_loaded("fakeproj.helpers")
+    after = code_keys.code_key(tasks.train.train_model)
+    assert after.digest != before.digest
+    assert "fakeproj.helpers" in {s.module for s in after.sources}  # so a DDP rank checks it
+
+
+def test_what_a_later_stage_imports_does_not_stop_an_earlier_stages_entry(
+    fakeproj, tmp_path, monkeypatch
+):
+    """The data stages commit together after build-model, which may import a plugin: only
+    what a stage imported while it computed counts against its entry."""
+    fakeproj()
+    _forget("fakeproj")
+    one = importlib.import_module("fakeproj.one")
+    kept: dict[str, Any] = {}
+
+    class Transaction:  # the flow's `with transaction():`, committing later
+        def set(self, name: str, value: Any) -> None:
+            kept[name] = value
+
+    monkeypatch.setattr("tasks.stage.get_transaction", lambda: Transaction())
+    cache = tmp_path / "cache"
+    with using_cache(str(cache), "use"):
+        entry = cache_entry("s", one.stage, n=1)
+        entry.keep(split_indices(10, 0.2, 13))
+        importlib.import_module("fakeproj.runner")  # a later stage's import, before the commit
+        entry.write(split_indices(10, 0.2, 13))
+    assert [e.key for e in CacheStore(str(cache)).entries()] == [entry.key]

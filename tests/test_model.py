@@ -92,3 +92,33 @@ def test_a_model_name_two_packages_register_is_refused(tmp_path, monkeypatch):
         instantiate(ModelSpec("tiny", 3, 1, ()))
     with pytest.raises(InputError, match=message):
         model_code("tiny")
+
+
+@pytest.mark.parametrize(
+    "plugin",
+    [
+        "from tinyhelper import make_builder\n\nbuild = make_builder({scale})\n",
+        "import functools\n\nfrom tinyhelper import scaled\n\nbuild = functools.partial(scaled, "
+        "scale={scale})\n",
+    ],
+    ids=["built-by-a-helper", "partial"],
+)
+def test_a_plugins_own_module_counts_wherever_its_builder_is_defined(tmp_path, monkeypatch, plugin):
+    (tmp_path / "tinyhelper.py").write_text(
+        "import torch.nn as nn\n\n\n"
+        "def scaled(spec, scale):\n    return nn.Linear(spec.n_inputs, int(scale))\n\n\n"
+        "def make_builder(scale):\n    return lambda spec: scaled(spec, scale)\n"
+    )
+    _plugin_dist(tmp_path, "tinymodels", "tinymodels", plugin.format(scale="1.0"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    codes = []
+    try:
+        for scale in ("1.0", "2.0"):
+            (tmp_path / "tinymodels.py").write_text(plugin.format(scale=scale))
+            for name in ("tinymodels", "tinyhelper"):
+                sys.modules.pop(name, None)
+            codes.append(model_code("tiny")["code"])
+    finally:
+        for name in ("tinymodels", "tinyhelper"):
+            sys.modules.pop(name, None)
+    assert codes[0] != codes[1]

@@ -166,7 +166,8 @@ def test_bad_cells_are_named_by_line_and_column(tmp_path, text, message):
 def test_typed_tables_name_the_bad_column(tmp_path):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"a": [1.0, 2.0], "y": ["x", "z"]}), path)
-    with pytest.raises(InputError, match=r"column 'y' holds text, not numbers"):
+    # a text target is numbers with a bad cell, as in a CSV: the first cell that isn't one
+    with pytest.raises(InputError, match=r"row 0, column 'y': 'x' is not a number$"):
         load_dataset(str(path))
     pq.write_table(pa.table({"a": [1.0, None, None], "y": [1.0, 2.0, 3.0]}), path)
     with pytest.raises(InputError, match=r"column 'a' has missing values, the first at row 1$"):
@@ -542,6 +543,7 @@ def _one_table_cases() -> list:
 
     big = 12_345_678_901_234_567_890
     stamp = datetime.datetime(2024, 1, 2, 3, 4, 5, 123456)
+    zips = ["10001", "10002", "10003"] * 2
     return [
         pytest.param(pa.array([True, False] * 3), [1.0, 0.0] * 3, id="bool"),
         pytest.param(
@@ -601,6 +603,19 @@ def _one_table_cases() -> list:
             [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
             id="duration",
         ),
+        # A text column is judged by its cells, as a CSV's is: numbers once a cell looks like one.
+        pytest.param(pa.array(zips), [float(z) for z in zips], id="string-of-numbers"),
+        pytest.param(
+            pa.array(zips, pa.large_string()), [float(z) for z in zips], id="large-string"
+        ),
+        pytest.param(
+            pa.array(zips).dictionary_encode(), [float(z) for z in zips], id="dict-str-numbers"
+        ),
+        pytest.param(pa.array(["true", "false"] * 3), [1.0, 0.0] * 3, id="string-booleans"),
+        pytest.param(at_row_3("1,5", "1"), "'1,5' is not a number", id="string-bad-cell"),
+        pytest.param(pa.array([z.encode() for z in zips]), [float(z) for z in zips], id="binary"),
+        pytest.param(pa.array([b"red", b"blue", b"red"] * 2), "as written", id="binary-text"),
+        pytest.param(pa.array([None] * ROWS), "as written", id="all-null"),
     ]
 
 
@@ -621,8 +636,9 @@ def test_one_table_written_by_pyarrow_reads_alike_in_every_format_and_read_path(
     with paths[".csv"].open(newline="") as f:
         written = [row[0] for row in list(csv.reader(f))[1:]]
     if read == "as written":  # categorical: the vocabulary is the CSV writer's text
-        vocabulary = {"a": tuple(sorted(set(written)))}
-        ids = [[1.0 + vocabulary["a"].index(cell)] for cell in written]
+        vocabulary = {"a": tuple(sorted({cell for cell in written if cell}))}
+        # a blank cell (a null) is missing: unknown, id 0
+        ids = [[1.0 + vocabulary["a"].index(cell) if cell else 0.0] for cell in written]
     for suffix, path in paths.items():
         if read == "as written":
             assert load_dataset(str(path)).categories == vocabulary, suffix
@@ -634,10 +650,29 @@ def test_one_table_written_by_pyarrow_reads_alike_in_every_format_and_read_path(
         elif isinstance(read, str):
             results = _every_read_path(path, ("a",), ("y",))
             said = {_same_place(str(message)) for message in results.values()}
-            expected = f"data file {str(path)!r}: row 3, column 'a': {read} in float32 ("
+            tail = "" if read.endswith("is not a number") else " in float32 ("
+            expected = f"data file {str(path)!r}: row 3, column 'a': {read}{tail}"
             assert len(said) == 1 and said.pop().startswith(expected), (suffix, results)
         else:
             results = _every_read_path(path, ("a",), ("y",))
             assert results["whole"][0] == [[v] for v in read], (suffix, results)
             assert results["whole"] == results["streamed"] == results["mapped"], suffix
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".feather"])
+def test_a_string_column_is_numbers_once_any_block_holds_a_number(tmp_path, suffix):
+    # Text in the first blocks, a number in the last: not categorical on any read path, in any
+    # format, so its first text cell is the bad cell.
+    cells = ["red"] * 20 + ["5"]
+    table = pa.table({"a": pa.array(cells), "y": pa.array([1.0] * len(cells))})
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".csv":
+        pa_csv.write_csv(table, path)
+    elif suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=4)
+    else:
+        feather.write_feather(table, path, chunksize=4)
+    results = _every_read_path(path, ("a",), ("y",))
+    said = {_same_place(str(message)) for message in results.values()}
+    assert said == {f"data file {str(path)!r}: row 0, column 'a': 'red' is not a number"}
