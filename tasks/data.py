@@ -417,7 +417,9 @@ def load_tensors(
     suffix = check_format(source, target, features)
     with DataFile(source) as file:  # a remote file is fetched once, for the key and the load
         data = file.identity(identity) if cache_enabled() else None
-        if suffix in TABLE_FORMATS:
+        if suffix in TABLE_FORMATS and identity == "content":
+            # The key reads every byte anyway: naming the default columns keys as leaving them
+            # out. A version-identity hit reads nothing, so there the flags key as written.
             features, target = table_roles_of(file, suffix, target, features)
         if suffix in TABLE_FORMATS and too_big(file, suffix, available_memory()):
             from tasks import stream  # README: "Data larger than memory"

@@ -73,43 +73,62 @@ def _record(module: ModuleType, path: str, data: bytes) -> None:
         _loaded.append(module.__name__)
 
 
-class _RecordingLoader(importlib.machinery.SourceFileLoader):
-    """Compiles the bytes it keeps. Skipping the bytecode cache is the point: a .pyc is
-    trusted by its source's size and mtime to the second, and a same-size edit within that
-    second would run code other than the bytes read."""
+class _RecordingSource:
+    """Mixed into a source loader's class (the standard one, or a subclass another library
+    installed, such as beartype's): keeps the bytes its import compiles. Without a bytecode
+    cache, which is the point: a .pyc is trusted by its source's size and mtime to the second,
+    and a same-size edit within that second would run code other than the bytes read."""
+
+    path: str
 
     def exec_module(self, module: ModuleType) -> None:
-        path = self.get_filename(module.__name__)
-        data = self.get_data(path)
-        self.code = self.source_to_code(data, path)
-        _record(module, path, data)
-        super().exec_module(module)  # runs what get_code returns
+        self.module = module
+        super().exec_module(module)  # type: ignore[misc]
 
-    def get_code(self, fullname: str) -> Any:
-        code = getattr(self, "code", None)  # exec_module's; runpy asks before any
-        if code is None:
-            path = self.get_filename(fullname)
-            code = self.source_to_code(self.get_data(path), path)
-        return code
+    def path_stats(self, path: str) -> Any:
+        raise OSError("no bytecode cache: compile the source read")  # get_code reads it then
+
+    def get_data(self, path: str) -> bytes:
+        data = super().get_data(path)  # type: ignore[misc]
+        if path == self.path and getattr(self, "module", None) is not None:
+            _record(self.module, path, data)
+        return data
 
 
-class _RecordingExtensionLoader(importlib.machinery.ExtensionFileLoader):
-    """A compiled extension outside the installed libraries: its bytes, read just before the
-    dynamic loader maps the same file."""
+class _RecordingExtension:
+    """Mixed into an extension loader's class: a compiled extension outside the installed
+    libraries, its bytes read just before the dynamic loader maps the same file."""
+
+    path: str
 
     def create_module(self, spec: Any) -> Any:
         self.data = Path(self.path).read_bytes()
-        return super().create_module(spec)
+        return super().create_module(spec)  # type: ignore[misc]
 
     def exec_module(self, module: ModuleType) -> None:
         _record(module, self.path, self.data)
-        super().exec_module(module)
+        super().exec_module(module)  # type: ignore[misc]
 
 
-_RECORDING = {
-    importlib.machinery.SourceFileLoader: _RecordingLoader,
-    importlib.machinery.ExtensionFileLoader: _RecordingExtensionLoader,
-}
+_recording_classes: dict[type, type] = {}
+
+
+def _recording(loader: Any) -> Any:
+    """A loader like `loader` that records what it loads, or `loader` itself where it is no
+    file loader of source or of an extension."""
+    cls = type(loader)
+    if isinstance(loader, importlib.machinery.SourceFileLoader):
+        mixin: type = _RecordingSource
+    elif isinstance(loader, importlib.machinery.ExtensionFileLoader):
+        mixin = _RecordingExtension
+    else:
+        return loader
+    if cls not in _recording_classes:
+        _recording_classes[cls] = type(f"Recording{cls.__name__}", (mixin, cls), {})
+    try:
+        return _recording_classes[cls](loader.name, loader.path)
+    except TypeError:  # a subclass built otherwise: unrecorded (source_of reads it later)
+        return loader
 
 
 class _Recorder(importlib.abc.MetaPathFinder):
@@ -121,9 +140,8 @@ class _Recorder(importlib.abc.MetaPathFinder):
             spec = find(fullname, path, target) if find else None
             if spec is None:
                 continue
-            recording = _RECORDING.get(type(spec.loader))
-            if recording is not None and not is_library_file(spec.origin):
-                spec.loader = recording(spec.loader.name, spec.loader.path)
+            if not is_library_file(spec.origin):
+                spec.loader = _recording(spec.loader)
             return spec
         return None
 

@@ -596,3 +596,27 @@ def test_what_a_later_stage_imports_does_not_stop_an_earlier_stages_entry(
         importlib.import_module("fakeproj.runner")  # a later stage's import, before the commit
         entry.write(split_indices(10, 0.2, 13))
     assert [e.key for e in CacheStore(str(cache)).entries()] == [entry.key]
+
+
+def test_a_module_loaded_by_another_librarys_loader_is_recorded(fakeproj, monkeypatch):
+    """A library may install a path hook whose loader subclasses the standard one (beartype's
+    import hook does, once a package of Prefect's dependencies is imported): what it loads is
+    still recorded as imported, and compiled without a bytecode cache."""
+    import psutil  # noqa: F401 (what the hook below could not load: an extension)
+
+    from tasks import imported
+
+    class OtherLibrarysLoader(importlib.machinery.SourceFileLoader):
+        pass
+
+    hook = importlib.machinery.FileFinder.path_hook(
+        (OtherLibrarysLoader, importlib.machinery.SOURCE_SUFFIXES)
+    )
+    monkeypatch.setattr(sys, "path_hooks", [hook, *sys.path_hooks])
+    monkeypatch.setattr(sys, "path_importer_cache", {})
+    fakeproj()
+    one = sys.modules["fakeproj.one"]
+    assert isinstance(one.__spec__.loader, OtherLibrarysLoader)
+    record = imported.source_of(one)
+    assert record is not None and record.vouched and record.module() is one
+    assert record.text == (fakeproj.package / "one.py").read_bytes()
