@@ -28,6 +28,7 @@ for it (tests/test_export.py watches what a cached run imports).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -272,13 +273,16 @@ class _Where:
         skipped), read without moving the file's position: a parser may still be reading."""
         if self.suffix != ".csv":
             return None
-        records = csv.reader(_lines(self.f))
-        next(records, None)  # the header
-        seen = -1
-        for record in records:
-            seen += bool(record)
-            if record and seen == row:
-                return records.line_num
+        # Closed here, not when collected: by then the file may be closed, and the lines'
+        # reader can't let go of it.
+        with contextlib.closing(_lines(self.f)) as lines:
+            records = csv.reader(lines)
+            next(records, None)  # the header
+            seen = -1
+            for record in records:
+                seen += bool(record)
+                if record and seen == row:
+                    return records.line_num
         return None
 
 
@@ -599,14 +603,15 @@ def _first_failing(array: pa.Array, convert: Callable[[pa.Array], object]) -> in
 def _locate_bad_row(where: _Where, reason: str) -> str:
     """Where a CSV's parse fails: a row of the wrong length (Python's csv module: the slow,
     exact path after pyarrow refused the file)."""
-    rows = csv.reader(_lines(where.f))
-    next(rows, None)  # the header
-    for line_no, row in enumerate(rows, start=2):
-        if row and len(row) != len(where.header):
-            return (
-                f"data file {where.source!r}: line {line_no} has {len(row)} fields, "
-                f"the header has {len(where.header)}"
-            )
+    with contextlib.closing(_lines(where.f)) as lines:  # closed while the file is open
+        rows = csv.reader(lines)
+        next(rows, None)  # the header
+        for line_no, row in enumerate(rows, start=2):
+            if row and len(row) != len(where.header):
+                return (
+                    f"data file {where.source!r}: line {line_no} has {len(row)} fields, "
+                    f"the header has {len(where.header)}"
+                )
     return f"data file {where.source!r}: {reason}"
 
 
@@ -625,7 +630,9 @@ def _lines(f: IO[bytes]) -> Iterator[str]:
         yield from text
     finally:
         if borrowed:
-            text.detach()
+            # Closed meanwhile (Arrow closes a Python file its reader wrapped): nothing to keep.
+            with contextlib.suppress(ValueError):
+                text.detach()
 
 
 class _PositionalReader(io.RawIOBase):
