@@ -18,14 +18,15 @@ import tempfile
 import time
 
 import torch
-from loops import LARGE_SCALE, Scale, make_data
+from loops import MLP_SCALE, Scale, make_data
 
-from tasks.distributed import Job, run_ranks
-from tasks.loaders import make_loaders
-from tasks.model import ModelSpec, initial_model
-from tasks.options import Launch
-from tasks.split import split_indices
-from tasks.train import train_model
+# trainflow's internals: this file's only import of them.
+from trainflow.tasks.data.batches import make_loaders
+from trainflow.tasks.data.splits import split_indices
+from trainflow.tasks.engine.fit import train_model
+from trainflow.tasks.engine.launch import Job, run_ranks
+from trainflow.tasks.engine.models import ModelSpec, initial_model
+from trainflow.tasks.engine.options import Launch
 
 
 def one_process(scale: Scale, device: torch.device, inputs: dict) -> float:
@@ -45,8 +46,8 @@ def on_ranks(scale: Scale, device: str, inputs: dict, nproc: int) -> tuple[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=LARGE_SCALE.rows)
-    parser.add_argument("--epochs", type=int, default=LARGE_SCALE.epochs)
+    parser.add_argument("--rows", type=int, default=MLP_SCALE.rows)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--launcher-at-1", action="store_true")
     args = parser.parse_args()

@@ -10,7 +10,16 @@ if [ -d .whl ]; then
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
+# trainflow importable from this checkout when it isn't installed: the repository's flows/ and
+# tasks/ are the packages trainflow.flows and trainflow.tasks (pyproject.toml).
+if ! python3 -c "import trainflow.tasks" 2>/dev/null; then
+  SRC=$(mktemp -d)
+  mkdir -p "$SRC/trainflow"
+  ln -s "$PWD/flows" "$SRC/trainflow/flows"
+  ln -s "$PWD/tasks" "$SRC/trainflow/tasks"
+  export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu.log"
 # The DDP path at nproc 1 (a world of one over nccl) beside the in-process loop; nproc 2 too

@@ -1,13 +1,40 @@
-"""trainflow benchmarks: side by side in one run, medians with min–max, ratios as the claims.
+"""trainflow's speed claims, measured side by side, in one table: claim, measured, goal, met?,
+load.
 
-    python benchmarks/run.py                      # every section
-    python benchmarks/run.py --sections cache     # one section
-    python benchmarks/run.py --json out.json      # also write the numbers as JSON
+    python benchmarks/run.py                          # every section
+    python benchmarks/run.py --sections e2e           # one section, or several: e2e,loop
+    python benchmarks/run.py --sections loop --scale seed --repeat 3
+    python benchmarks/run.py --json out.json          # also write the numbers as JSON
 
-Each measurement runs in a fresh child process (so one can't warm the next). The e2e section
-runs first and prepares nothing: `python flows/train_flow.py` finds or starts its server as
-it does for a user. The other sections share one server the benchmark starts (the same
-way, flows/server.py) in its own PREFECT_HOME and stops at the end.
+Sections:
+  e2e         Whole processes, as a user runs them: `python flows/train_flow.py` against the
+              seed script (benchmarks/seed_script.py), in turns. Claims: the default command
+              with every stage cached takes at most the seed script's 200 epochs (≤ 1.0×), and
+              a cold 2,000-epoch run at most the seed script's 2,000 epochs (≤ 1.0×). Also
+              shown: a first run in a new PREFECT_HOME, heartbeats on, an epoch's cost from
+              12,000- minus 2,000-epoch runs, and the imports.
+  loop        Loop parity (benchmarks/loops.py): trainflow's training loop against a bare
+              torch loop on the same batches, steps/s, trainflow / bare ≥ 0.97, at the seed's
+              scale and at 10^6 x 32 with an MLP 64-64 (--scale picks one). At the seed's
+              scale, trainflow against the seed's own loop too, as information. --repeat is
+              the number of rounds, run in one process.
+  overhead    What Prefect adds to a cached run (the API requests it waits for) and what the
+              TensorBoard curves add to a seed-scale epoch. Information.
+  cache       A finished config run again: every stage cached, nothing trained, the flow's
+              time ≤ 3 s.
+  checkpoint  What checkpoints at the default cadence cost training: < 5%.
+  data        A ~1 GB .npz (--data-gb): content hashing ≥ 1 GB/s, load-tensors' peak memory
+              ≤ 2x the data cold, a cached load ≤ 0.3 s and ≤ 1.2x the data once read.
+
+Each measurement runs in a fresh child process (so one can't warm the next), except the
+loop section's rounds, which take turns in one process per scale. The e2e section runs first
+and prepares nothing: `python flows/train_flow.py` finds or starts its server as it does for
+a user. The overhead, cache, checkpoint and data sections share one server the benchmark
+starts (`trainflow server start`, in its own PREFECT_HOME) and stops at the end.
+
+The load column is the 1-minute load average before and after the section, over the CPU
+count (the benchmark's own processes count in the second). Take the numbers that count on a
+quiet machine: with other work running, the spread between runs exceeds what is measured.
 """
 
 from __future__ import annotations
@@ -22,11 +49,47 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import machine
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve()
+FLOW = REPO / "flows" / "train_flow.py"  # the command a user runs
+SEED = HERE.parent / "seed_script.py"
+# The `trainflow` command, as `python -m`: its `server start|stop`.
+TRAINFLOW = (sys.executable, "-m", "trainflow.flows.main")
+
+
+def trainflow_internals() -> SimpleNamespace:
+    """The trainflow internals the children call: this file's only import of them (the
+    loop section's are benchmarks/loops.py's)."""
+    from trainflow.flows.cli import parse_config
+    from trainflow.flows.config import TrainConfig
+    from trainflow.flows.train_flow import main as train_main
+    from trainflow.flows.train_flow import train_flow
+    from trainflow.tasks.cache.keys import file_digest
+    from trainflow.tasks.cache.stage import using_cache
+    from trainflow.tasks.engine.checkpoint import Checkpoints
+    from trainflow.tasks.engine.fit import train_model
+    from trainflow.tasks.load_tensors import load_tensors
+    from trainflow.tasks.runs.curves import Curves
+
+    return SimpleNamespace(
+        parse_config=parse_config,
+        TrainConfig=TrainConfig,
+        train_main=train_main,
+        train_flow=train_flow,
+        file_digest=file_digest,
+        using_cache=using_cache,
+        Checkpoints=Checkpoints,
+        train_model=train_model,
+        load_tensors=load_tensors,
+        Curves=Curves,
+    )
 
 
 # --- children: each prints one JSON line --------------------------------------------------
@@ -41,19 +104,15 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child_flow(args: list[str]) -> dict[str, Any]:
+def child_flow(*args: str) -> dict[str, Any]:
     """One flow call, timed from flow start to return (imports and interpreter excluded)."""
-    from flows.cli import parse_config
-    from flows.config import TrainConfig
-    from flows.train_flow import train_flow
-
-    config = parse_config(TrainConfig, args)
+    tf = trainflow_internals()
+    config = tf.parse_config(tf.TrainConfig, list(args))
     start = time.perf_counter()
-    summary = train_flow(config)
+    summary = tf.train_flow(config)
     return {
         "seconds": time.perf_counter() - start,
         "states": {s["name"]: s["state"] for s in summary.stages},
-        "stage_seconds": {s["name"]: s["seconds"] for s in summary.stages},
         "epochs_trained": summary.epochs_trained,
     }
 
@@ -62,15 +121,14 @@ def child_load(path: str, cache_dir: str) -> dict[str, Any]:
     """The load-tensors stage alone, through the real cache, in a minimal flow."""
     from prefect import flow
 
-    from tasks.data import load_tensors
-    from tasks.stage import using_cache
+    tf = trainflow_internals()
 
     @flow(name="bench-load")
     def bench_load() -> dict[str, Any]:
         base = _rss()
         start = time.perf_counter()
-        with using_cache(cache_dir, "use"):
-            state = load_tensors(path, (), 100, 42, 0.1, return_state=True)
+        with tf.using_cache(cache_dir, "use"):
+            state = tf.load_tensors(path, (), 100, 42, 0.1, return_state=True)
         seconds = time.perf_counter() - start
         data = state.result()
         after_stage = _peak_rss() - base
@@ -102,46 +160,30 @@ def child_numpy_load(path: str) -> dict[str, Any]:
 
 
 def child_digest(path: str) -> dict[str, Any]:
-    from tasks.keys import file_digest
-
+    tf = trainflow_internals()
     start = time.perf_counter()
-    file_digest(path)
+    tf.file_digest(path)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "gb_per_s": os.path.getsize(path) / seconds / 1e9}
 
 
+CHECKPOINT_SCALE = ("checkpoint", 100_000, 16, "mlp", (64, 64), 64, 0.01, 30)
+
+
 def child_checkpoint(every_seconds: str, folder: str) -> dict[str, Any]:
-    """Training time of a ~10 s run with checkpoints every S seconds (0: none at all)."""
+    """Training time with checkpoints every S seconds (0: none at all)."""
+    import loops
     import torch
 
-    from tasks.checkpoint import Checkpoints
-    from tasks.data import Dataset
-    from tasks.loaders import make_loaders
-    from tasks.model import ModelSpec, initial_model
-    from tasks.split import split_indices
-    from tasks.train import train_model
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(100_000, 16, generator=g)
-    data = Dataset(x, x[:, :1] * 2 + 1, (), ())
-    loaders = make_loaders(
-        data, split_indices(100_000, 0.2, 13), 64, 42, "tensor", 0, torch.device("cpu")
-    )
-    initial = initial_model(ModelSpec("mlp", 16, 1, (64, 64), "relu"), 42)
+    tf = trainflow_internals()
+    cpu = torch.device("cpu")
+    p = loops.prepare(loops.Scale(*CHECKPOINT_SCALE), cpu)
     seconds = float(every_seconds)
-    checkpoints = Checkpoints(folder, every_seconds=seconds) if seconds > 0 else None
+    checkpoints = tf.Checkpoints(folder, every_seconds=seconds) if seconds > 0 else None
     start = time.perf_counter()
-    train_model(
-        initial,
-        loaders,
-        "sgd",
-        0.01,
-        0.0,
-        0.0,
-        "mse",
-        8,
-        torch.device("cpu"),
-        checkpoints=checkpoints,
+    s = p.scale
+    tf.train_model(
+        p.initial, p.loaders, "sgd", s.lr, 0.0, 0.0, "mse", s.epochs, cpu, checkpoints=checkpoints
     )
     return {
         "seconds": time.perf_counter() - start,
@@ -149,68 +191,31 @@ def child_checkpoint(every_seconds: str, folder: str) -> dict[str, Any]:
     }
 
 
-def child_loop(kind: str, scale_name: str, epochs: str, device: str) -> dict[str, Any]:
-    """One training loop from benchmarks/loops.py, after a short warm-up of the same loop."""
-    import torch
-
-    sys.path.insert(0, str(HERE.parent))
+def child_loop(scale: str, rounds: str, device: str) -> dict[str, Any]:
+    """Loop parity at one scale: benchmarks/loops.py's rounds, in this process."""
     import loops
-
-    scale = {"seed": loops.SEED_SCALE, "large": loops.LARGE_SCALE}[scale_name]
-    dev = torch.device(device)
-    run = {
-        "seed": lambda n: loops.seed_loop(scale, dev, n),
-        "trainflow": lambda n: loops.trainflow_loop(scale, dev, n),
-        "autograd-free": lambda n: loops.autograd_free_loop(dev, n),
-    }[kind]
-    run(max(1, int(epochs) // 20))  # first-call costs (lazy imports, allocator) are not steps
-    result = run(int(epochs))
-    return {
-        "steps_per_s": result.steps_per_s,
-        "seconds": result.seconds,
-        "train_loss": result.train_loss,
-        "val_loss": result.val_loss,
-    }
-
-
-def child_tensorboard(epochs: str) -> dict[str, Any]:
-    """What an epoch's curves (the loss chart, the metrics' and the lr's: five points) add to
-    a seed-scale epoch of train_model, side by side in rounds: no curves, train-epochs' own
-    writer (tasks/curves.py), and torch's SummaryWriter called per epoch as the seed does."""
     import torch
-    from torch.utils.tensorboard import SummaryWriter
 
-    from tasks.curves import Curves
-    from tasks.data import synthetic
-    from tasks.loaders import make_loaders
-    from tasks.model import ModelSpec, initial_model
-    from tasks.split import split_indices
-    from tasks.train import train_model
+    return loops.parity(loops.SCALES[scale], torch.device(device), int(rounds))
 
+
+def child_curves(epochs: str) -> dict[str, Any]:
+    """What the run folder's TensorBoard curves (the hook train-epochs calls after each epoch)
+    add to a seed-scale epoch: train_model without and with them, in turns."""
+    import loops
+    import torch
+
+    tf = trainflow_internals()
     cpu = torch.device("cpu")
-    loaders = make_loaders(synthetic(), split_indices(100, 0.2, 13), 16, 42, "tensor", 0, cpu)
-    initial = initial_model(ModelSpec("linear", 1, 1), 42)
-
-    def summary_writer(writer: SummaryWriter) -> Callable[..., None]:
-        def on_epoch(epoch: int, train: float, val: float, values: dict[str, float]) -> None:
-            writer.add_scalars("loss", {"training": train, "validation": val}, epoch)
-            for name, value in values.items():
-                writer.add_scalar(name, value, epoch)
-
-        return on_epoch
-
-    ms: dict[str, list[float]] = {"none": [], "curves": [], "SummaryWriter": []}
+    p = loops.prepare(loops.SEED_SCALE, cpu)
+    ms: dict[str, list[float]] = {"none": [], "curves": []}
+    n = int(epochs)
     with tempfile.TemporaryDirectory() as folder:
-        hooks = {
-            "none": None,
-            "curves": Curves(Path(folder, "curves"), [], []),
-            "SummaryWriter": summary_writer(SummaryWriter(str(Path(folder, "writer")))),
-        }
-        n = int(epochs)
+        hooks = {"none": None, "curves": tf.Curves(Path(folder), [], [])}
         for round_ in range(6):  # the first round warms each up and is not counted
             for name, hook in hooks.items():
                 start = time.perf_counter()
-                train_model(initial, loaders, "sgd", 0.1, 0.0, 0.0, "mse", n, cpu, hook)
+                tf.train_model(p.initial, p.loaders, "sgd", 0.1, 0.0, 0.0, "mse", n, cpu, hook)
                 if round_:
                     ms[name].append((time.perf_counter() - start) / n * 1e3)
         hooks["curves"].close()
@@ -223,8 +228,7 @@ def child_requests(cache_dir: str) -> dict[str, Any]:
 
     import httpx
 
-    from flows.train_flow import main as train_main
-
+    tf = trainflow_internals()
     waited: list[tuple[str, float]] = []
     send = httpx.Client.send
 
@@ -237,10 +241,10 @@ def child_requests(cache_dir: str) -> dict[str, Any]:
                 waited.append((f"{request.method} {request.url.path}", time.perf_counter() - start))
 
     argv = ["--cache-dir", cache_dir, "--runs-dir", "runs"]
-    assert train_main(argv) == 0  # fills the cache
+    assert tf.train_main(argv) == 0  # fills the cache
     httpx.Client.send = timed_send  # type: ignore[method-assign]
     start = time.perf_counter()
-    assert train_main(argv) == 0
+    assert tf.train_main(argv) == 0
     resources = sorted({path.split("/")[2] for path, _ in waited})  # /api/<resource>/…
     return {
         "seconds": time.perf_counter() - start,
@@ -251,11 +255,11 @@ def child_requests(cache_dir: str) -> dict[str, Any]:
 
 
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
-    "tensorboard": child_tensorboard,
+    "curves": child_curves,
     "requests": child_requests,
     "loop": child_loop,
     "checkpoint": child_checkpoint,
-    "flow": lambda *a: child_flow(list(a)),
+    "flow": child_flow,
     "load": child_load,
     "numpy-load": child_numpy_load,
     "digest": child_digest,
@@ -263,6 +267,54 @@ CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 # --- the parent: orchestration and the table ----------------------------------------------
+
+
+@dataclass
+class Row:
+    claim: str
+    measured: str
+    goal: str = ""  # none: information
+    met: bool | None = None
+    load: str = ""
+
+
+class Table:
+    """The rows, each section's with the load before and after it."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.commands: list[str] = []
+
+    def section(self, run: Callable[[], Any]) -> Any:
+        first, before = len(self.rows), machine.load()
+        out = run()
+        span = machine.span(before, machine.load())
+        for row in self.rows[first:]:
+            row.load = row.load or span
+        return out
+
+    def add(self, claim: str, measured: str, goal: str = "", met: bool | None = None) -> None:
+        self.rows.append(Row(claim, measured, goal, met))
+
+    def print(self, repeat: int) -> None:
+        header = ("claim", f"measured: median (min–max) of {repeat}", "goal", "met?", "load")
+        cells = [header] + [
+            (r.claim, r.measured, r.goal or "—", _met(r.met), r.load) for r in self.rows
+        ]
+        widths = [max(len(c[i]) for c in cells) for i in range(5)]
+        print()
+        for i, row in enumerate(cells):
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            if i == 0:
+                print("  ".join("-" * w for w in widths))
+        if self.commands:
+            print("\ncommands:")
+            for command in self.commands:
+                print(f"  {command}")
+
+
+def _met(met: bool | None) -> str:
+    return "info" if met is None else "yes" if met else "NO"
 
 
 def spawn(env: dict[str, str], kind: str, *args: str) -> dict[str, Any]:
@@ -284,21 +336,21 @@ def median(values: list[float]) -> dict[str, float]:
 
 
 def fmt(stat: dict[str, float], unit: str = "s") -> str:
-    scale = 1e9 if unit == "GB" else 1
+    scale = 1e9 if unit.startswith("GB") else 1
     return (
         f"{stat['median'] / scale:.3f} {unit} ({stat['min'] / scale:.3f}–{stat['max'] / scale:.3f})"
     )
 
 
 class Server:
-    """The other sections' Prefect server, started and stopped the way the CLI does it
-    (flows/server.py), in the benchmark's own PREFECT_HOME."""
+    """The sections' Prefect server, started and stopped by the `trainflow server` command in
+    the benchmark's own PREFECT_HOME."""
 
     def __init__(self, home: Path):
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-        self.env = {**env, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
+        self.env = {**env, "PREFECT_HOME": str(home)}
         start = subprocess.run(
-            [sys.executable, "-m", "flows.server", "start"],
+            [*TRAINFLOW, "server", "start"],
             env=self.env,
             capture_output=True,
             text=True,
@@ -309,10 +361,50 @@ class Server:
         self.env["PREFECT_API_URL"] = start.stdout.strip().splitlines()[-1] + "/api"
 
     def stop(self) -> None:
-        subprocess.run([sys.executable, "-m", "flows.server", "stop"], env=self.env, timeout=120)
+        subprocess.run([*TRAINFLOW, "server", "stop"], env=self.env, timeout=120)
 
 
-def bench_cache(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict[str, Any]:
+def bench_loop(
+    env: dict[str, str], repeat: int, table: Table, scales: list[str], device: str
+) -> dict[str, Any]:
+    """Loop parity, one child process per scale: trainflow / bare, and / the seed's loop."""
+    out: dict[str, Any] = {}
+    for scale in scales:
+        r = out[scale] = spawn(env, "loop", scale, str(max(1, repeat)), device)
+        load = machine.span(r["load_before"], r["load_after"])
+        rate, t = r["steps_per_s"], r["trainflow_over_bare"]
+        epoch_us = r["overhead_per_epoch_s"] * 1e6
+        table.add(
+            f"loop {scale}: trainflow / bare torch loop, steps/s",
+            f"{t['median']:.3f}× ({t['min']:.3f}–{t['max']:.3f}): "
+            f"{rate['trainflow']['median']:,.0f} vs {rate['bare']['median']:,.0f} steps/s, "
+            f"{epoch_us:+,.0f} µs an epoch",
+            f"≥ {r['goal']}×",
+            r["met"],
+        )
+        table.rows[-1].load = load
+        table.add(
+            f"loop {scale}: same final weights as bare",
+            f"{r['same_weights_as_bare']}; losses ≤ {r['loss_gap_to_bare']:.1e} apart (relative)",
+        )
+        table.rows[-1].load = load
+        if "trainflow_over_seed" in r:
+            s = r["trainflow_over_seed"]
+            table.add(
+                f"loop {scale}: trainflow / the seed's loop, steps/s",
+                f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f}): "
+                f"{rate['trainflow']['median']:,.0f} vs {rate['seed loop']['median']:,.0f} steps/s",
+            )
+            table.rows[-1].load = load
+        where = f"{r['describe']}; {r['epochs']:,} epochs ({r['steps']:,} steps) a measurement"
+        table.commands.append(
+            f"loop {scale}: python benchmarks/loops.py --scale {scale} --rounds {max(1, repeat)}"
+            f"   [{where}, {r['device']}, {r['threads']} torch threads]"
+        )
+    return out
+
+
+def bench_cache(env: dict[str, str], repeat: int, table: Table) -> dict[str, Any]:
     """Re-running a finished config: every stage Cached, nothing trained, flow time."""
     out: dict[str, Any] = {}
     cold, cached = [], []
@@ -326,21 +418,25 @@ def bench_cache(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -
     out["cached_epochs_trained"] = cached[-1]["epochs_trained"]
     out["cached_over_cold"] = out["cached_flow"]["median"] / out["cold_flow"]["median"]
     all_cached = all(s == "Cached" for n, s in out["cached_states"].items() if n != "build-loaders")
-    rows += [
-        ("cache: cold flow (2000 epochs)", fmt(out["cold_flow"])),
-        ("cache: re-run flow", fmt(out["cached_flow"]) + "   target ≤ 3 s"),
-        ("cache: re-run / cold", f"{out['cached_over_cold']:.2f}×   target ≤ 0.3×"),
-        (
-            "cache: re-run stages",
-            f"all cached: {all_cached}, epochs trained: {out['cached_epochs_trained']}",
-        ),
-    ]
+    table.add("cache: cold flow, 2,000 epochs", fmt(out["cold_flow"]))
+    table.add(
+        "cache: re-run of it, flow time",
+        fmt(out["cached_flow"]),
+        "≤ 3 s",
+        out["cached_flow"]["median"] <= 3,
+    )
+    # Information: the ratio follows the cold run's length, not the cache.
+    table.add("cache: re-run / cold", f"{out['cached_over_cold']:.2f}×")
+    table.add(
+        "cache: re-run's stages",
+        f"all cached: {all_cached}, epochs trained: {out['cached_epochs_trained']}",
+        "all cached, 0 trained",
+        all_cached and out["cached_epochs_trained"] == 0,
+    )
     return out
 
 
-def bench_data(
-    env: dict[str, str], repeat: int, rows: list[tuple[str, str]], gigabytes: float
-) -> dict[str, Any]:
+def bench_data(env: dict[str, str], repeat: int, table: Table, gigabytes: float) -> dict[str, Any]:
     """A ~1 GB .npz: content hashing, a cold load-tensors, a cached one, vs numpy.load."""
     import numpy as np
 
@@ -370,30 +466,41 @@ def bench_data(
     out["hit_states"] = [r["state"] for r in hits]
     out["hit_rss_over_data"] = median([r["rss_stage"] / data_bytes for r in hits])
     out["hit_touched_rss_over_data"] = median([r["rss_touched"] / data_bytes for r in hits])
-    rows += [
-        (f"data: file ({size / 1e9:.2f} GB npz)", f"x {n:,}×10, y {n:,}×1 float32"),
-        ("data: content hash", fmt(out["hash_gb_per_s"], "GB") + "/s   target ≥ 1 GB/s"),
-        (
-            "data: numpy.load",
-            fmt(out["numpy_load"]) + f", peak RSS {out['numpy_rss_over_data']['median']:.2f}× data",
-        ),
-        (
-            "data: load-tensors cold",
-            fmt(out["cold"])
-            + f", peak RSS {out['cold_rss_over_data']['median']:.2f}× data   target ≤ 2×",
-        ),
-        ("data: load-tensors hit", fmt(out["hit"]) + f" {set(out['hit_states'])}   target ≤ 0.3 s"),
-        (
-            "data: hit peak RSS",
-            f"{out['hit_rss_over_data']['median']:.2f}× data (mapped); "
-            f"{out['hit_touched_rss_over_data']['median']:.2f}× after reading every byte"
-            "   target ≤ 1.2×",
-        ),
-    ]
+    cold_rss, hit_rss = out["cold_rss_over_data"]["median"], out["hit_rss_over_data"]["median"]
+    touched = out["hit_touched_rss_over_data"]["median"]
+    table.add(f"data: file, {size / 1e9:.2f} GB .npz", f"x {n:,}×10, y {n:,}×1 float32")
+    table.add(
+        "data: content hash",
+        fmt(out["hash_gb_per_s"], "GB/s"),
+        "≥ 1 GB/s",
+        out["hash_gb_per_s"]["median"] >= 1e9,
+    )
+    table.add(
+        "data: numpy.load",
+        fmt(out["numpy_load"]) + f", peak RSS {out['numpy_rss_over_data']['median']:.2f}× data",
+    )
+    table.add(
+        "data: load-tensors cold, peak RSS",
+        f"{cold_rss:.2f}× data, in " + fmt(out["cold"]),
+        "≤ 2×",
+        cold_rss <= 2,
+    )
+    table.add(
+        "data: load-tensors cached",
+        fmt(out["hit"]) + f" {sorted(set(out['hit_states']))}",
+        "≤ 0.3 s",
+        out["hit"]["median"] <= 0.3,
+    )
+    table.add(
+        "data: cached, peak RSS once every byte is read",
+        f"{touched:.2f}× data ({hit_rss:.2f}× mapped, unread)",
+        "≤ 1.2×",
+        touched <= 1.2,
+    )
     return out
 
 
-def bench_checkpoint(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict:
+def bench_checkpoint(env: dict[str, str], repeat: int, table: Table) -> dict[str, Any]:
     """What checkpointing costs training: none vs the default 30 s cadence vs every second."""
     out: dict[str, Any] = {}
     for label, every in (("none", "0"), ("default", "30"), ("every_1s", "1")):
@@ -403,90 +510,55 @@ def bench_checkpoint(env: dict[str, str], repeat: int, rows: list[tuple[str, str
     base = out["none"]["median"]
     for label in ("default", "every_1s"):
         out[f"{label}_overhead"] = out[label]["median"] / base - 1
-    rows += [
-        ("checkpoint: training, none", fmt(out["none"]) + "  (100k×16, mlp 64×64, batch 64)"),
-        (
-            "checkpoint: default (30 s + end)",
-            fmt(out["default"])
-            + f", {out['default_saved']} saved, overhead {out['default_overhead']:+.1%}"
-            "   target < 5%",
-        ),
-        (
-            "checkpoint: every 1 s",
-            fmt(out["every_1s"])
-            + f", {out['every_1s_saved']} saved, overhead {out['every_1s_overhead']:+.1%}",
-        ),
-    ]
+    _, rows, features, _, hidden, batch, _, epochs = CHECKPOINT_SCALE
+    shape = f"{rows:,}×{features}, MLP {'-'.join(map(str, hidden))}, batch {batch}"
+    table.add(f"checkpoint: training, none ({shape}, {epochs} epochs)", fmt(out["none"]))
+    table.add(
+        "checkpoint: default cadence (30 s and the end), overhead",
+        f"{out['default_overhead']:+.1%}, {out['default_saved']} saved, " + fmt(out["default"]),
+        "< 5%",
+        out["default_overhead"] < 0.05,
+    )
+    table.add(
+        "checkpoint: every 1 s, overhead",
+        f"{out['every_1s_overhead']:+.1%}, {out['every_1s_saved']} saved, " + fmt(out["every_1s"]),
+    )
     return out
 
 
-def bench_loop(
-    env: dict[str, str], repeat: int, rows: list[tuple[str, str]], device: str = "cpu"
-) -> dict[str, Any]:
-    """The seed's loop vs trainflow's on the same batches: steps/s and the ratio."""
-    import numpy as np
-
-    out: dict[str, Any] = {}
-    for scale, epochs in (("seed", "300"), ("large", "1")):
-        runs = {
-            kind: [spawn(env, "loop", kind, scale, epochs, device) for _ in range(repeat)]
-            for kind in ("seed", "trainflow")
-        }
-        seed, ours = (median([r["steps_per_s"] for r in runs[k]]) for k in ("seed", "trainflow"))
-        ref, got = runs["seed"][0], runs["trainflow"][0]
-        error = max(
-            float(np.max(np.abs(np.subtract(ref[k], got[k])) / np.abs(ref[k])))
-            for k in ("train_loss", "val_loss")
-        )
-        out[scale] = {
-            "seed": seed,
-            "trainflow": ours,
-            "ratio": ours["median"] / seed["median"],
-            "max_relative_loss_difference": error,
-        }
-        rows += [
-            (
-                f"loop {scale}: seed loop",
-                f"{seed['median']:,.0f} steps/s ({seed['min']:,.0f}–{seed['max']:,.0f})",
-            ),
-            (
-                f"loop {scale}: trainflow",
-                f"{ours['median']:,.0f} steps/s ({ours['min']:,.0f}–{ours['max']:,.0f})",
-            ),
-            (
-                f"loop {scale}: ratio",
-                f"{out[scale]['ratio']:.2f}×   target ≥ 3×; "
-                f"losses differ by ≤ {error:.1e} (relative)",
-            ),
-        ]
-    free = median(
-        [
-            spawn(env, "loop", "autograd-free", "seed", "300", device)["steps_per_s"]
-            for _ in range(repeat)
-        ]
+def bench_overhead(env: dict[str, str], repeat: int, table: Table) -> dict[str, Any]:
+    """Prefect's share of a cached run, and the TensorBoard curves' of an epoch."""
+    runs = [spawn(env, "requests", f"cache-requests-{i}") for i in range(repeat)]
+    curves = spawn(env, "curves", "1000")
+    out = {
+        "flow": median([r["seconds"] for r in runs]),
+        "requests": runs[-1]["requests"],
+        "paths": runs[-1]["paths"],
+        "request_seconds": median([r["request_seconds"] for r in runs]),
+        "curves_ms_per_epoch": curves,
+    }
+    table.add("overhead: cached run, main() in a warm process", fmt(out["flow"]))
+    table.add(
+        "overhead: API requests it waits for",
+        f"{out['requests']} ({', '.join(out['paths'])}): {fmt(out['request_seconds'])}",
     )
-    out["autograd_free"] = free
-    times_seed = free["median"] / out["seed"]["seed"]["median"]
-    rows.append(
-        (
-            "loop seed: autograd-free limit",
-            f"{free['median']:,.0f} steps/s ({times_seed:.1f}× the seed loop)",
-        )
+    table.add(
+        "overhead: TensorBoard curves, per seed-scale epoch",
+        f"{curves['curves'] - curves['none']:+.3f} ms "
+        f"({curves['none']:.3f} → {curves['curves']:.3f} ms an epoch)",
     )
     return out
 
 
 # --- whole processes, as a user runs them --------------------------------------------------
 
-FLOW = REPO / "flows" / "train_flow.py"
 IMPORT_TORCH, IMPORT_TORCH_PREFECT = "import torch", "import torch, prefect"
-SEED = HERE.parent / "seed_script.py"
 
 
 def _user_env(home: Path, cwd: Path) -> dict[str, str]:
     """A user's shell: no PREFECT_API_URL (the CLI finds or starts its server), their own
     PREFECT_HOME, bytecode cached as usual."""
-    drop = {"PREFECT_API_URL", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH"}
+    drop = {"PREFECT_API_URL", "PYTHONDONTWRITEBYTECODE"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, "PREFECT_HOME": str(home), "BENCH_CWD": str(cwd)}
 
@@ -513,29 +585,22 @@ def _timed(env: dict[str, str], *argv: str) -> tuple[float, float]:
 
 
 def _stop_server(home: Path) -> None:
-    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PREFECT_HOME": str(home)}
     subprocess.run(
-        [sys.executable, "-m", "flows.server", "stop"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
+        [*TRAINFLOW, "server", "stop"], env=env, check=True, capture_output=True, timeout=120
     )
 
 
 def _shown(script: Path, *args: str) -> str:
-    return " ".join(["$ python", str(script.relative_to(REPO)), *args])
+    return " ".join(["python", str(script.relative_to(REPO)), *args])
 
 
-def _ratio(ours: dict[str, float], seed: dict[str, float]) -> str:
-    return f"{ours['median'] / seed['median']:.2f}× the seed"
-
-
-def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[str, Any]:
+def bench_e2e(scratch: Path, repeat: int, table: Table) -> dict[str, Any]:
     """`python flows/train_flow.py` against the seed script, whole processes, interleaved.
 
     No server is prepared: each new PREFECT_HOME's first run starts the one later runs use,
-    exactly as for a user. (d) uses a new home each time; (a)-(c) the last one's server.
+    exactly as for a user. The first runs use a new home each time; the rest the last one's
+    server.
     """
     times: dict[str, list[float]] = {}
     cpu_times: dict[str, list[float]] = {}
@@ -548,7 +613,7 @@ def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[s
     homes = [scratch / f"home-{i}" for i in range(repeat)]
     try:
         for i, home in enumerate(homes):
-            # (d) a new clone: a new PREFECT_HOME and folder, so a server start, a cold cache.
+            # A new clone: a new PREFECT_HOME and folder, so a server start and a cold cache.
             env = _user_env(home, scratch / f"clone-{i}")
             Path(env["BENCH_CWD"]).mkdir(parents=True)
             run("seed_200", env, SEED)
@@ -579,110 +644,78 @@ def bench_e2e(scratch: Path, repeat: int, rows: list[tuple[str, str]]) -> dict[s
             pairs = zip(samples[f"{who}_2000"], samples[f"{who}_12000"], strict=True)
             stats[f"{who}_per_epoch"] = median([(b - a) / 10_000 * 1e3 for a, b in pairs])
 
-    def row(label: str, key: str, seed: str | None, command: str, target: str = "") -> None:
+    def timing(label: str, key: str) -> None:
         wall, cpu = out[key], out["cpu"][key]
-        value = f"{fmt(wall)}, CPU {cpu['median']:.2f} s"
-        if seed:
-            value += (
-                f"   {wall['median'] / out[seed]['median']:.2f}× the seed "
-                f"(CPU {cpu['median'] / out['cpu'][seed]['median']:.2f}×)"
-            )
-        rows.extend([(label, value + target), ("", command)])
+        table.add(label, f"{fmt(wall)}, CPU {cpu['median']:.2f} s")
 
-    row(
-        "e2e (d) first run, new PREFECT_HOME",
-        "first_run",
-        "seed_200",
-        _shown(FLOW) + "   [new PREFECT_HOME, new folder; starts the server]",
-    )
-    row("e2e (a) seed script, 200 epochs", "seed_200", None, _shown(SEED))
-    row(
-        "e2e (a) trainflow, every stage cached",
+    def versus(label: str, key: str, seed: str, goal: str = "") -> None:
+        ratio = out[key]["median"] / out[seed]["median"]
+        cpu = out["cpu"][key]["median"] / out["cpu"][seed]["median"]
+        met = ratio <= 1.0 if goal else None
+        measured = (
+            f"{ratio:.2f}× ({out[key]['median']:.2f} s vs {out[seed]['median']:.2f} s; "
+            f"CPU {cpu:.2f}×)"
+        )
+        table.add(label, measured, goal, met)
+
+    versus(
+        "e2e: trainflow, every stage cached / seed script, 200 epochs",
         "cached",
         "seed_200",
-        _shown(FLOW) + "   [after the first run]",
-        "   target ≤ 1.0×",
+        "≤ 1.0×",
     )
-    row(
-        "e2e (a) same, heartbeats on",
-        "cached_heartbeats",
-        "seed_200",
-        "$ PREFECT_FLOWS_HEARTBEAT_FREQUENCY=180 python flows/train_flow.py",
-    )
-    row("e2e (b) seed script, 2,000 epochs", "seed_2000", None, _shown(SEED, "--epochs", "2000"))
-    row(
-        "e2e (b) trainflow cold, 2,000 epochs",
+    versus(
+        "e2e: trainflow cold, 2,000 epochs / seed script, 2,000 epochs",
         "cold_2000",
         "seed_2000",
-        _shown(FLOW, "--epochs", "2000", "--cache-dir", "cold-2000-I"),
-        "   target ≤ 1.0×",
+        "≤ 1.0×",
     )
-    row("e2e (c) seed script, 12,000 epochs", "seed_12000", None, _shown(SEED, "--epochs", "12000"))
-    row(
-        "e2e (c) trainflow cold, 12,000 epochs",
-        "cold_12000",
-        None,
-        _shown(FLOW, "--epochs", "12000", "--cache-dir", "cold-12000-I"),
-    )
+    timing("e2e: seed script, 200 epochs", "seed_200")
+    timing("e2e: trainflow, every stage cached", "cached")
+    versus("e2e: the same, heartbeats on / seed script", "cached_heartbeats", "seed_200")
+    versus("e2e: first run in a new PREFECT_HOME / seed script", "first_run", "seed_200")
+    timing("e2e: seed script, 2,000 epochs", "seed_2000")
+    timing("e2e: trainflow cold, 2,000 epochs", "cold_2000")
+    timing("e2e: seed script, 12,000 epochs", "seed_12000")
+    timing("e2e: trainflow cold, 12,000 epochs", "cold_12000")
     seed, ours = out["seed_per_epoch"], out["cold_per_epoch"]
     cpu_seed, cpu_ours = out["cpu"]["seed_per_epoch"], out["cpu"]["cold_per_epoch"]
-    rows.append(
-        (
-            "e2e (c) per epoch: seed → trainflow",
-            f"{fmt(seed, 'ms')} → {fmt(ours, 'ms')}: {seed['median'] / ours['median']:.2f}× faster "
-            f"(CPU {cpu_seed['median']:.3f} → {cpu_ours['median']:.3f} ms: "
-            f"{cpu_seed['median'] / cpu_ours['median']:.2f}×)   target ≥ 3×",
-        )
+    table.add(
+        "e2e: an epoch, 12,000- minus 2,000-epoch runs: seed → trainflow",
+        f"{fmt(seed, 'ms')} → {fmt(ours, 'ms')} (CPU {cpu_seed['median']:.3f} → "
+        f"{cpu_ours['median']:.3f} ms)",
     )
-    row("e2e imports: torch", "import_torch", None, f'$ python -c "{IMPORT_TORCH}"')
-    row(
-        "e2e imports: torch, prefect",
-        "import_torch_prefect",
-        None,
-        f'$ python -c "{IMPORT_TORCH_PREFECT}"',
-    )
-    return out
-
-
-def bench_overhead(env: dict[str, str], repeat: int, rows: list[tuple[str, str]]) -> dict:
-    """Prefect's share of a cached run, and TensorBoard's of an epoch."""
-    runs = [spawn(env, "requests", f"cache-requests-{i}") for i in range(repeat)]
-    tb = spawn(env, "tensorboard", "1000")
-    out = {
-        "flow": median([r["seconds"] for r in runs]),
-        "requests": runs[-1]["requests"],
-        "paths": runs[-1]["paths"],
-        "request_seconds": median([r["request_seconds"] for r in runs]),
-        "tensorboard_ms_per_epoch": tb,
-    }
-    rows += [
-        ("overhead: cached run, main()", fmt(out["flow"]) + " (in a process already warm)"),
-        (
-            "overhead: API requests it waits for",
-            f"{out['requests']} ({', '.join(out['paths'])}): {fmt(out['request_seconds'])}",
-        ),
-        (
-            "overhead: a seed-scale epoch, ms: no curves / curves / SummaryWriter",
-            " / ".join(f"{tb[k]:.2f}" for k in ("none", "curves", "SummaryWriter"))
-            + f"  (curves add {tb['curves'] - tb['none']:.2f} ms, SummaryWriter "
-            + f"{tb['SummaryWriter'] - tb['none']:.2f} ms)",
-        ),
+    timing("e2e: imports, torch", "import_torch")
+    timing("e2e: imports, torch and prefect", "import_torch_prefect")
+    table.commands += [
+        "e2e, in turns, in a new folder:",
+        "  " + _shown(SEED),
+        "  " + _shown(FLOW) + "   [the first in a new PREFECT_HOME: it starts the server]",
+        "  PREFECT_FLOWS_HEARTBEAT_FREQUENCY=180 " + _shown(FLOW),
+        "  " + _shown(SEED, "--epochs", "N") + "   [N: 2000, 12000]",
+        "  " + _shown(FLOW, "--epochs", "N", "--cache-dir", "cold-N-I") + "   [a new cache each]",
+        f'  python -c "{IMPORT_TORCH}"',
+        f'  python -c "{IMPORT_TORCH_PREFECT}"',
     ]
     return out
 
 
-SECTIONS = ("e2e", "loop", "overhead", "cache", "data", "checkpoint")
+SECTIONS = ("e2e", "loop", "overhead", "cache", "checkpoint", "data")
+NEEDS_SERVER = ("overhead", "cache", "checkpoint", "data")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
-    parser.add_argument("--data-gb", type=float, default=1.0, help="size of the data benchmark")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--repeat", type=int, default=3, help="runs (loop: rounds) per measurement")
+    parser.add_argument("--scale", choices=("seed", "mlp", "both"), default="both", help="loop")
     parser.add_argument("--device", default="cpu", help="device of the loop section")
+    parser.add_argument(
+        "--data-gb", type=float, default=1.0, help="size of the data section's file"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -691,32 +724,38 @@ def main() -> int:
         return 0
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    rows: list[tuple[str, str]] = []
-    results: dict[str, Any] = {"repeat": args.repeat}
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))} (from {', '.join(SECTIONS)})")
+    scales = ["seed", "mlp"] if args.scale == "both" else [args.scale]
+    table = Table()
+    results: dict[str, Any] = {"repeat": args.repeat, "cpus": machine.cpus()}
     with tempfile.TemporaryDirectory(prefix="trainflow-bench-") as scratch:
+        env = {**os.environ, "BENCH_CWD": scratch}
         if "e2e" in sections:  # first, and with no other server up: as a user has it
-            results["e2e"] = bench_e2e(Path(scratch) / "e2e", args.repeat, rows)
-        if set(sections) - {"e2e"}:
+            e2e = Path(scratch) / "e2e"
+            results["e2e"] = table.section(lambda: bench_e2e(e2e, args.repeat, table))
+        if "loop" in sections:
+            results["loop"] = table.section(
+                lambda: bench_loop(env, args.repeat, table, scales, args.device)
+            )
+        if set(sections) & set(NEEDS_SERVER):
             server = Server(Path(scratch) / "prefect")
             env = {**server.env, "BENCH_CWD": scratch}
+            benches: dict[str, Callable[[], Any]] = {
+                "overhead": lambda: bench_overhead(env, args.repeat, table),
+                "cache": lambda: bench_cache(env, args.repeat, table),
+                "checkpoint": lambda: bench_checkpoint(env, args.repeat, table),
+                "data": lambda: bench_data(env, args.repeat, table, args.data_gb),
+            }
             try:
-                if "loop" in sections:
-                    results["loop"] = bench_loop(env, args.repeat, rows, args.device)
-                if "overhead" in sections:
-                    results["overhead"] = bench_overhead(env, args.repeat, rows)
-                if "cache" in sections:
-                    results["cache"] = bench_cache(env, args.repeat, rows)
-                if "checkpoint" in sections:
-                    results["checkpoint"] = bench_checkpoint(env, args.repeat, rows)
-                if "data" in sections:
-                    results["data"] = bench_data(env, args.repeat, rows, args.data_gb)
+                for name in NEEDS_SERVER:
+                    if name in sections:
+                        results[name] = table.section(benches[name])
             finally:
                 server.stop()
-    width = max(len(name) for name, _ in rows)
-    print(f"\n{'measurement':<{width}}  median (min–max) over {args.repeat} runs")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    table.print(args.repeat)
     if args.json:
+        results["table"] = [asdict(row) for row in table.rows]
         args.json.write_text(json.dumps(results, indent=2))
     return 0
 

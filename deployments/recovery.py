@@ -52,7 +52,7 @@ def _stays_crashed(run_counts: list[str], settle: float) -> EventTrigger:
     in between is crashed by that second report (an extra attempt: run count 3 after one
     kill). After the wait the second report finds the run Crashed, and Prefect refuses it.
     A run cancelled from the UI never gets here: train-epochs reports a SIGTERM that carries
-    out a cancellation as Prefect's own cancellation, never as a crash (tasks/fence.py), so
+    out a cancellation as Prefect's own cancellation, never as a crash (tasks/runs/fence.py), so
     keeping a cancelled run cancelled does not depend on this wait.
     """
     # Never "0": a run that crashed before it ever started (a broken pull step, say) has no

@@ -33,7 +33,7 @@ def main() -> None:
 
     from prefect.schedules import Cron
 
-    from flows.train_flow import train_flow
+    from trainflow.flows.train_flow import train_flow
 
     train_flow.serve(
         name=NAME,

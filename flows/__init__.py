@@ -2,7 +2,7 @@
 
 import sys
 
-from tasks.imported import record_imports
+from trainflow.tasks.cache.imported import record_imports
 
 # First thing, as in tasks/: cache keys read the text each module was compiled from.
 record_imports(sys.modules[__name__])

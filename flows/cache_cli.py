@@ -1,4 +1,4 @@
-"""List and prune the stage cache: `python flows/cache_cli.py list|prune [options]`."""
+"""List and prune the stage cache: `trainflow cache list|prune [options]`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import re
 import sys
 import time
 
-from tasks.prune import list_entries, prune
-from tasks.rules import DEFAULT_CACHE_DIR
-from tasks.store import LEFTOVER_AGE_S
+from trainflow.tasks.cache.prune import list_entries, prune
+from trainflow.tasks.cache.store import LEFTOVER_AGE_S
+from trainflow.tasks.rules import DEFAULT_CACHE_DIR
 
 UNITS = {
     "": 1,
@@ -48,9 +48,9 @@ def _human(size: float) -> str:
     return f"{size:.1f} TB"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "cache_cli.py") -> int:
     # No abbreviations (`--older 7d`): a flag added later would silently change their meaning.
-    parser = argparse.ArgumentParser(prog="cache_cli.py", description=__doc__, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False)
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="folder or fsspec URL")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="one line per entry, oldest first", allow_abbrev=False)

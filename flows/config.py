@@ -15,13 +15,21 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.options import Launch, TrainingOptions
-from tasks.rules import DEFAULT_CACHE_DIR, SYNTHETIC, model_names, train_size
+from trainflow.tasks.engine.options import Launch, TrainingOptions
+from trainflow.tasks.names import (
+    ACTIVATIONS,
+    DEVICE_CHOICES,
+    DEVICE_PATTERN,
+    LOSSES,
+    OPTIMIZERS,
+    SYNTHETIC,
+)
+from trainflow.tasks.rules import DEFAULT_CACHE_DIR, model_names, train_size
 
 MAX_SEED = 2**63 - 1
 # Checked by the validators below and, as JSON-schema patterns, by the Prefect server before a
 # deployment run exists (the UI form rejects a bad value at once).
-DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+DEVICE = DEVICE_PATTERN
 RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ENDPOINT = r"^$|^[A-Za-z0-9.-]+:\d{1,5}$"
 
@@ -38,7 +46,7 @@ CommaList = BeforeValidator(_split_commas)
 
 def _known_device(device: str) -> str:
     if not re.fullmatch(DEVICE, device):
-        raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        raise ValueError(f"must be {DEVICE_CHOICES}")
     return device
 
 
@@ -110,7 +118,7 @@ class TrainConfig(BaseModel):
         description="MLP hidden layer sizes, comma-separated (model='mlp' only).",
         json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 2**20}},
     )
-    activation: Literal["relu", "tanh", "gelu", "silu"] = Field(
+    activation: Literal[ACTIVATIONS] = Field(  # type: ignore[valid-type]
         "relu", description="MLP activation (model='mlp' only)."
     )
     init_seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the initial weights.")
@@ -121,11 +129,13 @@ class TrainConfig(BaseModel):
     )
 
     # --- optimisation -----------------------------------------------------------------------
-    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer.")
+    optimizer: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        "sgd", description="Optimizer."
+    )
     lr: float = Field(0.1, gt=0, le=100, description="Learning rate.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay (L2 / decoupled).")
-    loss: Literal["mse", "l1", "huber", "cross_entropy", "bce_with_logits"] = Field(
+    loss: Literal[LOSSES] = Field(  # type: ignore[valid-type]
         "mse", description="Loss function (mean reduction)."
     )
     epochs: int = Field(200, ge=1, le=10**7, description="Training epochs.")

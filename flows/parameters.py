@@ -14,7 +14,7 @@ class ConfigFlow(Flow):
     `model_dump(mode="json", by_alias=True)`: exactly what Prefect's own `serialize_parameters`
     stores for it (FastAPI's `jsonable_encoder` does that dump, then passes the JSON values
     through unchanged), without importing FastAPI there: ≈ 0.5 s of a cached command-line run.
-    Other parameters go through Prefect's own code (`tests/test_flow.py` compares the two)."""
+    Other parameters go through Prefect's own code (`tests/flows/test_flow.py` compares the two)."""
 
     def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
         others = {k: v for k, v in parameters.items() if not isinstance(v, BaseModel)}

@@ -8,9 +8,9 @@ import time
 if __name__ == "__main__":
     # Validate the flags before the heavy imports (a bad one exits 2 right away), then find
     # the Prefect server, so one that must start boots while torch loads (see train_flow.py).
-    from flows import runtime
-    from flows.cli import parse_config
-    from flows.config import PredictConfig
+    from trainflow.flows.cli import parse_config
+    from trainflow.flows.config import PredictConfig
+    from trainflow.flows.session import runtime
 
     parse_config(PredictConfig, sys.argv[1:], prog="predict_flow.py")
     runtime.start_early()
@@ -18,12 +18,12 @@ if __name__ == "__main__":
 from prefect import flow
 from prefect.transactions import transaction
 
-from flows.cli import parse_config
-from flows.config import PredictConfig
-from flows.runtime import command_line_run, fail, run_url
-from flows.server import ServerError
-from tasks.errors import InputError, StorageError, quiet_input_errors
-from tasks.predict import (
+from trainflow.flows.cli import parse_config
+from trainflow.flows.config import PredictConfig
+from trainflow.flows.session.runtime import command_line_run, fail, run_url
+from trainflow.flows.session.server import ServerError
+from trainflow.tasks.errors import InputError, StorageError, quiet_input_errors
+from trainflow.tasks.predict import (
     PredictSummary,
     find_model,
     output_url,
@@ -57,8 +57,8 @@ def predict_flow(config: PredictConfig = PredictConfig()) -> PredictSummary:  # 
     return PredictSummary(len(scores), run.folder, out, scores.metrics, seconds, stages)
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(PredictConfig, argv, prog="predict_flow.py")
+def main(argv: list[str] | None = None, prog: str = "predict_flow.py") -> int:
+    config = parse_config(PredictConfig, argv, prog=prog)
     quiet_input_errors()
     url = None
     try:
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             url = run_url(state)
             summary = state.result()  # the run's own error, if it failed
     except InputError as exc:
-        return fail(f"predict_flow.py: error: {exc}", 2, url)
+        return fail(f"{prog}: error: {exc}", 2, url)
     except (ServerError, StorageError) as exc:
-        return fail(f"predict_flow.py: error: {exc}", 1, url)
+        return fail(f"{prog}: error: {exc}", 1, url)
     metrics = ", ".join(f"{name} {value:.6g}" for name, value in summary.metrics.items())
     print(
         f"{summary.stage_table()}\n\n"

@@ -18,13 +18,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
-from flows.cli import build_parser, describe
-from flows.config import TrainConfig
-from flows.runtime import command_line_run, run_url
-from flows.server import ServerError
-from flows.train_flow import train_flow
-from tasks.errors import InputError, quiet_input_errors
-from tasks.files import write_json
+from trainflow.flows.cli import build_parser, describe
+from trainflow.flows.config import TrainConfig
+from trainflow.flows.session.runtime import command_line_run, run_url
+from trainflow.flows.session.server import ServerError
+from trainflow.flows.train_flow import train_flow
+from trainflow.tasks.errors import InputError, quiet_input_errors
+from trainflow.tasks.files import write_json
 
 Runner = Literal["threads", "dask", "ray"]
 TABLE_COLUMNS = ("rank", "run_name", "status", "final_val_loss", "final_train_loss", "error")
@@ -168,8 +168,8 @@ def sweep_flow(
     return ranked
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(TrainConfig, "sweep_flow.py", "A sweep over TrainConfig's fields.")
+def main(argv: list[str] | None = None, prog: str = "sweep_flow.py") -> int:
+    parser = build_parser(TrainConfig, prog, "A sweep over TrainConfig's fields.")
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument(
         "--grid",
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             url = run_url(state)
             ranked = state.result()
     except ServerError as exc:
-        print(f"sweep_flow.py: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     for r in ranked:
         loss = f"{r['final_val_loss']:.6f}" if r["status"] == "completed" else r["error"]

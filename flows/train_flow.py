@@ -8,9 +8,9 @@ import sys
 if __name__ == "__main__":
     # Before the heavy imports below: validate the flags (a bad one exits 2 right away), then
     # find the Prefect server, so one that must start boots on the other core while torch loads.
-    from flows import runtime
-    from flows.cli import parse_config
-    from flows.config import TrainConfig
+    from trainflow.flows.cli import parse_config
+    from trainflow.flows.config import TrainConfig
+    from trainflow.flows.session import runtime
 
     parse_config(TrainConfig, sys.argv[1:], prog="train_flow.py")
     runtime.start_early()
@@ -18,19 +18,22 @@ if __name__ == "__main__":
 from prefect.transactions import transaction
 from prefect.utilities.annotations import opaque
 
-from flows.cli import parse_config
-from flows.config import TrainConfig
-from flows.parameters import config_flow
-from flows.runtime import command_line_run, exit_process, fail, run_url
-from flows.server import ServerError
-from tasks.data import load_tensors, training_categories
-from tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_errors
-from tasks.export import export_graph
-from tasks.loaders import build_loaders
-from tasks.model import build_model
-from tasks.rundir import RunSummary, open_run
-from tasks.split import split
-from tasks.train import Interrupted, output_width, train_epochs
+from trainflow.flows.cli import parse_config
+from trainflow.flows.config import TrainConfig
+from trainflow.flows.parameters import config_flow
+from trainflow.flows.session.runtime import command_line_run, exit_process, fail, run_url
+from trainflow.flows.session.server import ServerError
+from trainflow.tasks.build_loaders import build_loaders
+from trainflow.tasks.build_model import build_model
+from trainflow.tasks.data.tensors import training_categories
+from trainflow.tasks.engine.losses import output_width
+from trainflow.tasks.engine.stops import Interrupted
+from trainflow.tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_errors
+from trainflow.tasks.export_graph import export_graph
+from trainflow.tasks.load_tensors import load_tensors
+from trainflow.tasks.runs.folder import RunSummary, open_run
+from trainflow.tasks.split import split
+from trainflow.tasks.train_epochs import train_epochs
 
 
 # Scheduled and UI-started runs retry a failed flow (cached stages and checkpoints make a retry
@@ -108,8 +111,8 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
     return run.summary()
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(TrainConfig, argv, prog="train_flow.py")
+def main(argv: list[str] | None = None, prog: str = "train_flow.py") -> int:
+    config = parse_config(TrainConfig, argv, prog=prog)
     quiet_input_errors()
     url = None
     try:
@@ -118,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             url = run_url(state)
             summary = state.result()  # the run's own error, if it failed
     except ServerError as exc:
-        return fail(f"train_flow.py: error: {exc}", 1, url)
+        return fail(f"{prog}: error: {exc}", 1, url)
     except InputError as exc:
-        return fail(f"train_flow.py: error: {exc}", 2, url)
+        return fail(f"{prog}: error: {exc}", 2, url)
     except (StorageError, NonFiniteLoss) as exc:
-        return fail(f"train_flow.py: error: {exc}", 1, url)
+        return fail(f"{prog}: error: {exc}", 1, url)
     except Interrupted as exc:
         # The message says what was saved, if anything.
-        return fail(f"train_flow.py: {exc}", 128 + exc.signum, url)
+        return fail(f"{prog}: {exc}", 128 + exc.signum, url)
     print(
         f"{summary.stage_table()}\n\n"
         f"done: {summary.epochs} epochs ({summary.epochs_trained} trained in this run), "

@@ -2,8 +2,8 @@
 
 import sys
 
-from tasks.imported import record_imports
+from trainflow.tasks.cache.imported import record_imports
 
 # First thing: every module imported from here on is compiled from the text that cache keys
-# read (tasks/imported.py).
+# read (tasks/cache/imported.py).
 record_imports(sys.modules[__name__])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.errors import InputError
+from trainflow.tasks.errors import InputError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -37,25 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from torch import Tensor, nn
 
-from tasks import files
-from tasks.data import SYNTHETIC, check_format, read_file, synthetic, table_row_blocks
-from tasks.device import resolve_device
-from tasks.errors import InputError, writing
-from tasks.export import (
-    COLUMNS,
-    METRICS,
-    MODEL,
-    PROGRAM,
-    RUN_FOLDER_ARTIFACT,
-    SPEC,
-    model_digest,
-)
-from tasks.metrics import ValMetrics
-from tasks.model import ModelSpec, instantiate, model_code, spec_from_json
-from tasks.rules import DEFAULT_CACHE_DIR
-from tasks.rundir import CONFIG, LOCATIONS, StageRecord, stage_table
-from tasks.sources import DataFile, Identity, suffix_of
-from tasks.stage import (
+from trainflow.tasks import files
+from trainflow.tasks.cache.stage import (
     cache_enabled,
     cache_entry,
     cache_mode,
@@ -63,9 +46,30 @@ from tasks.stage import (
     stage,
     using_cache,
 )
-from tasks.store import CacheStore
-from tasks.tables import TABLE_FORMATS
-from tasks.train import make_loss
+from trainflow.tasks.cache.store import CacheStore
+from trainflow.tasks.data.sources import DataFile, Identity, suffix_of
+from trainflow.tasks.data.tables import TABLE_FORMATS
+from trainflow.tasks.data.tensors import check_format, read_file, synthetic, table_row_blocks
+from trainflow.tasks.device import resolve_device
+from trainflow.tasks.engine.losses import make_loss
+from trainflow.tasks.engine.metrics import ValMetrics
+from trainflow.tasks.engine.models import ModelSpec, instantiate, model_code, spec_from_json
+from trainflow.tasks.errors import InputError, writing
+from trainflow.tasks.export_graph import model_digest
+from trainflow.tasks.names import SYNTHETIC
+from trainflow.tasks.rules import DEFAULT_CACHE_DIR
+from trainflow.tasks.runs.folder import (
+    COLUMNS,
+    CONFIG,
+    LOCATIONS,
+    METRICS,
+    MODEL,
+    PROGRAM,
+    RUN_FOLDER_ARTIFACT,
+    SPEC,
+    StageRecord,
+    stage_table,
+)
 
 FLOW_RUN = "prefect.flow-run."
 
@@ -434,7 +438,7 @@ def apply_model(
 
 def metrics(outputs: Tensor, y: Tensor, loss: str) -> dict[str, float]:
     """How well the outputs fit the targets: the training loss, and training's validation
-    metrics (tasks/metrics.py) under their plain names: accuracy, f1, auroc or mae, r2."""
+    metrics (tasks/engine/metrics.py) under their plain names: accuracy, f1, auroc or mae, r2."""
     chosen = ValMetrics(loss, y, outputs.shape[1])
     named = chosen.finish(chosen.raw(outputs).cpu().numpy())
     return {
@@ -470,7 +474,7 @@ def score_rows(
 
 
 def check_finite(x: Tensor, y: Tensor | None, run: ModelRun, source: str, first_row: int) -> None:
-    """Training refuses a NaN or Inf cell (tasks/data.py), so predict does too, by the column
+    """Training refuses a NaN or Inf cell (tasks/data/tensors.py), so predict does too, by the column
     and row (from 0, as the output's `row`): the model never saw one, and a `nan` prediction
     would be written and cached as if it were a score. A category id is never one: a missing
     or unseen text is id 0, unknown."""

@@ -7,10 +7,9 @@ import re
 from decimal import Decimal
 from importlib.metadata import entry_points
 
+from trainflow.tasks.names import BUILTIN_MODELS, MODEL_ENTRY_POINTS
+
 DEFAULT_CACHE_DIR = ".trainflow/cache"  # relative to the working folder, beside runs/
-SYNTHETIC = "synthetic"
-BUILTIN_MODELS = ("linear", "mlp")
-MODEL_ENTRY_POINTS = "trainflow.models"
 
 
 def train_size(n: int, val_fraction: float) -> int:

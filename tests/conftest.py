@@ -13,7 +13,7 @@ os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "prefect" / "storage")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
-# Before tasks.keys is imported: the parsed-source memos of this session's (and its child
+# Before trainflow.tasks.cache.keys is imported: the parsed-source memos of this session's (and its child
 # processes') keys stay in its folder, not the user's ~/.cache.
 os.environ["TRAINFLOW_CODE_MEMO_DIR"] = str(_SESSION_HOME / "code-memos")
 
@@ -35,10 +35,10 @@ def prefect_api() -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _no_server_left_in_the_session_home() -> Iterator[None]:
     """A command-line run without PREFECT_API_URL starts the shared local server in its
-    PREFECT_HOME and leaves it up (flows/server.py). In the session's home that is a test
+    PREFECT_HOME and leaves it up (flows/session/server.py). In the session's home that is a test
     that forgot `subprocess_env`: stop the server, and fail the session."""
     yield
-    from flows.server import read_record, stop
+    from trainflow.flows.session.server import read_record, stop
 
     home = _SESSION_HOME / "prefect"
     if read_record(home) is not None:
@@ -55,3 +55,17 @@ def subprocess_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
 def _in_a_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Relative defaults (runs/, .trainflow/cache) land in the test's own folder."""
     monkeypatch.chdir(tmp_path)
+
+
+# The inner loop, `pytest -m "not system"`, runs the pure-logic tests. A system test needs the
+# Prefect server (these fixtures), runs the flows end to end (tests/flows/), or says so
+# (`pytest.mark.system`: it starts processes or servers of its own).
+SYSTEM_FIXTURES = {"prefect_api", "subprocess_env"}
+SYSTEM_FOLDERS = {REPO / "tests" / "flows"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        in_folder = any(folder in item.path.parents for folder in SYSTEM_FOLDERS)
+        if in_folder or SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)

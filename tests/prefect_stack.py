@@ -1,4 +1,4 @@
-"""A real Prefect server and workers for test_deployments.py: started, watched, stopped."""
+"""A real Prefect server and workers for flows/test_deployments.py: started, watched, stopped."""
 
 from __future__ import annotations
 

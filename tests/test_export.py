@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from tasks.export import export_program, hparams, thinned
-from tasks.model import ModelSpec, initial_model, instantiate
+from trainflow.tasks.engine.models import ModelSpec, initial_model, instantiate
+from trainflow.tasks.export_graph import export_program, hparams, thinned
 
 from .conftest import REPO
 

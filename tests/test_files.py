@@ -5,11 +5,11 @@ import stat
 
 import pytest
 
-import tasks.files
-from tasks.checkpoint import Checkpoints
-from tasks.files import atomic_write, make_dirs
+import trainflow.tasks.files
+from trainflow.tasks.engine.checkpoint import Checkpoints
+from trainflow.tasks.files import atomic_write, make_dirs
 
-from .test_checkpoint import _some_state
+from .engine.test_checkpoint import _some_state
 
 
 @pytest.fixture
@@ -71,8 +71,8 @@ def test_a_folder_that_cannot_be_synced_is_left_to_its_filesystem(tmp_path, monk
         raise OSError(22, "Invalid argument")  # what some network filesystems say
 
     monkeypatch.setattr(os, "fsync", refuse)
-    tasks.files.fsync_dir(tmp_path)  # no error
-    tasks.files.fsync_dir(tmp_path / "missing")
+    trainflow.tasks.files.fsync_dir(tmp_path)  # no error
+    trainflow.tasks.files.fsync_dir(tmp_path / "missing")
 
 
 def test_a_checkpoint_and_its_new_lineage_folder_survive_a_power_loss(tmp_path, syncs):

@@ -22,12 +22,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.predict_flow import main as predict
-from flows.train_flow import main as train
-from tasks.data import table_row_blocks
-from tasks.errors import InputError, StorageError
-from tasks.model import ModelSpec, instantiate
-from tasks.predict import (
+from trainflow.flows.predict_flow import main as predict
+from trainflow.flows.train_flow import main as train
+from trainflow.tasks.data.sources import DataFile
+from trainflow.tasks.data.tables import read_columns
+from trainflow.tasks.data.tensors import table_row_blocks
+from trainflow.tasks.engine.models import ModelSpec, instantiate
+from trainflow.tasks.errors import InputError, StorageError
+from trainflow.tasks.predict import (
     ModelRun,
     Scores,
     latest_run,
@@ -41,8 +43,6 @@ from tasks.predict import (
     write_blocks,
     write_output,
 )
-from tasks.sources import DataFile
-from tasks.tables import read_columns
 
 # --- pure logic, no Prefect -------------------------------------------------------------------
 
@@ -775,12 +775,12 @@ def test_an_output_that_dies_with_the_process_is_refused_before_scoring(
 ):
     import fsspec
 
-    import tasks.predict
+    import trainflow.tasks.predict
 
     def never(*args, **kwargs):
         raise AssertionError("scored an output that could not be kept")
 
-    monkeypatch.setattr(tasks.predict, "score_rows", never)
+    monkeypatch.setattr(trainflow.tasks.predict, "score_rows", never)
     before = _files(tmp_path)
     args = ["--model", str(trained), "--out", "memory://kept/p.csv"]
     assert predict([*args, "--cache-dir", str(tmp_path / "cache")]) == 2
@@ -794,8 +794,8 @@ def test_an_output_that_dies_with_the_process_is_refused_before_scoring(
 STALLED_WRITER = """
 import sys
 import torch
-from tasks.model import ModelSpec
-from tasks.predict import ModelRun, Scores, prediction_blocks, write_output
+from trainflow.tasks.engine.models import ModelSpec
+from trainflow.tasks.predict import ModelRun, Scores, prediction_blocks, write_output
 
 run = ModelRun("/nowhere", ("a", "b"), ("y",), {"loss": "mse"}, ModelSpec("linear", 2, 1), "")
 
@@ -860,9 +860,9 @@ def test_the_rebuilt_model_computes_what_its_model_pt2_does(tmp_path, spec):
     genuine run folder that is model.pt2's numbers, bit for bit."""
     from safetensors.torch import save_file
 
-    from tasks.export import export_program
-    from tasks.model import initial_model
-    from tasks.predict import rebuilt_model
+    from trainflow.tasks.engine.models import initial_model
+    from trainflow.tasks.export_graph import export_program
+    from trainflow.tasks.predict import rebuilt_model
 
     rows = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     # A category id column: ids out of the vocabulary and NaN go to the unknown slot.

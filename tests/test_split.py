@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.data import random_split
 
-from tasks.errors import InputError
-from tasks.split import split_indices, split_sizes
+from trainflow.tasks.data.splits import split_indices, split_sizes
+from trainflow.tasks.errors import InputError
 
 
 def _seed_sizes(n: int, ratio: str) -> tuple[int, int]:

@@ -1,8 +1,11 @@
 """Faults raised from a wrapped torch call in this process, from outside trainflow's code.
 
-A backward pass is counted at autograd's engine call: `loss.backward()` and trainflow's own
-backward (`tasks/loop.py`) both end in `Variable._execution_engine.run_backward`, so a
-wrapped engine counts training steps whichever of them runs.
+Training steps are counted at the public calls a user's own code (or profiler) would wrap:
+`torch.Tensor.backward`, which the loop's `loss.backward()` is, once a step; and the
+optimizer class's `step` (`torch.optim.SGD.step`, `torch.optim.Adam.step`, …), which
+`optimizer.step()` ends in, once a step. (Each optimizer class defines its own `step`, so
+wrapping the base class's would catch nothing; torch wraps the class's `step` in its step
+hooks when an optimizer of it is made, so a wrapped one runs inside them.)
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch.autograd.variable import Variable
+import torch
 
 
 class FailOnce:
@@ -28,34 +31,34 @@ class FailOnce:
         return real(*args, **kwargs)
 
 
-class WrappedEngine:
-    """Autograd's engine with `run_backward` going through `around(real_run_backward, …)`;
-    the rest, untouched."""
+def around_method(monkeypatch: Any, owner: type, name: str, around: Callable[..., Any]) -> None:
+    """Make every call of `owner.name` go through `around(real, *args, **kwargs)` (undone by
+    monkeypatch): `args` starts with the instance, as in any method call."""
+    real = getattr(owner, name)
 
-    def __init__(self, real: Any, around: Callable[..., Any]):
-        self.real, self.around = real, around
+    # No functools.wraps: it would copy torch's "already hooked" mark from a wrapped
+    # optimizer step, and torch would then not run the step hooks around this one.
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return around(real, *args, **kwargs)
 
-    def run_backward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.around(self.real.run_backward, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-
-def fail_backward_once(monkeypatch: Any, n: int, message: str) -> list[int]:
-    """Make the nth backward pass raise, once (undone by monkeypatch); returns `raised`."""
-    fault = FailOnce(n, message)
-    engine = WrappedEngine(Variable._execution_engine, fault)
-    monkeypatch.setattr(Variable, "_execution_engine", engine)
-    return fault.raised
+    monkeypatch.setattr(owner, name, wrapped)
 
 
 def fail_method_once(monkeypatch: Any, owner: type, name: str, n: int, message: str) -> list[int]:
-    """Make the nth call of `owner.name` (an optimizer's `step`, …) raise, once."""
-    fault, real = FailOnce(n, message), getattr(owner, name)
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        return fault(real, *args, **kwargs)
-
-    monkeypatch.setattr(owner, name, failing)
+    """Make the nth call of `owner.name` (an optimizer class's `step`, …) raise, once;
+    returns `raised`."""
+    fault = FailOnce(n, message)
+    around_method(monkeypatch, owner, name, fault)
     return fault.raised
+
+
+def fail_backward_once(monkeypatch: Any, n: int, message: str) -> list[int]:
+    """Make the nth backward pass (`torch.Tensor.backward`) raise, once."""
+    return fail_method_once(monkeypatch, torch.Tensor, "backward", n, message)
+
+
+def fail_optimizer_step_once(
+    monkeypatch: Any, optimizer: type[torch.optim.Optimizer], n: int, message: str
+) -> list[int]:
+    """Make the nth `optimizer.step()` of an optimizer of class `optimizer` raise, once."""
+    return fail_method_once(monkeypatch, optimizer, "step", n, message)

@@ -4,8 +4,9 @@ The harness puts this folder first on a child's PYTHONPATH, so Python imports th
 at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of:
 
     signal:SIG:step:N                 send SIG (KILL, TERM, INT, STOP) to itself after the
-                                      Nth backward pass (autograd's engine call,
-                                      `run_backward`), i.e. training step N
+                                      Nth backward pass (`torch.Tensor.backward`, which
+                                      the loop's `loss.backward()` is), i.e. training
+                                      step N, before its optimizer step
     signal:SIG:step:N:launcher        the same, sent to its parent process instead: under
                                       DDP, torch's elastic agent (the train-epochs process)
     signal:KILL:KIND:N:MOMENT         SIGKILL itself during the Nth write of a KIND file
@@ -87,30 +88,26 @@ def kind_of(path: str) -> str | None:
 
 
 def on_step(signame: str, n: int, whom: str = "self") -> None:
-    # Training step N is the Nth backward pass: autograd's engine call, which
-    # `loss.backward()` and trainflow's own backward both make.
-    from torch.autograd.variable import Variable  # this child trains anyway
+    # Training step N is the Nth backward pass: the loop's `loss.backward()`, the public
+    # `torch.Tensor.backward` that a user's own code or profiler would wrap.
+    import torch  # this child trains anyway
 
-    real = Variable._execution_engine
+    real = torch.Tensor.backward
     calls = 0
 
-    class Engine:
-        def run_backward(self, *args, **kwargs):
-            nonlocal calls
-            result = real.run_backward(*args, **kwargs)
-            calls += 1
-            if calls == n and armed():
-                if whom == "launcher":
-                    log("strike", signal=signame, step=n, rank=RANK, launcher=os.getppid())
-                    os.kill(os.getppid(), getattr(signal, f"SIG{signame}"))
-                else:
-                    strike(signame, step=n, rank=RANK)
-            return result
+    def backward(self, *args, **kwargs):
+        nonlocal calls
+        result = real(self, *args, **kwargs)
+        calls += 1
+        if calls == n and armed():
+            if whom == "launcher":
+                log("strike", signal=signame, step=n, rank=RANK, launcher=os.getppid())
+                os.kill(os.getppid(), getattr(signal, f"SIG{signame}"))
+            else:
+                strike(signame, step=n, rank=RANK)
+        return result
 
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    Variable._execution_engine = Engine()
+    torch.Tensor.backward = backward
 
 
 def on_write(kind: str, n: int, moment: str) -> None:
@@ -186,9 +183,9 @@ def on_takeover(n: int, folders: list[str]) -> None:
 
 
 def lockstep(peer_log: str) -> None:
-    from torch.autograd.variable import Variable  # this child trains anyway
+    import torch  # this child trains anyway
 
-    real_engine, real_replace, real_remove = Variable._execution_engine, os.replace, os.remove
+    real_backward, real_replace, real_remove = torch.Tensor.backward, os.replace, os.remove
     stepped, written = False, 0
 
     def wait_for_peer(reached, what: str) -> None:
@@ -208,18 +205,14 @@ def lockstep(peer_log: str) -> None:
                 raise TimeoutError(f"the peer run never reached {what}")
             time.sleep(0.01)
 
-    class Engine:
-        # A run picks its checkpoint to resume from before its first step: once the peer has
-        # stepped, a checkpoint of ours can no longer become its starting point.
-        def run_backward(self, *args, **kwargs):
-            nonlocal stepped
-            if not stepped:
-                stepped = True
-                log("step")
-            return real_engine.run_backward(*args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(real_engine, name)
+    # A run picks its checkpoint to resume from before its first step: once the peer has
+    # stepped, a checkpoint of ours can no longer become its starting point.
+    def backward(self, *args, **kwargs):
+        nonlocal stepped
+        if not stepped:
+            stepped = True
+            log("step")
+        return real_backward(self, *args, **kwargs)
 
     def replace(src, dst, *args, **kwargs):
         nonlocal written
@@ -240,7 +233,7 @@ def lockstep(peer_log: str) -> None:
             log("remove", name=os.path.basename(path))
         return real_remove(path, *args, **kwargs)
 
-    Variable._execution_engine = Engine()
+    torch.Tensor.backward = backward
     os.replace, os.remove = replace, remove
     atexit.register(log, "exit")
 

@@ -1,0 +1,350 @@
+"""train-epochs on many processes: torch's elastic launcher starts the ranks, each trains its
+shard of every batch under DistributedDataParallel, and rank 0's result comes back.
+
+README: "Many processes and machines (DDP)". The launcher is torch's own (`elastic_launch`,
+what `torchrun` runs): it restarts all ranks when one dies (`max_restarts`), and each attempt
+resumes from the newest checkpoint, so a restarted job ends bit for bit where an uninterrupted
+one of the same world size does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import multiprocessing
+import os
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from trainflow.tasks.cache.code_keys import CodeKey, differs_from_imported
+from trainflow.tasks.data.batches import Batches, Loaders, TensorBatches
+from trainflow.tasks.engine.checkpoint import CheckpointSettings
+from trainflow.tasks.engine.fit import Progress, train_model
+from trainflow.tasks.engine.models import load_model_code
+from trainflow.tasks.engine.options import Launch
+from trainflow.tasks.engine.ranks import DistributedRanks, Fence, RankBatches
+from trainflow.tasks.engine.stops import Interrupted
+from trainflow.tasks.errors import InputError
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every rank needs to train: the train-epochs inputs, sent to each by pickling
+    (in flight between processes of one job, never stored)."""
+
+    inputs: dict[str, Any]  # train_model's, but those of the run and the rank (below)
+    epochs: int
+    device: str
+    checkpointing: CheckpointSettings | None
+    lineage: str | None
+    run_dir: str
+    progress: str  # a file local rank 0 appends its progress lines to
+    threads: int  # torch threads per rank
+    hang_timeout: float
+    fence: Fence | None = None  # asked by rank 0 before a checkpoint, for the launcher
+    launcher: int = 0  # the launcher's pid (set by launch_ranks)
+    fenced: str = ""  # a file rank 0 creates when a re-run took the flow run over (ditto)
+    code: CodeKey | None = None  # what the lineage key covers: a rank must run that code
+
+
+@dataclass(frozen=True)
+class RankReport:
+    rank: int
+    steps: int  # training steps this attempt took
+    seconds: float  # this attempt, from the rank's start
+    train_seconds: float  # of which in train_model
+    restarts: int  # how many times the launcher had restarted the ranks before this attempt
+    trained: Any = None  # Trained, from each node's local rank 0
+
+
+class RanksStopped(Interrupted):
+    def __init__(self, signum: int):
+        BaseException.__init__(
+            self,
+            f"interrupted by {signal.Signals(signum).name}; the launcher stopped the ranks: the "
+            "next run of this config resumes from their last checkpoint",
+        )
+        self.signum = signum
+
+
+def rank_device(device: str, local_rank: int) -> torch.device:
+    """One GPU per local rank under CUDA; the CPU otherwise."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def check_launch(launch: Launch, device: str) -> None:
+    """What the machine must offer for `launch`; an InputError naming the setting if not."""
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if launch.distributed and wants_cuda and torch.cuda.device_count() < launch.nproc:
+        raise InputError(
+            f"--nproc {launch.nproc}: this machine has {torch.cuda.device_count()} CUDA "
+            "device(s), one per process is needed"
+        )
+    if launch.distributed and device == "mps":
+        raise InputError(f"--nproc {launch.nproc}: torch.distributed can't train on mps")
+
+
+def _die_with_the_launcher(launcher: int) -> None:
+    # If the launcher (the train-epochs process) is killed outright it can't stop its ranks;
+    # left running, they would train on and write checkpoints beside a re-run's.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return  # not Linux: no such switch
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # the launcher died before the switch was set
+        os._exit(1)
+
+
+def run_rank(job: Job) -> RankReport:
+    """One rank, from process-group start to its report (the launcher's entry point)."""
+    # A rank is a process of its own: it imported the code from disk at its start, maybe
+    # after an edit. Its checkpoints are filed under the launcher's key, so it must be running
+    # the code that key covers, or a later run would resume from another code's steps.
+    if job.code is not None and (initial := job.inputs.get("initial")) is not None:
+        load_model_code(initial.spec.name)  # a plugin's module is checked too
+    if job.code is not None and (differs := differs_from_imported(job.code)) is not None:
+        raise InputError(f"{differs}: the source changed after the run started; run it again")
+    _die_with_the_launcher(job.launcher)
+    start = time.perf_counter()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    torch.set_num_threads(job.threads)
+    device = rank_device(job.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Generous for the start (ranks import torch and unpickle the data at their own pace);
+    # training's collectives run in groups with the hang timeout (Ranks).
+    start_timeout = timedelta(seconds=max(600, job.hang_timeout))
+    dist.init_process_group(
+        backend,
+        store=_attempt_store(rank, world, restarts, start_timeout),
+        rank=rank,
+        world_size=world,
+        timeout=start_timeout,
+    )
+    try:
+        loaders: Loaders = job.inputs["loaders"]
+        train = RankBatches(_on(loaders.train, device), rank, world, device)
+        val = RankBatches(_on(loaders.val, device), 0, 1, device)  # whole on every rank
+        # All here before the groups with the short timeout connect (a slow start is no hang).
+        dist.barrier()
+        ranks = DistributedRanks(
+            rank, world, device, train, job.hang_timeout, job.fence, job.fenced
+        )
+        checkpointing = job.checkpointing
+        checkpoints = (
+            checkpointing.open(job.lineage, job.run_dir) if checkpointing and job.lineage else None
+        )
+        resume = (
+            ranks.resume(checkpoints, job.epochs)
+            if checkpoints is not None and checkpointing.resume
+            else None
+        )
+        on_epoch = None
+        if local_rank == 0:
+            if resume is not None:
+                _appender(job.progress)(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
+            on_epoch = Progress(_appender(job.progress), job.epochs, len(train))
+
+        inputs = {**job.inputs, "loaders": Loaders(train, val, loaders.sample)}
+        training = time.perf_counter()
+        trained = train_model(
+            **inputs,
+            epochs=job.epochs,
+            device=device,
+            on_epoch=on_epoch,
+            checkpoints=checkpoints,
+            resume=resume,
+            ranks=ranks,
+        )
+        training = time.perf_counter() - training
+        ranks.check_equal(trained.state)
+    finally:
+        dist.destroy_process_group()
+    done = (resume.epoch * len(train) + resume.batch) if resume else 0
+    steps = len(trained.train_loss) * len(train) - done
+    return RankReport(
+        rank,
+        steps,
+        time.perf_counter() - start,
+        training,
+        restarts,
+        trained if local_rank == 0 else None,
+    )
+
+
+def _on(batches: Batches, device: torch.device) -> Batches:
+    """Tensor batches on this rank's device, copied once (not a chunk at every step)."""
+    if isinstance(batches, TensorBatches) and batches.x.device != device:
+        x, y = batches.x.to(device), batches.y.to(device)
+        return TensorBatches(x, y, batches.batch_size, batches.seed)
+    return batches
+
+
+def _attempt_store(rank: int, world: int, attempt: int, timeout: timedelta) -> dist.Store:
+    """The launcher's store, under a prefix of this attempt: the process groups publish their
+    addresses there, and an attempt must never read those of the ranks a restart replaced."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent_hosts,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"trainflow/attempt-{attempt}", store)
+
+
+def _appender(path: str) -> Callable[[str], None]:
+    def write(line: str) -> None:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    return write
+
+
+@dataclass
+class _Tail:
+    """Forwards the lines a file gains to `log`, about once a second, until stopped; exits
+    this process (the launcher) once a rank has created `fenced`."""
+
+    path: str
+    log: Callable[[str], None]
+    fenced: str = ""
+    fenced_exit: Callable[[], NoReturn] | None = None  # the launcher's exit when fenced out
+    stop: threading.Event = field(default_factory=threading.Event)
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            self.flush()
+            if self.fenced_exit is not None and os.path.exists(self.fenced):
+                # Rank 0 said why on its stderr. The ranks die with this process.
+                self.fenced_exit()
+
+    def flush(self) -> None:
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                text = f.read()
+        except FileNotFoundError:
+            return
+        complete = text[: text.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            self.log(line)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.flush()
+
+
+def launch_ranks(
+    launch: Launch,
+    job: Job,
+    log: Callable[[str], None],
+    fenced_exit: Callable[[], NoReturn] | None = None,
+) -> Any:
+    return min(run_ranks(launch, job, log, fenced_exit), key=lambda r: r.rank).trained
+
+
+def run_ranks(
+    launch: Launch,
+    job: Job,
+    log: Callable[[str], None],
+    fenced_exit: Callable[[], NoReturn] | None = None,
+) -> list[RankReport]:
+    """Run `job` on `launch.nproc` local ranks (this node's share of the job) under torch's
+    elastic agent; their reports, by rank. Progress lines of its local rank 0 go to `log` as
+    they come, the ranks' summaries at the end."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if multiprocessing.current_process().daemon:
+        raise InputError(
+            f"--nproc {launch.nproc}: this process is a daemonic worker and can't start ranks; "
+            "run Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False"
+        )
+    endpoint = launch.rdzv_endpoint or f"127.0.0.1:{free_port()}"
+    config = LaunchConfig(
+        min_nodes=launch.nnodes,
+        max_nodes=launch.nnodes,
+        nproc_per_node=launch.nproc,
+        # Nodes meet at their endpoint under one id; on one node, a fresh job every time.
+        run_id="trainflow" if launch.rdzv_endpoint else uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint=endpoint,
+        # The node that hosts the endpoint runs the store; on one node, this one.
+        # torchrun's rule, made explicit (two nodes on one host both match its name): node 0
+        # runs the rendezvous store at the endpoint.
+        rdzv_configs={"is_host": launch.node_rank == 0, "timeout": 600},
+        max_restarts=launch.max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+        # A stopped rank ignores SIGTERM: SIGKILL it soon rather than after torch's 30 s.
+        shutdown_timeout=5,
+    )
+    with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as folder:
+        progress = str(Path(folder) / "progress.log")
+        fenced = str(Path(folder) / "fenced")
+        job = dataclasses.replace(job, progress=progress, launcher=os.getpid(), fenced=fenced)
+        tail = _Tail(job.progress, log, fenced, fenced_exit)
+        try:
+            reports: dict[int, RankReport] = elastic_launch(config, run_rank)(job)
+        except ChildFailedError as exc:
+            rank, first = next(iter(sorted(exc.failures.items())))
+            raise RuntimeError(
+                f"the ranks failed {launch.max_restarts + 1} time(s) (--max-restarts "
+                f"{launch.max_restarts}); the last time rank {rank} exited with "
+                f"{first.exitcode}: {first.message or 'its log is above'}"
+            ) from None
+        except SignalException as exc:
+            # SIGTERM/SIGINT: the launcher has stopped the ranks. An Interrupted, as for one
+            # process: Prefect reports it, and does not retry it.
+            raise RanksStopped(exc.sigval) from None
+        finally:
+            tail.close()
+    ordered = sorted(reports.values(), key=lambda r: r.rank)
+    for report in ordered:
+        log(
+            f"rank {report.rank}/{launch.world_size}: {report.steps} steps in "
+            f"{report.seconds:.1f} s, {report.restarts} restart(s) before this attempt"
+        )
+    return ordered
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the rendezvous binds it next)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_threads(nproc: int) -> int:
+    """torch threads per rank: this process's share, so the ranks don't oversubscribe."""
+    return max(1, math.floor(torch.get_num_threads() / nproc))

@@ -1,0 +1,107 @@
+"""Validation metrics per epoch, chosen by the loss, computed on the device.
+
+Hand-written rather than torchmetrics: five metrics of a few tensor ops each, shaped so the
+epoch's one host sync (tasks/engine/loop.py) reads them out with the losses. torchmetrics would add
+a dependency whose stateful objects sync or allocate in ways we'd have to audit per version,
+and the loop's budget at the seed's scale is a few microseconds an epoch.
+
+`raw(outputs)` is a 1-D tensor of sums and counts (device, no sync), `parts(outputs)` the same
+in pieces for the loop's one concatenation; `finish(raw)` turns its host copy into the named
+values. What depends only on the validation targets (the count of positives, the total sum of
+squares) is computed once, on the device, and read out with the rest: not even the first epoch
+waits for the device an extra time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CLASSIFICATION = ("cross_entropy", "bce_with_logits")
+
+
+def auroc(score: Tensor, positive: Tensor) -> Tensor:
+    """Area under the ROC curve (ties count one half), as a 0-d tensor on the device: for each
+    positive, the negatives scored below it, by a sort and two searchsorted (no host sync)."""
+    ordered, order = torch.sort(score)
+    label = positive[order].float()
+    negatives_before = torch.cat([label.new_zeros(1), (1 - label).cumsum(0)])
+    first = torch.searchsorted(ordered, ordered, right=False)
+    after = torch.searchsorted(ordered, ordered, right=True)
+    below = negatives_before[first]
+    tied = negatives_before[after] - below
+    n_pos = label.sum()
+    return ((below + 0.5 * tied) * label).sum() / (n_pos * (len(label) - n_pos))
+
+
+class ValMetrics:
+    """The metrics of one loss on one validation split (targets `y`, model width `n_outputs`)."""
+
+    def __init__(self, loss: str, y: Tensor, n_outputs: int):
+        self.loss, self.n = loss, y.shape[0]
+        self.binary = (loss == "bce_with_logits" and y.shape[1] == 1) or (
+            loss == "cross_entropy" and n_outputs == 2
+        )
+        if loss == "cross_entropy":
+            self.y = y[:, 0].long()
+            positive = self.y == 1
+        elif loss == "bce_with_logits":
+            self.y = y >= 0.5  # soft labels count by their nearer class
+            positive = self.y[:, 0]
+        else:
+            self.y = y
+            centred = y - y.mean(0)
+            self.ss_tot = (centred * centred).sum(0)  # once, not per epoch
+            self.names: tuple[str, ...] = ("val_mae", "val_r2")
+            return
+        self.positive, self.n_pos = positive, positive.sum().float().unsqueeze(0)
+        self.names = ("val_accuracy", "val_f1", "val_auroc") if self.binary else ("val_accuracy",)
+
+    def raw(self, outputs: Tensor) -> Tensor:
+        return torch.cat(self.parts(outputs))
+
+    def parts(self, outputs: Tensor) -> list[Tensor]:
+        """`raw` in pieces, for the loop to concatenate with the losses in its one readout."""
+        outputs = outputs.float()
+        if self.loss == "cross_entropy":
+            predicted = outputs.argmax(1)
+            correct = (predicted == self.y).sum()
+            if not self.binary:
+                return [correct.unsqueeze(0)]
+            said_pos, score = predicted == 1, outputs[:, 1] - outputs[:, 0]
+        elif self.loss == "bce_with_logits":
+            said = outputs > 0
+            correct = (said == self.y).sum()
+            if not self.binary:
+                return [correct.unsqueeze(0)]
+            said_pos, score = said[:, 0], outputs[:, 0]
+        else:
+            error = outputs - self.y
+            return [error.abs().sum(0), error.square().sum(0), self.ss_tot]
+        counts = torch.stack([correct, (said_pos & self.positive).sum(), said_pos.sum()])
+        return [counts, auroc(score, self.positive).unsqueeze(0), self.n_pos]
+
+    def finish(self, raw: np.ndarray) -> dict[str, float]:
+        if self.loss not in CLASSIFICATION:
+            if raw.size == 3:  # one target: the same float64 arithmetic on Python floats,
+                abs_sum, res, tot = raw.tolist()  # without ~10 numpy calls an epoch
+                r2 = 1 - res / tot if tot > 0 else float(res == 0)
+                return {"val_mae": abs_sum / self.n, "val_r2": r2}
+            abs_sums, ss_res, ss_tot = np.split(raw, 3)
+            # sklearn's r2_score: a constant target scores 1 if predicted exactly, else 0.
+            r2 = [
+                1 - res / tot if tot > 0 else float(res == 0)
+                for res, tot in zip(ss_res, ss_tot, strict=True)
+            ]
+            mae = abs_sums.sum() / abs_sums.size / self.n
+            return {"val_mae": float(mae), "val_r2": float(np.mean(r2))}
+        width = 1 if self.loss == "cross_entropy" else self.y.shape[1]
+        values = {"val_accuracy": float(raw[0] / (self.n * width))}
+        if self.binary:
+            true_pos, said_pos, area, n_pos = raw[1:]
+            denominator = said_pos + n_pos
+            values["val_f1"] = float(2 * true_pos / denominator) if denominator else 0.0
+            if 0 < n_pos < self.n:  # else undefined: one class only in the validation split
+                values["val_auroc"] = float(area)
+        return values

@@ -1,0 +1,149 @@
+"""A run folder's TensorBoard curves: the `loss` chart (training and validation) and one
+chart per metric and for the lr, one point per epoch, written by the training thread.
+
+The files are laid out as torch's `SummaryWriter` lays them out (`add_scalars("loss", …)`
+into `loss_training/` and `loss_validation/`, `add_scalar` into the folder's own file), each
+an `Event` framed and checksummed by TensorBoard's own `RecordWriter`. What differs is who
+writes them, and when: `SummaryWriter` hands every event to a thread of its own, woken once
+per event, which then trades the GIL with the training thread at every backward pass (which
+releases it); at a small model's scale that hand-off costs more than the epoch's points. Here
+the training thread writes them itself, a batch at most once a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+# What `add_scalars("loss", {"training": …, "validation": …})` names its folders and tag.
+LOSS_TAG, CURVES = "loss", {"training": "loss_training", "validation": "loss_validation"}
+PREFIX = "events.out.tfevents."
+_file_ids = itertools.count()  # two files of one second and process get distinct names
+
+
+class ScalarEventFile:
+    """One event file of scalars in `folder`, named and framed as TensorBoard's own writer
+    does (`events.out.tfevents.<time>.<host>.<pid>.<n>`, its version record first), written
+    in the caller's thread."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        host, pid, n = socket.gethostname(), os.getpid(), next(_file_ids)
+        self.path = folder / f"{PREFIX}{int(time.time()):010d}.{host}.{pid}.{n}"
+        # RecordWriter frames each record (length, data, their masked CRC-32Cs) into the file.
+        self.records = RecordWriter(open(self.path, "xb"))  # noqa: SIM115 (closed by close())
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add(self, tag: str, value: float, step: int, walltime: float) -> None:
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+        self._write(Event(wall_time=walltime, step=step, summary=summary))
+
+    def _write(self, event: Event) -> None:
+        self.records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self.records.flush()
+
+    def close(self) -> None:
+        self.records.close()
+
+
+def clear(run_dir: Path) -> None:
+    """Remove the folder's curves, so that they can be rewritten from a run's history: a
+    resumed or cached run may reuse a folder that has some (a retry, a repeated --run-name).
+    Kept: export-graph's graph and hparams files, under fixed ".0." names."""
+    for curve in CURVES.values():
+        for old in (run_dir / curve).glob(f"{PREFIX}*"):
+            old.unlink()
+    for old in run_dir.glob(f"{PREFIX}*"):
+        if not old.name.startswith(f"{PREFIX}0."):
+            old.unlink()
+
+
+class Curves:
+    """The run folder's curves, holding exactly the history given and the epochs added since:
+    each epoch once. Held points reach the files at the first epoch that ends a second or
+    more after the last write, so within two seconds of their epoch (`flush`, `close`, and
+    an interrupted run's exit write the rest), each stamped with its epoch's own time;
+    SummaryWriter held them for up to two minutes.
+    """
+
+    FLUSH_EVERY_S = 1.0
+
+    def __init__(
+        self,
+        run_dir: Path,
+        train_loss: list[float],
+        val_loss: list[float],
+        metrics: dict[str, list[float]] | None = None,
+    ):
+        clear(run_dir)
+        self.files: list[ScalarEventFile] = []
+        metrics = metrics or {}
+        now = time.time()
+        self.held = [
+            (epoch, *losses, {k: v[epoch] for k, v in metrics.items()}, now)
+            for epoch, losses in enumerate(zip(train_loss, val_loss, strict=True))
+        ]
+        try:
+            self.metrics_file = self._open(run_dir)
+            self.loss_files = [self._open(run_dir / folder) for folder in CURVES.values()]
+            self.flush()
+        except BaseException:
+            with contextlib.suppress(OSError):  # the first error is the one to report
+                self._close_files()
+            raise
+
+    def _open(self, folder: Path) -> ScalarEventFile:
+        self.files.append(ScalarEventFile(folder))
+        return self.files[-1]
+
+    def __call__(
+        self, epoch: int, train_loss: float, val_loss: float, values: dict[str, float]
+    ) -> None:
+        """Add an epoch's points; the hook train-epochs' loop calls after each epoch."""
+        self.held.append((epoch, train_loss, val_loss, values, time.time()))
+        if time.monotonic() - self.last_flush >= self.FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        train_file, val_file = self.loss_files
+        for epoch, train_loss, val_loss, values, walltime in held:
+            train_file.add(LOSS_TAG, train_loss, epoch, walltime)
+            val_file.add(LOSS_TAG, val_loss, epoch, walltime)
+            for name, value in values.items():
+                self.metrics_file.add(name, value, epoch, walltime)
+        for file in self.files:
+            file.flush()
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
+        errors = []
+        for file in self.files:  # each of them, whichever fails
+            try:
+                file.close()
+            except OSError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Curves:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

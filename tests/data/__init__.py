@@ -1,0 +1,1 @@
+"""Data I/O: tensors from files, tables, memory-mapped data, sources, batches."""

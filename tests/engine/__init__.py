@@ -1,0 +1,1 @@
+"""The training engine: the step and the loop, options, checkpoints, models, DDP."""

@@ -1,0 +1,397 @@
+"""train-epochs on 2 processes (DDP, gloo on the CPU): equal to one process where the math is,
+and bit-identical to itself across a killed rank, a killed job, a hung rank, and on two
+"nodes" of one machine.
+
+Every run is a real `python flows/train_flow.py` with the launcher and its ranks as child
+processes; faults come from tests/faults/sitecustomize.py at seeded steps of a chosen rank,
+and it logs where it struck before it does, so no test guesses from timing.
+"""
+
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainflow.flows.config import TrainConfig
+from trainflow.flows.train_flow import train_flow
+
+from ..conftest import REPO
+from ..flows.test_resume_flow import FAULTS, SEED, Result, _events, _flags, _run
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+# 200 rows: 160 for training, 10 global batches of 16 an epoch (8 rows a rank); checkpoints
+# after epochs 2 and 4.
+STEPS, EPOCHS, EVERY = 10, 6, 2
+BASE = {
+    "n_samples": 200,
+    "epochs": EPOCHS,
+    "checkpoint_every_epochs": EVERY,
+    "checkpoint_every_seconds": 0,
+    "device": "cpu",
+}
+# A collective waits 8 s for a rank before the job counts as hung (the ranks' start-up is apart).
+DDP = {"nproc": 2, "hang_timeout": 8.0}
+
+
+@pytest.fixture(autouse=True)
+def _say_the_seed() -> None:
+    print(f"fault points drawn with TRAINFLOW_FAULT_SEED={SEED}")  # shown with any failure
+
+
+def _config(root: Path, run: str, cache: str = "cache", **overrides) -> TrainConfig:
+    return TrainConfig(
+        **{
+            **BASE,
+            "runs_dir": str(root / "runs"),
+            "run_name": run,
+            "cache_dir": str(root / cache),
+            **overrides,
+        }
+    )
+
+
+def _env(env: dict[str, str], log: Path, fault: str = "", rank: int | None = None) -> dict:
+    path = os.pathsep.join(p for p in (str(FAULTS), env.get("PYTHONPATH", "")) if p)
+    return {
+        **env,
+        "PYTHONPATH": path,
+        "TRAINFLOW_FAULT": fault,
+        "TRAINFLOW_FAULT_LOG": str(log),
+        "TRAINFLOW_FAULT_RANK": "" if rank is None else str(rank),
+    }
+
+
+def _strikes(log: Path) -> list[dict]:
+    return [e for e in _events(log) if e["event"] == "strike"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prefect_api):
+    """An uninterrupted 2-process run (its own cache), and the same config on one process."""
+    root = tmp_path_factory.mktemp("ddp-reference")
+    env = _env({**os.environ, "PREFECT_API_URL": prefect_api}, root / "faults.jsonl")
+    config = _config(root, "two", cache="two", **DDP)
+    code, output = _run(config, env, root / "two.txt", timeout=240)
+    assert code == 0, output[-4000:]
+    one = train_flow(_config(root, "one", cache="one"))
+    return Result.of(root / "runs" / "two"), Result.of(one.run_dir), output
+
+
+def _weights(result: Result) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(result.weights)
+
+
+def test_two_processes_train_what_one_does(reference):
+    two, one, output = reference
+    # Equal chunks (8 rows of each batch of 16) and mean losses: the same math as one process,
+    # rounded in another order.
+    for name, value in _weights(one).items():
+        assert torch.allclose(_weights(two)[name], value, rtol=0, atol=1e-6), name
+    assert two.train_loss == pytest.approx(one.train_loss, rel=1e-6, abs=1e-9)
+    assert two.val_loss == pytest.approx(one.val_loss, rel=1e-6, abs=1e-9)
+    # One train-epochs task: rank 0's progress lines, and a summary line per rank.
+    assert f"epoch {EPOCHS}/{EPOCHS}" in output
+    for rank in (0, 1):
+        assert f"rank {rank}/2: {EPOCHS * STEPS} steps" in output, output[-3000:]
+
+
+def test_a_killed_rank_is_restarted_into_the_same_run(tmp_path, subprocess_env, reference):
+    rng = random.Random(f"{SEED}-killed-rank")
+    step = rng.randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)  # after the first checkpoint
+    log = tmp_path / "faults.jsonl"
+    env = _env(subprocess_env, log, f"signal:KILL:step:{step}", rank=1)
+    code, output = _run(_config(tmp_path, "run", **DDP), env, tmp_path / "out.txt")
+    why = f"rank 1 killed at step {step} (TRAINFLOW_FAULT_SEED={SEED})\n{output[-4000:]}"
+    assert code == 0, why
+    assert [(s["step"], s["rank"]) for s in _strikes(log)] == [(step, "1")], why
+    assert "1 restart(s) before this attempt" in output, why
+    assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0]), why
+
+
+def test_a_table_on_the_memory_mapped_path_trains_as_in_memory(tmp_path, subprocess_env, reference):
+    # The reference's data as a CSV (float32 → shortest float64 text → the same float32),
+    # forced onto the mapped path: each rank opens the cache's file by the name the store gave
+    # it when the entry was kept, after the conversion had written it under a temporary one.
+    from trainflow.tasks.data.tensors import synthetic
+
+    data = synthetic(BASE["n_samples"])
+    rows = (f"{float(a)!r},{float(b)!r}" for a, b in zip(data.x[:, 0], data.y[:, 0], strict=True))
+    table = tmp_path / "table.csv"
+    table.write_text("x,y\n" + "\n".join(rows) + "\n")
+    env = {**_env(subprocess_env, tmp_path / "faults.jsonl"), "TRAINFLOW_IN_MEMORY_BYTES": "0"}
+    config = _config(tmp_path, "mapped", data=str(table), **DDP)
+    code, output = _run(config, env, tmp_path / "out.txt", timeout=240)
+    assert code == 0, output[-4000:]
+    records = (tmp_path / "cache" / "records").glob("*.json")
+    assert any('"MappedDataset"' in record.read_text() for record in records)
+    assert Result.of(tmp_path / "runs" / "mapped").same_run_as(reference[0])
+
+
+def test_the_dataloader_path_trains_as_the_tensor_path(tmp_path, subprocess_env, reference):
+    # `--loader dataloader` draws the same permutation and collates the same rows; each rank
+    # takes its chunk of the collated global batch.
+    env = _env(subprocess_env, tmp_path / "faults.jsonl")
+    config = _config(tmp_path, "loader", loader="dataloader", **DDP)
+    code, output = _run(config, env, tmp_path / "out.txt", timeout=240)
+    assert code == 0, output[-4000:]
+    assert Result.of(tmp_path / "runs" / "loader").same_run_as(reference[0])
+
+
+def test_a_killed_job_resumes_exactly(tmp_path, subprocess_env, reference):
+    rng = random.Random(f"{SEED}-killed-job")
+    step = rng.randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)
+    log = tmp_path / "faults.jsonl"
+    config = _config(tmp_path, "run", **DDP)
+    env = _env(subprocess_env, log, f"signal:KILL:step:{step}:launcher", rank=0)
+    code, output = _run(config, env, tmp_path / "killed.txt")
+    why = f"the job killed at step {step} (TRAINFLOW_FAULT_SEED={SEED})"
+    assert code == -signal.SIGKILL, f"{why}\n{output[-4000:]}"
+    [strike] = _strikes(log)
+    # The ranks die with their launcher (no rank trains on beside the re-run).
+    for pid in [e["pid"] for e in _events(log) if e["event"] == "start"]:
+        _wait_gone(pid, why)
+    code, output = _run(config, env, tmp_path / "rerun.txt")  # the fault log disarms it
+    assert code == 0, f"{why}\n{output[-4000:]}"
+    epoch = (step - 1) // STEPS // EVERY * EVERY
+    assert f"resumed from epoch {epoch}, batch 0" in output, f"{why}\n{output[-4000:]}"
+    assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0]), why
+    assert strike["launcher"] > 0
+
+
+def _wait_gone(pid: int, why: str, within: float = 30.0) -> None:
+    """Until `pid` has exited: a pidfd turns readable then (no polling, no sleep)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([fd], [], [], within)
+        assert ready, f"{why}: process {pid} outlived its launcher by {within} s"
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_hung_rank_is_detected_and_the_job_restarted(tmp_path, subprocess_env, reference):
+    rng = random.Random(f"{SEED}-hung-rank")
+    step = rng.randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)
+    log = tmp_path / "faults.jsonl"
+    env = _env(subprocess_env, log, f"signal:STOP:step:{step}", rank=1)
+    start = time.monotonic()
+    code, output = _run(_config(tmp_path, "run", **DDP), env, tmp_path / "out.txt")
+    why = f"rank 1 stopped at step {step} (TRAINFLOW_FAULT_SEED={SEED})\n{output[-4000:]}"
+    assert code == 0, why
+    [strike] = _strikes(log)
+    assert not _alive(strike["pid"]), why  # the stopped rank was killed, not left behind
+    assert "1 restart(s) before this attempt" in output, why
+    assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0]), why
+    # Detected within the hang timeout (8 s) plus the launcher's 5 s grace, not left forever.
+    assert time.monotonic() - start < 200, why
+
+
+def test_two_nodes_on_one_machine(tmp_path, subprocess_env, reference):
+    """Two launchers (one process each) meet at a c10d rendezvous on 127.0.0.1, each with its
+    own run folder and cache, as two machines would have."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = _env(subprocess_env, tmp_path / "faults.jsonl")
+    children = []
+    for node in (0, 1):
+        config = _config(
+            tmp_path / f"node{node}",
+            "run",
+            nproc=1,
+            nnodes=2,
+            node_rank=node,
+            rdzv_endpoint=endpoint,
+            hang_timeout=60.0,
+            # A time cadence too: rank 0's clock decides, the other node is told every step.
+            checkpoint_every_seconds=0.5,
+        )
+        command = [sys.executable, str(REPO / "flows" / "train_flow.py"), *_flags(config)]
+        out = (tmp_path / f"node{node}.txt").open("w")
+        child = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=out)
+        children.append((child, out))
+    try:
+        codes = [child.wait(timeout=240) for child, _ in children]
+    finally:
+        for child, out in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            out.close()
+    outputs = [(tmp_path / f"node{node}.txt").read_text() for node in (0, 1)]
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    for node in (0, 1):
+        got = Result.of(tmp_path / f"node{node}" / "runs" / "run")
+        # 2 nodes x 1 process: world size 2, the same gloo reduction as 1 node x 2 processes.
+        assert got.same_run_as(reference[0]), f"node {node}\n{outputs[node][-3000:]}"
+
+
+def test_a_bad_process_layout_is_one_line_naming_the_field(capsys):
+    from trainflow.flows.cli import parse_config
+
+    with pytest.raises(SystemExit) as info:
+        parse_config(TrainConfig, ["--nproc", "2", "--device", "cuda:1"], prog="train_flow.py")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("train_flow.py: error: --device cuda:1 names one GPU"), err
+
+
+@pytest.mark.parametrize("rows", [16, 15, 3, 1])
+def test_the_ranks_chunks_make_up_each_global_batch(rows):
+    from trainflow.tasks.data.batches import TensorBatches
+    from trainflow.tasks.engine.ranks import RankBatches
+
+    x = torch.arange(rows * 2, dtype=torch.float32).reshape(rows, 2)
+    inner = TensorBatches(x, x[:, :1], 16, seed=7)
+    g = torch.Generator().manual_seed(7)
+    expected = next(iter(inner.epoch(g)))[0]
+    chunks, weights = [], []
+    for rank in range(4):
+        batches = RankBatches(inner, rank, 4, torch.device("cpu"))
+        chunk, _ = next(iter(batches.epoch(torch.Generator().manual_seed(7))))
+        chunks.append(chunk)
+        weights.append(batches.weight)
+    # The same permutation on every rank, cut in rank order: the one-process batch.
+    assert torch.equal(torch.cat(chunks), expected)
+    assert sum(weights) == pytest.approx(4)  # chunk means, so weighted, average to the batch's
+    assert max(len(c) for c in chunks) - min(len(c) for c in chunks) <= 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"nnodes": 2}, "--nnodes 2 needs --rdzv-endpoint"),
+        ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "--node-rank 2 must be below"),
+        ({"rdzv_endpoint": "nohost"}, "--rdzv-endpoint 'nohost' must be host:port"),
+        ({"nproc": 2, "device": "mps"}, "--nproc 2: torch.distributed can't train on mps"),
+    ],
+)
+def test_a_process_layout_that_cannot_work_is_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**flags)
+
+
+def test_more_processes_than_gpus_is_an_input_error():
+    from trainflow.tasks.engine.launch import check_launch
+    from trainflow.tasks.engine.options import Launch
+    from trainflow.tasks.errors import InputError
+
+    if torch.cuda.device_count() >= 64:
+        pytest.skip("a machine with 64 GPUs")
+    with pytest.raises(InputError, match="--nproc 64: this machine has"):
+        check_launch(Launch(nproc=64), "cuda")
+
+
+def _deployment_run(api: str, config: TrainConfig) -> str:
+    """A flow run of a `train` deployment (no worker: the test runs it as one would), whose
+    code is this checkout."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        deployment = client.create_deployment(
+            flow_id=client.create_flow_from_name("train"),
+            name=f"ddp-fence-{os.getpid()}-{time.monotonic_ns()}",
+            entrypoint="flows/train_flow.py:train_flow",
+            pull_steps=[
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+            ],
+        )
+        run = client.create_flow_run_from_deployment(
+            deployment, parameters={"config": config.model_dump(mode="json")}
+        )
+        return str(run.id)
+
+
+def _states(api: str, run_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return sorted(client.read_flow_run_states(run_id), key=lambda s: s.timestamp)
+
+
+def _files_under(*folders: Path) -> dict[str, list[int]]:
+    return {
+        str(p): [p.stat().st_size, p.stat().st_mtime_ns]
+        for folder in folders
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_a_job_whose_flow_run_was_taken_over_writes_nothing_more(
+    tmp_path, subprocess_env, prefect_api
+):
+    """Split-brain under DDP: the deployment run is marked Crashed (as the silent-run
+    automation marks a run whose heartbeats stopped, before its re-run) while its ranks train.
+    Rank 0 learns it at its next question to the server, before a checkpoint: from then on
+    nothing is written, the launcher exits with the fenced-out status (0: a crash would land
+    on the re-run), its ranks die with it, and the server hears nothing more from them."""
+    rng = random.Random(f"{SEED}-taken-over")
+    ask = rng.randint(2, 3)  # rank 0's 2nd or 3rd question: after a checkpoint of its own
+    # 3,200 training rows: 200 global batches an epoch; a checkpoint (and a question) every
+    # 1.5 s of training, over 10 epochs.
+    config = _config(
+        tmp_path,
+        "run",
+        **{**DDP, "hang_timeout": 60.0},
+        n_samples=4000,
+        epochs=10,
+        checkpoint_every_epochs=0,
+        checkpoint_every_seconds=1.5,
+    )
+    run_id = _deployment_run(prefect_api, config)
+    log = tmp_path / "faults.jsonl"
+    folders = os.pathsep.join(str(tmp_path / f) for f in ("cache", "runs"))
+    env = {
+        **_env(subprocess_env, log, f"takeover:ask:{ask}:{folders}", rank=0),
+        "PREFECT__FLOW_RUN_ID": run_id,
+    }
+    with (tmp_path / "out.txt").open("w") as out:
+        engine = subprocess.run(
+            [sys.executable, "-m", "prefect.engine"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    output = (tmp_path / "out.txt").read_text()
+    why = f"taken over at rank 0's question {ask} (TRAINFLOW_FAULT_SEED={SEED})\n{output[-4000:]}"
+    [strike] = _strikes(log)
+    assert strike["set_state"] == "ACCEPT", why
+    assert engine.returncode == 0 and "was taken over" in output, why
+    for pid in [e["pid"] for e in _events(log) if e["event"] == "start"]:
+        _wait_gone(pid, why)
+    # Nothing written after rank 0 was told: no checkpoint, no run-folder file.
+    assert _files_under(tmp_path / "cache", tmp_path / "runs") == strike["files"], why
+    assert any("/checkpoints/" in path for path in strike["files"]), why  # it had written some
+    # The last state is the takeover's: the fenced process reported nothing over it.
+    last = _states(prefect_api, run_id)[-1]
+    assert (last.type.value, last.message) == ("CRASHED", "taken over"), why

@@ -1,0 +1,1 @@
+"""Run management: curves, the fence, run folders and names."""
