@@ -34,6 +34,7 @@ from trainflow.tasks.runs.folder import (
     RUN_FOLDER_ARTIFACT,
     SPEC,
     SPLIT,
+    model_digest,
 )
 
 if TYPE_CHECKING:  # imported where a writer is made: a run that writes no events skips it
@@ -66,16 +67,6 @@ class Exported:
     @classmethod
     def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Exported:
         return cls(tensors["program"].numpy().tobytes(), tensors["graph_events"].numpy().tobytes())
-
-
-def model_digest(
-    weights_digest: str, spec: dict[str, Any], columns: dict[str, Any], loss: str
-) -> str:
-    """One digest of what decides a run's scores: the xxh3-128 of model.safetensors' bytes,
-    the architecture, the columns and the loss. Of the JSON as parsed, not as formatted, so
-    that the files export-graph writes and the files predict reads give the same digest."""
-    record = {"weights": weights_digest, "spec": spec, "columns": columns, "loss": loss}
-    return xxhash.xxh3_128_hexdigest(json.dumps(record, sort_keys=True).encode())
 
 
 def export_program(model: nn.Module, sample: Tensor) -> torch.export.ExportedProgram:

@@ -13,8 +13,8 @@ os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "prefect" / "storage")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
-# Before trainflow.tasks.cache.keys is imported: the parsed-source memos of this session's (and its child
-# processes') keys stay in its folder, not the user's ~/.cache.
+# Before trainflow.tasks.cache.keys is imported: the parsed-source memos of this session's (and
+# its child processes') keys stay in its folder, not the user's ~/.cache.
 os.environ["TRAINFLOW_CODE_MEMO_DIR"] = str(_SESSION_HOME / "code-memos")
 
 import pytest  # noqa: E402

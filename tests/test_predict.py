@@ -27,22 +27,18 @@ from trainflow.flows.train_flow import main as train
 from trainflow.tasks.data.sources import DataFile
 from trainflow.tasks.data.tables import read_columns
 from trainflow.tasks.data.tensors import table_row_blocks
+from trainflow.tasks.data.writers import output_bytes, write_blocks, write_output
 from trainflow.tasks.engine.models import ModelSpec, instantiate
 from trainflow.tasks.errors import InputError, StorageError
 from trainflow.tasks.predict import (
-    ModelRun,
     Scores,
-    latest_run,
     metrics,
-    output_bytes,
     prediction_blocks,
     prediction_columns,
-    read_run,
     row_blocks,
     score_rows,
-    write_blocks,
-    write_output,
 )
+from trainflow.tasks.runs.finder import ModelRun, latest_run, read_run
 
 # --- pure logic, no Prefect -------------------------------------------------------------------
 
@@ -795,7 +791,9 @@ STALLED_WRITER = """
 import sys
 import torch
 from trainflow.tasks.engine.models import ModelSpec
-from trainflow.tasks.predict import ModelRun, Scores, prediction_blocks, write_output
+from trainflow.tasks.runs.finder import ModelRun
+from trainflow.tasks.predict import Scores, prediction_blocks
+from trainflow.tasks.data.writers import write_output
 
 run = ModelRun("/nowhere", ("a", "b"), ("y",), {"loss": "mse"}, ModelSpec("linear", 2, 1), "")
 
@@ -862,7 +860,7 @@ def test_the_rebuilt_model_computes_what_its_model_pt2_does(tmp_path, spec):
 
     from trainflow.tasks.engine.models import initial_model
     from trainflow.tasks.export_graph import export_program
-    from trainflow.tasks.predict import rebuilt_model
+    from trainflow.tasks.runs.finder import rebuilt_model
 
     rows = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     # A category id column: ids out of the vocabulary and NaN go to the unknown slot.

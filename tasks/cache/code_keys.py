@@ -16,7 +16,7 @@ module is read wherever it is installed, and its distribution counts with its re
 versions; once loaded, a plugin is in every key the process makes. An import by a name
 computed at run time makes the key count every editable module loaded.
 
-The text read is the one the module was compiled from (`trainflow.tasks.cache.imported`); a module not yet
+The text read is the one the module was compiled from (tasks/cache/imported.py); a module not yet
 imported is read from disk. `stale_sources` tells, before an output is stored, whether any of
 those texts differs from what the process has imported since or from the file now, or whether
 the computation imported a module outside its key: then the output may not be the keyed

@@ -1,1 +1,2 @@
-"""Data I/O: table readers, sources, memory-mapped and streamed data, batches, prediction writers."""
+"""Data I/O: table readers, sources, memory-mapped and streamed data, splits, batches, and
+prediction writers."""

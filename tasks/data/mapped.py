@@ -211,7 +211,7 @@ class _Region:
 
 @dataclass(frozen=True)
 class MappedDataset:
-    """A data set on the memory-mapped path: the shape of `trainflow.tasks.data.tensors.Dataset` for every stage
+    """A data set on the memory-mapped path: the shape of tensors.py's `Dataset` for every stage
     but `x`, which is never held whole (batches come from `table.gather`)."""
 
     table: MappedTable = field(compare=False, repr=False)

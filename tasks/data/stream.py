@@ -1,6 +1,6 @@
 """load-tensors on the memory-mapped path: a table too big for memory, read once a block of
-rows at a time (`trainflow.tasks.data.tables.iter_columns`: the same columns, conversions and one-line errors
-as the whole-file read) into a memory-mapped safetensors file."""
+rows at a time (`iter_columns` of tasks/data/tables.py: the same columns, conversions and
+one-line errors as the whole-file read) into a memory-mapped safetensors file."""
 
 from __future__ import annotations
 

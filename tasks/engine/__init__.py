@@ -1,1 +1,2 @@
-"""The training engine: the epoch loop, its step, ranks, checkpoints, models, losses, schedules and metrics. Imports no Prefect."""
+"""The training engine: the epoch loop, its step, ranks, checkpoints, models, losses, schedules and
+metrics. Imports no Prefect."""

@@ -111,6 +111,7 @@ class EpochLoop:
         self.forward = autocast_forward(model, options.precision)
         self.shuffle = train.shuffle()
         self.history, self.start_epoch, self.start_losses = History(), 0, []
+        self.next_start: dict[str, Tensor] | None = None
         if resume is not None:
             self.history = History(
                 list(resume.train_loss),
@@ -148,7 +149,7 @@ class EpochLoop:
         """The epoch's remaining steps; `batch_losses` holds the done ones' and grows."""
         # A checkpoint in this epoch saves the generator as it was before the epoch's draw,
         # so a resumed attempt draws the same order and skips the batches already done.
-        at_start = self._shuffle_state()
+        at_start = self.next_start if self.next_start is not None else self._shuffle_state()
         self.trained.train()
         for x, y in self.train.epoch(self.shuffle, start_batch=len(batch_losses)):
             batch_losses.append(self.step(x, y))
@@ -184,7 +185,8 @@ class EpochLoop:
         n_val = len(self.val)
         train = losses[: len(train_losses)]
         val = losses[len(train_losses) : len(train_losses) + n_val]
-        train_loss, val_loss = float(np.mean(train)), float(np.mean(val))
+        # np.mean's own arithmetic (one pairwise sum, one division), without its wrapper.
+        train_loss, val_loss = float(train.sum() / train.size), float(val.sum() / val.size)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss("training", epoch, _first_bad(train))
         if not math.isfinite(val_loss):
@@ -204,7 +206,9 @@ class EpochLoop:
             self.epoch_scheduler.step()
         if self.on_epoch is not None:
             self.on_epoch(epoch, train_loss, val_loss, values)
-        self.pause(epoch + 1, [], self._shuffle_state())
+        # The generator after this epoch's draw: where the next epoch starts, too.
+        self.next_start = self._shuffle_state()
+        self.pause(epoch + 1, [], self.next_start)
 
     def _keep_if_best(self, val_loss: float) -> None:
         # The first epoch of the lowest loss (argmin's choice); copies only on improvement.
@@ -259,7 +263,10 @@ class EpochLoop:
         )
 
     def _shuffle_state(self) -> dict[str, Tensor]:
-        return {} if self.shuffle is None else {"generator": self.shuffle.get_state()}
+        # Read only where a checkpoint may be written: it copies the generator's state.
+        if self.shuffle is None or self.checkpoints is None:
+            return {}
+        return {"generator": self.shuffle.get_state()}
 
     def _state(
         self, epoch: int, batch_losses: list[Tensor], shuffle: dict[str, Tensor]

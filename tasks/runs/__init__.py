@@ -1,1 +1,2 @@
-"""Run management: the run folder, the fence against a second attempt, TensorBoard curves, finding a run."""
+"""Run management: the run folder, the fence against a second attempt, TensorBoard curves, finding
+a run."""

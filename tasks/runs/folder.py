@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import xxhash
 from prefect.context import FlowRunContext
 
 from trainflow.tasks.cache.stage import CacheMode, cache_mode, recording_stages, using_cache
@@ -62,6 +63,16 @@ RESULT_NEUTRAL = frozenset(
         "num_workers",
     }
 )
+
+
+def model_digest(
+    weights_digest: str, spec: dict[str, Any], columns: dict[str, Any], loss: str
+) -> str:
+    """One digest of what decides a run's scores: the xxh3-128 of model.safetensors' bytes,
+    the architecture, the columns and the loss. Of the JSON as parsed, not as formatted, so
+    that the files export-graph writes and the files predict reads give the same digest."""
+    record = {"weights": weights_digest, "spec": spec, "columns": columns, "loss": loss}
+    return xxhash.xxh3_128_hexdigest(json.dumps(record, sort_keys=True).encode())
 
 
 def generate_run_name() -> str:

@@ -1,5 +1,5 @@
-"""The code part of a cache key (tasks/cache/code_keys.py, tasks/cache/imported.py): every module a stage
-can reach, through imports, instances and plugins, as the process imported it."""
+"""The code part of a cache key (tasks/cache/code_keys.py, tasks/cache/imported.py): every
+module a stage can reach, through imports, instances and plugins, as the process imported it."""
 
 from __future__ import annotations
 
@@ -356,13 +356,15 @@ def test_a_module_that_cannot_be_found_is_part_of_the_key(fakeproj):
 
 FRESH_PROCESS = """\
 import json
-import trainflow.tasks.load_tensors, trainflow.tasks.export_graph, trainflow.tasks.build_model, trainflow.tasks.split, trainflow.tasks.train_epochs
+import trainflow.tasks.load_tensors, trainflow.tasks.export_graph, trainflow.tasks.build_model
+import trainflow.tasks.split, trainflow.tasks.train_epochs
 from trainflow.tasks.cache.code_keys import code_fingerprint
 from trainflow.tasks.cache.keys import stage_key
 from trainflow.tasks.data.splits import split_indices
 
-functions = (trainflow.tasks.data.tensors.read_file, trainflow.tasks.data.splits.split_indices, trainflow.tasks.engine.models.initial_model,
-             trainflow.tasks.engine.fit.train_model, trainflow.tasks.export_graph.export_model)
+functions = (trainflow.tasks.data.tensors.read_file, trainflow.tasks.data.splits.split_indices,
+             trainflow.tasks.engine.models.initial_model, trainflow.tasks.engine.fit.train_model,
+             trainflow.tasks.export_graph.export_model)
 print(json.dumps({
     "code": [code_fingerprint(f) for f in functions],
     "key": stage_key("split", trainflow.tasks.data.splits.split_indices,

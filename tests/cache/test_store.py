@@ -1,4 +1,5 @@
-"""The cache's bytes (tasks/cache/store.py), listing and pruning (tasks/cache/prune.py), the cache CLI."""
+"""The cache's bytes (tasks/cache/store.py), listing and pruning (tasks/cache/prune.py), the cache
+CLI."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Data files by path or URL (tasks/data/sources.py): checked once, identified, fetched at most once."""
+"""Data files by path or URL (tasks/data/sources.py): checked once, identified, fetched at most
+once."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""tasks/runs/fence.py's rules, against a scripted server; flows/test_deployments.py attacks it for real
-(a SIGSTOPped flow-run process, a cancellation from the UI)."""
+"""tasks/runs/fence.py's rules, against a scripted server; flows/test_deployments.py attacks it
+for real (a SIGSTOPped flow-run process, a cancellation from the UI)."""
 
 import signal
 import uuid
