@@ -4,12 +4,12 @@ stage cache; a table too big for memory goes the memory-mapped way (tasks/data/s
 from __future__ import annotations
 
 from trainflow.tasks.cache.stage import cache_enabled, cache_entry, stage
+from trainflow.tasks.data import tensors
 from trainflow.tasks.data.mapped import too_big
 from trainflow.tasks.data.sources import DataFile, Identity
 from trainflow.tasks.data.tables import TABLE_FORMATS
 from trainflow.tasks.data.tensors import (
     Dataset,
-    available_memory,
     check_format,
     read_file,
     synthetic,
@@ -39,7 +39,7 @@ def load_tensors(
             # The key reads every byte anyway: naming the default columns keys as leaving them
             # out. A version-identity hit reads nothing, so there the flags key as written.
             features, target = table_roles_of(file, suffix, target, features)
-        if suffix in TABLE_FORMATS and too_big(file, suffix, available_memory()):
+        if suffix in TABLE_FORMATS and too_big(file, suffix, tensors.available_memory()):
             # Imported here: a cached run never loads the table readers (pyarrow).
             from trainflow.tasks.data import stream
 

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 
 FAULT = os.environ.get("TRAINFLOW_FAULT", "")
@@ -103,6 +104,10 @@ def on_step(signame: str, n: int, whom: str = "self") -> None:
             if whom == "launcher":
                 log("strike", signal=signame, step=n, rank=RANK, launcher=os.getppid())
                 os.kill(os.getppid(), getattr(signal, f"SIG{signame}"))
+                if signame == "KILL":
+                    # The fault lands at this step: this rank trains no further while the
+                    # kernel tears the launcher down (the rank dies with it, PR_SET_PDEATHSIG).
+                    threading.Event().wait()
             else:
                 strike(signame, step=n, rank=RANK)
         return result

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import trainflow.tasks.load_tensors
+import trainflow.tasks.data.tensors
 from trainflow.flows.train_flow import main
 from trainflow.tasks.data.batches import make_loaders
 from trainflow.tasks.data.splits import split_indices
@@ -239,7 +239,7 @@ def test_bad_input_is_one_line_and_touches_nothing(
 
 def test_a_file_too_large_for_memory_is_refused_up_front(tmp_path, warm, capsys, monkeypatch):
     _, common = warm
-    monkeypatch.setattr(trainflow.tasks.load_tensors, "available_memory", lambda: 10)
+    monkeypatch.setattr(trainflow.tasks.data.tensors, "available_memory", lambda: 10)
     data = _npz(tmp_path / "big.npz", x=np.ones((100, 3)), y=np.ones(100))
     assert main([*common, "--data", data]) == 2
     assert "needs about 0.0 GB of memory to load, but only 0.0 GB" in capsys.readouterr().err
