@@ -7,6 +7,7 @@ import re
 import sys
 import time
 
+from trainflow.flows.cli import OneLineParser
 from trainflow.tasks.cache.prune import list_entries, prune
 from trainflow.tasks.cache.store import LEFTOVER_AGE_S
 from trainflow.tasks.rules import DEFAULT_CACHE_DIR
@@ -50,7 +51,7 @@ def _human(size: float) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "cache_cli.py") -> int:
     # No abbreviations (`--older 7d`): a flag added later would silently change their meaning.
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False)
+    parser = OneLineParser(prog=prog, description=__doc__)
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="folder or fsspec URL")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="one line per entry, oldest first", allow_abbrev=False)

@@ -11,11 +11,11 @@ from pydantic import BaseModel, ValidationError
 M = TypeVar("M", bound=BaseModel)
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def __init__(self, **kwargs: Any) -> None:
         # No abbreviations: `--ep 3` for `--epochs` would change meaning the day another flag
         # starting with `--ep` is added.
-        super().__init__(allow_abbrev=False, **kwargs)
+        super().__init__(**{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage block first; one line naming the flag is clearer.
@@ -33,7 +33,7 @@ def _show(value: Any) -> str:
 
 
 def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     for name, field in model.model_fields.items():
         kwargs: dict[str, Any] = {
             "dest": name,

@@ -7,6 +7,7 @@ python flows/sweep_flow.py --grid lr=0.01,0.03,0.1,0.3 --random 2 --seed 7 --run
 import itertools
 import os
 import random
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
 from trainflow.flows.cli import build_parser, describe
-from trainflow.flows.config import TrainConfig
+from trainflow.flows.config import RUN_NAME, TrainConfig
 from trainflow.flows.session.runtime import command_line_run, run_url
 from trainflow.flows.session.server import ServerError
 from trainflow.flows.train_flow import train_flow
@@ -137,6 +138,15 @@ def task_runner(runner: Runner, max_concurrency: int, address: str | None) -> An
     return RayTaskRunner(address=address) if address else RayTaskRunner()
 
 
+def check_sweep_name(name: str | None) -> None:
+    """The sweep's folder is made inside --runs-dir from its name: a plain name, as a run's."""
+    if name is not None and not re.fullmatch(RUN_NAME, name):
+        raise InputError(
+            f"--sweep-name {name!r}: must be 1-128 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (a folder inside --runs-dir)"
+        )
+
+
 @flow(name="sweep")
 def sweep_flow(
     base: TrainConfig = TrainConfig(),  # noqa: B008
@@ -146,6 +156,7 @@ def sweep_flow(
     max_concurrency: int = 2,
     sweep_name: str | None = None,
 ) -> list[dict[str, Any]]:
+    check_sweep_name(sweep_name)
     name = sweep_name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
     sweep_dir = Path(base.runs_dir).absolute() / name
     configs = trial_configs(base, plan_points(grid or {}, random_points, seed), sweep_dir)
@@ -208,6 +219,7 @@ def main(argv: list[str] | None = None, prog: str = "sweep_flow.py") -> int:
             options["random"] is not None and options["random"] < 1
         ):
             raise InputError("--max-concurrency and --random must be at least 1")
+        check_sweep_name(options["sweep_name"])
         trial_configs(base, plan_points(grid, options["random"], options["seed"]), Path("."))
     except ValidationError as exc:
         parser.error(describe(exc))

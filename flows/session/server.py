@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -441,8 +441,14 @@ def _settings() -> tuple[Path, int, str]:
     return Path(PREFECT_HOME.value()), PREFECT_SERVER_API_PORT.value(), prefect.__version__
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming what was wrong, not argparse's usage block first.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None, prog: str = "trainflow server") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("status", "start", "stop"))
     command = parser.parse_args(argv).command
     home, port, version = _settings()

@@ -77,9 +77,10 @@ _plugins: set[str] = set()  # modules of the plugins this process has loaded
 
 
 def plugin_loaded(module: str) -> None:
-    """A plugin's module, loaded: from now on every key of this process covers it. Its import
-    may have changed what other code computes (patched torch, filled a registry), and a key
-    made before or without it would not say so."""
+    """A plugin's module, or one a stage imported outside its key, loaded: from now on every
+    key of this process covers it. Later stages may run it again (train-epochs rebuilds the
+    model build-model built), and its import may have changed what other code computes
+    (patched torch, filled a registry); a key made without it would not say so."""
     _plugins.add(module)
 
 
@@ -112,7 +113,8 @@ def code_key(*roots: Any) -> CodeKey:
         # module this process has imported counts (what it imports later, stale_sources sees).
         for name, module in list(sys.modules.items()):
             path = getattr(module, "__file__", None)
-            if path and not is_library_file(path) and name not in walk.seen:
+            own = name.partition(".")[0] == OWN_PACKAGE
+            if path and (own or not is_library_file(path)) and name not in walk.seen:
                 walk.root(module)
     payload = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
@@ -147,13 +149,20 @@ def stale_sources(key: CodeKey, loaded_until: int | None = None) -> str | None:
             return f"{source.path} is gone"
         if _bytes_digest(now) != source.digest:
             return f"{source.path} changed since this process imported it"
+    if outside := loaded_outside(key, loaded_until):
+        return f"module {outside[0]} was imported while it was computed, outside the key"
+    return None
+
+
+def loaded_outside(key: CodeKey, loaded_until: int | None = None) -> list[str]:
+    """The modules imported while an output was computed under `key` that the key does not
+    cover: reached by a route the walk can't see (an import by a computed name, a registry,
+    a plugin's `EntryPoint.load()`). `loaded_until`: `loaded_count()` when it ended."""
     keyed = {source.module for source in key.sources}
     loaded = loaded_since(key.loaded_before)
     if loaded_until is not None:  # what the computation itself imported, not what came after
         loaded = loaded[: max(0, loaded_until - key.loaded_before)]
-    if outside := [name for name in loaded if name not in keyed]:
-        return f"module {outside[0]} was imported while it was computed, outside the key"
-    return None
+    return [name for name in loaded if name not in keyed]
 
 
 def differs_from_imported(key: CodeKey) -> str | None:
@@ -331,8 +340,15 @@ def _bytes_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# trainflow itself counts by its text wherever it is installed: a wheel of any commit has the
+# same version, and two commits must never share a key.
+OWN_PACKAGE = __name__.partition(".")[0]
+
+
 @functools.cache
 def _is_library(top: str) -> bool:
+    if top == OWN_PACKAGE:
+        return False
     module = sys.modules.get(top)
     if module is not None:
         path = getattr(module, "__file__", None)

@@ -59,6 +59,7 @@ def _library_roots() -> tuple[str, ...]:
 
 
 LIBRARY_ROOTS = _library_roots()
+OWN_PACKAGE = __name__.partition(".")[0]
 
 
 def is_library_file(path: str | None) -> bool:
@@ -140,7 +141,10 @@ class _Recorder(importlib.abc.MetaPathFinder):
             spec = find(fullname, path, target) if find else None
             if spec is None:
                 continue
-            if not is_library_file(spec.origin):
+            # trainflow's own modules are recorded wherever installed (a wheel's too): its
+            # cache keys count them by their text, never by its version.
+            own = fullname.partition(".")[0] == OWN_PACKAGE
+            if own or not is_library_file(spec.origin):
                 spec.loader = _recording(spec.loader)
             return spec
         return None

@@ -35,7 +35,7 @@ from prefect.exceptions import MissingContextError
 from prefect.states import Completed, State
 from prefect.transactions import Transaction, get_transaction
 
-from trainflow.tasks.cache.code_keys import CodeKey, stale_sources
+from trainflow.tasks.cache.code_keys import CodeKey, loaded_outside, plugin_loaded, stale_sources
 from trainflow.tasks.cache.imported import loaded_count
 from trainflow.tasks.cache.keys import NoCacheKey, keyed
 from trainflow.tasks.cache.store import CacheStore, CorruptEntry
@@ -142,6 +142,11 @@ class StageEntry:
         if self.store is None or self.key is None:
             return value
         self.computed_by = loaded_count()
+        if self.code is not None:
+            # Code the computation imported unseen by its key: never stored under this key
+            # (write() refuses it), and part of every later key, which may run it again.
+            for module in loaded_outside(self.code, self.computed_by):
+                plugin_loaded(module)
         transaction = get_transaction()
         if transaction is None:  # called outside Prefect (a test, a notebook): write now
             self.write(value)

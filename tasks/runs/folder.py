@@ -114,6 +114,7 @@ class Run:
     def create(self) -> Path:
         """The run folder, with config.json and locations.json, once input is valid; returns
         its path."""
+        check_inside(self.path, self.path.name)  # again: a link may be planted meanwhile
         with writing(f"the run folder {str(self.path)!r}"):
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / CONFIG, self.config)
@@ -195,11 +196,22 @@ def _comparable(name: str, value: Any) -> Any:
     return value
 
 
+def check_inside(path: Path, name: str) -> None:
+    """A run folder is a folder of its own inside --runs-dir: a link planted under that name
+    (to a folder anywhere else) is refused, not followed."""
+    if path.is_symlink() or (path.exists() and path.resolve().parent != path.parent.resolve()):
+        raise InputError(
+            f"--run-name {name}: {path} is a link to {path.resolve()}; a run folder must be a "
+            "folder of its own inside --runs-dir: remove the link or choose another --run-name"
+        )
+
+
 @contextmanager
 def open_run(config: dict[str, Any]) -> Iterator[Run]:
     """The run of a resolved TrainConfig (as JSON): its folder is named and checked, not made."""
     name = config.get("run_name") or generate_run_name()
     path = Path(config["runs_dir"]).absolute() / name
+    check_inside(path, name)
     if conflict := config_conflict(path, {**config, "run_name": name}):
         raise InputError(
             f"--run-name {name}: {path} holds a run of another config ({conflict}); "

@@ -649,3 +649,48 @@ def test_a_module_loaded_by_another_librarys_loader_is_recorded(fakeproj, monkey
     record = imported.source_of(one)
     assert record is not None and record.vouched and record.module() is one
     assert record.text == (fakeproj.package / "one.py").read_bytes()
+
+
+def test_trainflows_own_modules_count_by_their_text_when_installed_as_a_library(monkeypatch):
+    """A wheel or `pip install .` puts trainflow in site-packages, at one version for every
+    commit: its modules still count by what they hold, never by `trainflow==<version>`."""
+    from trainflow.tasks.cache import imported
+
+    # trainflow's folder inside a library root, as a wheel installs it.
+    monkeypatch.setattr(imported, "LIBRARY_ROOTS", (*imported.LIBRARY_ROOTS, f"{REPO}/"))
+    monkeypatch.setattr(sys.modules["trainflow"], "__path__", [str(REPO / "tasks")])
+    code_keys._is_library.cache_clear()
+    try:
+        code = code_keys.code_key(trainflow.tasks.engine.fit.train_model)
+    finally:
+        code_keys._is_library.cache_clear()
+    modules = {s.module for s in code.sources}
+    assert {"trainflow.tasks.engine.step", "trainflow.tasks.engine.loop"} <= modules
+
+
+def test_code_a_stage_loaded_outside_its_key_is_in_every_later_key(fakeproj, monkeypatch, tmp_path):
+    """A plugin that loads a helper through entry points (`EntryPoint.load()`) imports by a
+    name no walk sees. The stage that loaded it is not stored; every key made after it, in
+    this process, covers the helper, since later stages run it too (train-epochs rebuilds
+    the model that build-model first built)."""
+    from trainflow.tasks.cache.stage import StageEntry
+    from trainflow.tasks.cache.store import CacheStore
+
+    monkeypatch.setattr(code_keys, "_plugins", set())  # this test's plugins only
+    fakeproj()
+    (fakeproj.package / "hidden.py").write_text("def act(n):\n    return n + 7\n")
+    (fakeproj.package / "built.py").write_text(
+        "from importlib.metadata import EntryPoint\n\n\n"
+        "def build(n):\n"
+        "    ep = EntryPoint(name='a', value='fakeproj.hidden:act', group='g')\n"
+        "    return ep.load()(n)\n"
+    )
+    built = importlib.import_module("fakeproj.built")
+    code = code_keys.code_key(built.build)
+    assert "fakeproj.hidden" not in {s.module for s in code.sources}  # the walk can't see it
+    entry = StageEntry("s-key", CacheStore(str(tmp_path / "cache")), "use", code)
+    entry.keep(built.build(1))  # computed: imports fakeproj.hidden; not stored
+    assert "outside the key" in (code_keys.stale_sources(code, entry.computed_by) or "")
+    assert not list((tmp_path / "cache").rglob("s-key*"))
+    later = code_keys.code_key(built.build)
+    assert "fakeproj.hidden" in {s.module for s in later.sources}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,21 @@ def test_no_command_line_accepts_an_abbreviated_flag(cli, argv, abbreviated, cap
     code, line = _exit_code_and_line(main, argv, capsys)
     assert code == 2
     assert "unrecognized arguments" in line and abbreviated in line, line
+
+
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        ("trainflow.flows.cache_cli", ["prune", "--max-size", "lots"]),
+        ("trainflow.flows.cache_cli", []),
+        ("trainflow.flows.cache_cli", ["list", "--bogus"]),
+        ("trainflow.flows.session.server", ["bogus"]),
+    ],
+)
+def test_the_cache_and_server_commands_say_bad_input_in_one_line(module, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "error:" in err

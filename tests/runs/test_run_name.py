@@ -61,3 +61,35 @@ def test_a_custom_flow_run_name_cannot_escape_runs_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "deep"]  # nothing beside runs
     assert [p.name for p in (tmp_path / "deep").iterdir()] == ["runs"]
     assert re.fullmatch(r"\d{8}-\d{6}-escaped-[0-9a-f]{8}", run_dir.name), run_dir.name
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_link_planted_in_runs_dir_is_refused_and_nothing_lands_where_it_points(tmp_path, capsys):
+    from trainflow.flows.train_flow import main
+
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    runs.mkdir()
+    outside.mkdir()
+    (runs / "evil").symlink_to(outside)
+    flags = ["--epochs", "1", "--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*flags, "--run-name", "evil"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "--run-name evil" in line and "link" in line
+    assert list(outside.iterdir()) == []
+
+
+def test_a_sweep_name_that_leaves_runs_dir_is_refused_in_one_line(tmp_path, capsys):
+    from trainflow.flows.sweep_flow import main
+
+    for hostile in ("../../escaped", str(tmp_path / "abs"), "a/b"):
+        flags = ["--runs-dir", str(tmp_path / "runs"), "--grid", "lr=0.1", "--epochs", "1"]
+        with pytest.raises(SystemExit) as exit_:
+            main([*flags, "--sweep-name", hostile])
+        assert exit_.value.code == 2
+        assert (
+            capsys.readouterr()
+            .err.strip()
+            .splitlines()[-1]
+            .startswith("sweep_flow.py: error: --sweep-name")
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
