@@ -112,6 +112,7 @@ class EpochLoop:
         self.shuffle = train.shuffle()
         self.history, self.start_epoch, self.start_losses = History(), 0, []
         self.next_start: dict[str, Tensor] | None = None
+        self.fenced_out = False  # the fence refused the last checkpoint
         if resume is not None:
             self.history = History(
                 list(resume.train_loss),
@@ -242,8 +243,10 @@ class EpochLoop:
             if due:
                 state = self._state(epoch, batch_losses, shuffle)  # every rank's, under DDP
                 # The fence (split-brain): exits if a re-run took this flow run over.
-                if self.ranks.writes and self.ranks.hold():
-                    saved = self.checkpoints.save(state)
+                if self.ranks.writes:
+                    self.fenced_out = not self.ranks.hold()
+                    if not self.fenced_out:
+                        saved = self.checkpoints.save(state)
         if stopping:
             # A cancellation from the UI is reported Cancelled, not Crashed (no re-run).
             cancelled = self.ranks.cancellation(self.stop.signum)
@@ -257,8 +260,11 @@ class EpochLoop:
             )
         if saved:
             return "checkpoint saved: the next run of this config resumes there"
+        why = self.checkpoints.error
+        if self.fenced_out:
+            why = "another attempt owns this run, or the server could not say which"
         return (
-            f"no checkpoint saved ({self.checkpoints.error}); the next run resumes from an older "
+            f"no checkpoint saved ({why}); the next run resumes from an older "
             f"one if there is one (this run's last: {self.checkpoints.describe_last()})"
         )
 

@@ -232,6 +232,34 @@ def test_a_stop_request_checkpoints_then_interrupts(tmp_path):
     _assert_identical(_train(resume=resume), _train())
 
 
+def test_a_stop_the_fence_refused_to_checkpoint_says_why_nothing_was_saved(tmp_path):
+    """The fence (handed in) said another attempt owns the run: no checkpoint, and the
+    message says so rather than an empty reason."""
+    from trainflow.tasks.engine.ranks import SingleProcess
+
+    stop = StopSignals()
+    stop.signum = signal.SIGTERM
+    with pytest.raises(Interrupted) as interrupted:
+        train_model(
+            initial_model(ModelSpec("linear", 1, 1), 42),
+            _loaders(),
+            "sgd",
+            0.1,
+            0.0,
+            0.0,
+            "mse",
+            6,
+            CPU,
+            checkpoints=Checkpoints(str(tmp_path), every_seconds=0),
+            stop=stop,
+            ranks=SingleProcess(hold=lambda: False),
+        )
+    message = str(interrupted.value)
+    assert "no checkpoint saved (another attempt owns this run" in message, message
+    assert "None" not in message
+    assert Checkpoints(str(tmp_path)).latest(max_epoch=6) is None
+
+
 def test_the_cache_command_lists_and_prunes_checkpoints(tmp_path):
     from trainflow.tasks.cache.prune import list_entries, prune
 
