@@ -229,7 +229,7 @@ class Checkpoints:
 
         Never another run's: each file in the folder is some run's crash protection (a shorter
         run's, a longer one's, one running right now) and this run can't know when that run
-        is done with it; `trainflow-cache prune` clears what finished runs leave. A file that
+        is done with it; `trainflow cache prune` clears what finished runs leave. A file that
         is gone already is as good as deleted.
         """
         try:
