@@ -15,6 +15,9 @@ the same batches in the same order, and validate every epoch:
   `loss.backward()`, `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`; then a
   validation pass under `torch.no_grad()`. The losses stay on the device and are read once
   per epoch, the mean validation loss computed once per epoch.
+- `bare+same` (information): the bare loop reporting what trainflow reports each epoch, the
+  seed's float64 `np.mean` of the batch losses and the validation MAE and R², read out in
+  the epoch's one host sync: the same work, so the ratio to it is trainflow's overhead alone.
 - `seed loop` (the seed's scale, information only): the tutorial's loop as the book writes
   it (DataLoader, `.item()` every step; benchmarks/seed_script.py), fed the same batches.
 
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import machine
+import numpy as np
 import torch
 from seed_script import make_train_step_fn, make_val_step_fn, mini_batch
 from torch import Tensor, nn
@@ -223,6 +227,50 @@ def bare_loop(p: Problem, epochs: int) -> Run:
     return Run(seconds, p.steps_per_epoch * epochs, train_loss, val_loss, weights)
 
 
+def bare_same_outputs_loop(p: Problem, epochs: int) -> Run:
+    """The bare loop reporting what trainflow reports each epoch: the seed's float64 mean of
+    the batch losses (`np.mean`), and the validation MAE and R² (computed on the device and
+    read out with the losses)."""
+    s, device = p.scale, p.device
+    (x, y), (x_val, y_val), batch = p.train, p.val, s.batch_size
+    _sync(device)
+    start = clock()
+    model = plain_model(s).to(device)
+    model.load_state_dict(p.initial.state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr)
+    loss_fn = nn.MSELoss()
+    generator = torch.Generator().manual_seed(SHUFFLE_SEED)
+    n, n_val = x.shape[0], x_val.shape[0]
+    ss_tot = ((y_val - y_val.mean(0)) ** 2).sum(0)
+    curves, metrics = [], []
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(n, generator=generator).to(device)
+        losses = []
+        for xb, yb in zip(x[order].split(batch), y[order].split(batch), strict=True):
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        model.eval()
+        with torch.no_grad():
+            outputs = [model(xb) for xb in x_val.split(batch)]
+            val = [loss_fn(o, yb) for o, yb in zip(outputs, y_val.split(batch), strict=True)]
+            error = torch.cat(outputs) - y_val
+            sums = [error.abs().sum(0), (error * error).sum(0), ss_tot]
+        read = torch.cat([torch.stack(losses), torch.stack(val), *sums]).double().cpu().numpy()
+        k, v = len(losses), len(val)
+        curves.append((float(np.mean(read[:k])), float(np.mean(read[k : k + v]))))
+        abs_sum, ss_res, total = read[k + v :].tolist()
+        metrics.append((abs_sum / n_val, 1 - ss_res / total))
+    weights = _on_cpu(model)
+    _sync(device)
+    seconds = clock() - start
+    train_loss, val_loss = (list(c) for c in zip(*curves, strict=True))
+    return Run(seconds, p.steps_per_epoch * epochs, train_loss, val_loss, weights)
+
+
 class EpochOrder(Sampler[int]):
     """One permutation per epoch from `generator`: the order trainflow's batches take."""
 
@@ -264,6 +312,7 @@ def seed_loop(p: Problem, epochs: int) -> Run:
 
 LOOPS: dict[str, Callable[[Problem, int], Run]] = {
     "bare": bare_loop,
+    "bare+same": bare_same_outputs_loop,
     "trainflow": trainflow_loop,
     "seed loop": seed_loop,
 }
@@ -338,6 +387,11 @@ def parity(
         problem.steps_per_epoch * (1 / t - 1 / b)
         for t, b in zip(rates["trainflow"], rates["bare"], strict=True)
     )
+    out["trainflow_over_bare_same_outputs"] = _spread(
+        [t / b for t, b in zip(rates["trainflow"], rates["bare+same"], strict=True)]
+    )
+    out["same_weights_as_bare_same_outputs"] = _same_weights(last["trainflow"], last["bare+same"])
+    out["loss_gap_to_bare_same_outputs"] = _loss_gap(last["trainflow"], last["bare+same"])
     if "seed loop" in loops:
         out["trainflow_over_seed"] = _spread(
             [t / s for t, s in zip(rates["trainflow"], rates["seed loop"], strict=True)]
@@ -368,6 +422,13 @@ def report(r: dict[str, Any]) -> str:
         f"{'met' if r['met'] else 'NOT met'}   "
         f"load {machine.span(r['load_before'], r['load_after'])}",
     ]
+    t = r["trainflow_over_bare_same_outputs"]
+    lines.append(
+        f"trainflow / bare+same: {t['median']:.3f}× (rounds {t['min']:.3f}–{t['max']:.3f})"
+        "   the same per-epoch outputs (seed-exact float64 means, validation MAE and R²), "
+        f"information; same weights: {r['same_weights_as_bare_same_outputs']}, epoch losses "
+        f"at most {r['loss_gap_to_bare_same_outputs']:.1e} apart"
+    )
     if "trainflow_over_seed" in r:
         t = r["trainflow_over_seed"]
         lines.append(

@@ -120,9 +120,11 @@ def train_epochs(
             # Rank 0 asks on this process's behalf before a checkpoint.
             fence=functools.partial(fence.hold, owner) if (owner := fence.owner()) else None,
             code=lineage_entry.code,
+            curves=functools.partial(Curves, run_dir),
         )
         trained = launch_ranks(launch, job, logger.info, fence.exit_now)
-        # The curves, from the history, here: every node's run folder gets them.
+        # Rank 0 wrote them as it trained; from the whole history here as well, so that
+        # every node's run folder has them, and they hold the epochs of the attempt that won.
         write_curves(run_dir, trained)
         return entry.keep(trained)
     if resume is not None:

@@ -85,10 +85,10 @@ class TensorBatches(_Seeded):
             order = order.to(x.device, non_blocking=True)
             x, y = x.index_select(0, order), y.index_select(0, order)
         if x.shape[0] == 0:  # split() would make one empty batch of none
-            return
+            return iter(())
         # The same views as slicing batch by batch, in two calls instead of two a batch.
         batches = zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)
-        yield from itertools.islice(batches, start_batch, None)
+        return batches if start_batch == 0 else itertools.islice(batches, start_batch, None)
 
 
 class EpochIndices(Sampler[int]):

@@ -18,6 +18,7 @@ from trainflow.tasks.data.sources import DataFile, suffix_of
 from trainflow.tasks.data.tables import (
     TABLE_FORMATS,
     UNKNOWN,
+    available_memory,
     column_names,
     iter_columns,
     read_columns,
@@ -165,18 +166,6 @@ def training_categories(data: Dataset, train: Tensor) -> Dataset:
         x[:, i] = renumber[ids].to(x.dtype)
         narrowed[name] = tuple(data.categories[name][j - 1] for j in seen.tolist())
     return Dataset(x, data.y, data.feature_names, data.target_names, narrowed)
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says a new allocation can get (Linux's MemAvailable), if known."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _check_fits_in_memory(f: IO[bytes], suffix: str, source: str) -> None:

@@ -9,6 +9,7 @@ one of the same world size does.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import math
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -32,11 +34,18 @@ from trainflow.tasks.cache.code_keys import CodeKey, differs_from_imported
 from trainflow.tasks.data.batches import Batches, Loaders, TensorBatches
 from trainflow.tasks.engine.checkpoint import CheckpointSettings
 from trainflow.tasks.engine.fit import Progress, train_model
+from trainflow.tasks.engine.loop import EpochHook
 from trainflow.tasks.engine.models import load_model_code
 from trainflow.tasks.engine.options import Launch
 from trainflow.tasks.engine.ranks import DistributedRanks, Fence, RankBatches
 from trainflow.tasks.engine.stops import Interrupted
-from trainflow.tasks.errors import InputError
+from trainflow.tasks.errors import InputError, writing
+
+# (train losses, validation losses, metrics) of the epochs done -> a context manager that is
+# also the per-epoch hook.
+CurvesFactory = Callable[
+    [list[float], list[float], dict[str, list[float]]], AbstractContextManager[EpochHook]
+]
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,10 @@ class Job:
     launcher: int = 0  # the launcher's pid (set by launch_ranks)
     fenced: str = ""  # a file rank 0 creates when a re-run took the flow run over (ditto)
     code: CodeKey | None = None  # what the lineage key covers: a rank must run that code
+    # Rank 0's TensorBoard curves, made from the history it starts from (a resumed run's):
+    # written as it trains, as one process writes them. The caller's, so the engine knows no
+    # run folder layout.
+    curves: CurvesFactory | None = None
 
 
 @dataclass(frozen=True)
@@ -157,24 +170,30 @@ def run_rank(job: Job) -> RankReport:
             if checkpoints is not None and checkpointing.resume
             else None
         )
-        on_epoch = None
+        hooks: list[EpochHook] = []
         if local_rank == 0:
             if resume is not None:
                 _appender(job.progress)(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
-            on_epoch = Progress(_appender(job.progress), job.epochs, len(train))
-
+            hooks.append(Progress(_appender(job.progress), job.epochs, len(train)))
         inputs = {**job.inputs, "loaders": Loaders(train, val, loaders.sample)}
-        training = time.perf_counter()
-        trained = train_model(
-            **inputs,
-            epochs=job.epochs,
-            device=device,
-            on_epoch=on_epoch,
-            checkpoints=checkpoints,
-            resume=resume,
-            ranks=ranks,
-        )
-        training = time.perf_counter() - training
+        # A full or read-only run folder is reported as such, as one process reports it.
+        with writing(f"the run folder {job.run_dir!r}"), contextlib.ExitStack() as open_curves:
+            if rank == 0 and job.curves is not None:
+                history = ([], [], {})
+                if resume is not None:
+                    history = (resume.train_loss, resume.val_loss, resume.metrics)
+                hooks.append(open_curves.enter_context(job.curves(*history)))
+            training = time.perf_counter()
+            trained = train_model(
+                **inputs,
+                epochs=job.epochs,
+                device=device,
+                on_epoch=_each_of(hooks),
+                checkpoints=checkpoints,
+                resume=resume,
+                ranks=ranks,
+            )
+            training = time.perf_counter() - training
         ranks.check_equal(trained.state)
     finally:
         dist.destroy_process_group()
@@ -188,6 +207,19 @@ def run_rank(job: Job) -> RankReport:
         restarts,
         trained if local_rank == 0 else None,
     )
+
+
+def _each_of(hooks: list[EpochHook]) -> EpochHook | None:
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def each(epoch: int, train_loss: float, val_loss: float, values: dict[str, float]) -> None:
+        for hook in hooks:
+            hook(epoch, train_loss, val_loss, values)
+
+    return each
 
 
 def _on(batches: Batches, device: torch.device) -> Batches:

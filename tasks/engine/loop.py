@@ -110,6 +110,7 @@ class EpochLoop:
         self.epoch_scheduler = None if per_step else self.scheduler
         self.forward = autocast_forward(model, options.precision)
         self.shuffle = train.shuffle()
+        self.n_val = len(val)
         self.history, self.start_epoch, self.start_losses = History(), 0, []
         self.next_start: dict[str, Tensor] | None = None
         self.fenced_out = False  # the fence refused the last checkpoint
@@ -151,21 +152,28 @@ class EpochLoop:
         # A checkpoint in this epoch saves the generator as it was before the epoch's draw,
         # so a resumed attempt draws the same order and skips the batches already done.
         at_start = self.next_start if self.next_start is not None else self._shuffle_state()
+        # Within an epoch only a stop request or a checkpoint by the clock can be due, and
+        # every rank asks the clock at the same steps (the config is the same everywhere).
+        timed = self.checkpoints is not None and self.checkpoints.every_seconds > 0
+        stop = self.stop
         self.trained.train()
         for x, y in self.train.epoch(self.shuffle, start_batch=len(batch_losses)):
             batch_losses.append(self.step(x, y))
-            self.pause(epoch, batch_losses, at_start)
+            if timed or (stop is not None and stop.signum is not None):
+                self.pause(epoch, batch_losses, at_start)
 
     def validate(self) -> list[Tensor]:
         """The validation losses per batch, then the metrics' raw sums (all on the device)."""
         self.model.eval()
         losses, outputs, targets = [], [], []
         first = self.metrics is None and self.make_metrics is not None
+        measured = first or self.metrics is not None
         with torch.no_grad():
             for x, y in self.val.epoch(None):
                 out = self.forward(x)
                 losses.append(self.loss_fn(out, y))
-                outputs.append(out)
+                if measured:
+                    outputs.append(out)
                 if first:
                     targets.append(y)
             if first:
@@ -181,20 +189,20 @@ class EpochLoop:
         # The epoch's one host sync. The means are the seed's `np.mean` over its Python floats
         # (float64, numpy's summation order), bit for bit.
         # Under DDP every rank's, reduced the same way on every rank.
-        train_losses = self.ranks.mean_losses(train_losses).to(train_losses.device)
+        train_losses = self.ranks.mean_losses(train_losses)
         losses = torch.cat([train_losses, *val_results]).double().cpu().numpy()
-        n_val = len(self.val)
-        train = losses[: len(train_losses)]
-        val = losses[len(train_losses) : len(train_losses) + n_val]
+        n_train, n_val = len(train_losses), self.n_val
+        train, val = losses[:n_train], losses[n_train : n_train + n_val]
         # np.mean's own arithmetic (one pairwise sum, one division), without its wrapper.
-        train_loss, val_loss = float(train.sum() / train.size), float(val.sum() / val.size)
+        train_loss = float(np.add.reduce(train)) / n_train
+        val_loss = float(np.add.reduce(val)) / n_val
         if not math.isfinite(train_loss):
             raise NonFiniteLoss("training", epoch, _first_bad(train))
         if not math.isfinite(val_loss):
             raise NonFiniteLoss("validation", epoch, _first_bad(val))
         values = {}
         if self.metrics is not None:
-            values = self.metrics.finish(losses[len(train_losses) + n_val :])
+            values = self.metrics.finish(losses[n_train + n_val :])
         values["lr"] = float(self.optimizer.param_groups[0]["lr"])  # at the epoch's end
         self.history.train.append(train_loss)
         self.history.val.append(val_loss)

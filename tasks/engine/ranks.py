@@ -206,7 +206,7 @@ class DistributedRanks:
         """The batches' losses: the ranks' weighted chunk losses summed in rank order over W.
         Gathered rather than all-reduced, so every rank adds the same numbers in the same
         order and reports the same loss, bit for bit."""
-        return self.gather(local.double()).sum(0) / self.world
+        return (self.gather(local.double()).sum(0) / self.world).to(local.device)
 
     def rng_states(self, states: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every rank's RNG states, for a checkpoint: rank 0's under their usual names (a

@@ -3,17 +3,19 @@ chart per metric and for the lr, one point per epoch, written by the training th
 
 The files are laid out as torch's `SummaryWriter` lays them out (`add_scalars("loss", …)`
 into `loss_training/` and `loss_validation/`, `add_scalar` into the folder's own file), each
-an `Event` framed and checksummed by TensorBoard's own `RecordWriter`. What differs is who
-writes them, and when: `SummaryWriter` hands every event to a thread of its own, woken once
-per event, which then trades the GIL with the training thread at every backward pass (which
-releases it); at a small model's scale that hand-off costs more than the epoch's points. Here
-the training thread writes them itself, a batch at most once a second.
+an `Event` framed and checksummed by TensorBoard's own `RecordWriter`; an epoch's metrics and
+lr are one event of several values rather than one event each (TensorBoard reads them alike).
+What differs is who writes them, and when: `SummaryWriter` hands every event to a thread of
+its own, woken once per event, which then trades the GIL with the training thread at every
+backward pass (which releases it); at a small model's scale that hand-off costs more than the
+epoch's points. Here the training thread writes them itself, a batch at most once a second.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import socket
 import time
@@ -42,8 +44,11 @@ class ScalarEventFile:
         self.records = RecordWriter(open(self.path, "xb"))  # noqa: SIM115 (closed by close())
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
 
-    def add(self, tag: str, value: float, step: int, walltime: float) -> None:
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+    def add(self, values: dict[str, float], step: int, walltime: float) -> None:
+        """One event holding a point of each tag at `step`: TensorBoard reads every value of
+        an event's summary as its tag's point (as it reads TensorFlow's merged summaries),
+        and each event costs a record's framing and two checksums."""
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
         self._write(Event(wall_time=walltime, step=step, summary=summary))
 
     def _write(self, event: Event) -> None:
@@ -70,10 +75,10 @@ def clear(run_dir: Path) -> None:
 
 class Curves:
     """The run folder's curves, holding exactly the history given and the epochs added since:
-    each epoch once. Held points reach the files at the first epoch that ends a second or
-    more after the last write, so within two seconds of their epoch (`flush`, `close`, and
-    an interrupted run's exit write the rest), each stamped with its epoch's own time;
-    SummaryWriter held them for up to two minutes.
+    each epoch once. The first epoch added is written at once; later points reach the files
+    at the first epoch that ends a second or more after the last write, so within two seconds
+    of their epoch (`flush`, `close`, and an interrupted run's exit write the rest), each
+    stamped with its epoch's own time; SummaryWriter held them for up to two minutes.
     """
 
     FLUSH_EVERY_S = 1.0
@@ -101,6 +106,9 @@ class Curves:
             with contextlib.suppress(OSError):  # the first error is the one to report
                 self._close_files()
             raise
+        # The first epoch added is written at once: a run shows in TensorBoard as soon as it
+        # has a point, whatever the cadence after it.
+        self.last_flush = -math.inf
 
     def _open(self, folder: Path) -> ScalarEventFile:
         self.files.append(ScalarEventFile(folder))
@@ -118,10 +126,10 @@ class Curves:
         held, self.held = self.held, []
         train_file, val_file = self.loss_files
         for epoch, train_loss, val_loss, values, walltime in held:
-            train_file.add(LOSS_TAG, train_loss, epoch, walltime)
-            val_file.add(LOSS_TAG, val_loss, epoch, walltime)
-            for name, value in values.items():
-                self.metrics_file.add(name, value, epoch, walltime)
+            train_file.add({LOSS_TAG: train_loss}, epoch, walltime)
+            val_file.add({LOSS_TAG: val_loss}, epoch, walltime)
+            if values:
+                self.metrics_file.add(values, epoch, walltime)
         for file in self.files:
             file.flush()
         self.last_flush = time.monotonic()

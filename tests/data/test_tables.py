@@ -452,6 +452,47 @@ def test_every_read_path_converts_a_cell_alike(tmp_path, cell, read):
         assert results["whole"] == results["streamed"] == results["mapped"]
 
 
+# Cells of plain numbers in every spelling Arrow's float parser takes, "-0" and an underflow
+# to -0.0 among them; quoted and space-padded ones too.
+PLAIN_SPELLINGS = (
+    *("1.5", " 2.5 ", "\t3", "+3", "-0", ".5", "5.", "1e3", "1E-3", "1.0e+5", "+.5e-2"),
+    *("0.1", "-1e-400", "1e-45", "00012", "16777216", "-16777216", '"7.25"'),
+)
+
+
+def test_a_csv_of_plain_numbers_is_parsed_once_and_reads_as_the_careful_reader_bit_for_bit(
+    tmp_path, monkeypatch
+):
+    cells = PLAIN_SPELLINGS * 40
+    path = tmp_path / "plain.csv"
+    path.write_text("a,b,y\n" + "".join(f"{c},{i}.25,{i}\n" for i, c in enumerate(cells)))
+    source = str(path)
+
+    def bits(t: torch.Tensor) -> list[int]:
+        return t.view(torch.int32).flatten().tolist()  # -0.0 is not 0.0 here
+
+    # The one-pass parse: the block-by-block reader (pyarrow's streaming reader) is not used.
+    with monkeypatch.context() as patch:
+        patch.setattr(pa_csv, "open_csv", _fails("the one-pass read streamed"))
+        whole = load_dataset(source)
+    with path.open("rb") as f:
+        blocks = list(table_row_blocks(f, source, ("a", "b"), ("y",), {}, rows_per_block=8))
+    careful = torch.cat([x for x, _ in blocks]), torch.cat([y for _, y in blocks])
+    assert bits(whole.x) == bits(careful[0]) and bits(whole.y) == bits(careful[1])
+    assert bits(whole.x[:, 0][cells.index("-0") :: len(PLAIN_SPELLINGS)]) == [-(1 << 31)] * 40
+    # Without the memory for the one-pass parse, the careful reader reads the file whole.
+    monkeypatch.setattr(trainflow.tasks.data.tables, "available_memory", lambda: 1)
+    read_carefully = load_dataset(source)
+    assert bits(read_carefully.x) == bits(whole.x) and bits(read_carefully.y) == bits(whole.y)
+
+
+def _fails(message: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(message)
+
+    return fail
+
+
 INT64_BEYOND = 1_700_000_000_000_000_001  # a nanosecond timestamp: float32 would drop digits
 
 

@@ -14,11 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainflow.flows.config import TrainConfig
 from trainflow.flows.train_flow import train_flow
@@ -211,6 +213,44 @@ def test_a_hung_rank_is_detected_and_the_job_restarted(tmp_path, subprocess_env,
     assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0]), why
     # Detected within the hang timeout (8 s) plus the launcher's 5 s grace, not left forever.
     assert time.monotonic() - start < 200, why
+
+
+def test_rank_0_writes_the_curves_while_it_trains(tmp_path, subprocess_env, reference):
+    """Read while rank 0 is frozen mid-run (SIGSTOP, after its first epoch): the run folder
+    already shows the epochs it finished. The launcher's own write comes only at the end."""
+    rng = random.Random(f"{SEED}-curves-while-training")
+    step = rng.randint(STEPS + 1, EPOCHS * STEPS - 1)  # after epoch 0 ended
+    log = tmp_path / "faults.jsonl"
+    env = _env(subprocess_env, log, f"signal:STOP:step:{step}", rank=0)
+    finished: list[tuple[int, str]] = []
+    run = threading.Thread(
+        target=lambda: finished.append(
+            _run(_config(tmp_path, "run", **DDP), env, tmp_path / "out.txt")
+        )
+    )
+    run.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not _strikes(log) and run.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        why = f"rank 0 stopped at step {step} (TRAINFLOW_FAULT_SEED={SEED})"
+        assert _strikes(log), f"{why}: no strike\n{_text(tmp_path / 'out.txt')[-3000:]}"
+        folder, epochs = tmp_path / "runs" / "run" / "loss_training", []
+        if folder.is_dir():
+            shown = EventAccumulator(str(folder)).Reload()
+            epochs = [e.step for e in shown.Scalars("loss")] if shown.Tags()["scalars"] else []
+        finished_epochs = (step - 1) // STEPS  # epochs rank 0 ended before it was stopped
+        assert epochs and epochs == list(range(len(epochs))), f"{why}: {epochs}"
+        assert len(epochs) <= finished_epochs, f"{why}: {epochs}"
+    finally:
+        run.join(300)
+    [(code, output)] = finished
+    assert code == 0, output[-4000:]
+    assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0])
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def test_two_nodes_on_one_machine(tmp_path, subprocess_env, reference):
