@@ -26,10 +26,12 @@ from trainflow.tasks.runs import fence
 from trainflow.tasks.runs.curves import Curves
 
 
-def write_curves(run_dir: Path, trained: Trained) -> None:
+def write_curves(
+    run_dir: Path, train_loss: list[float], val_loss: list[float], metrics: dict[str, list[float]]
+) -> None:
     """The run folder's curves from a whole history: a cache hit's, or the ranks'."""
     with writing(f"the run folder {str(run_dir)!r}"):
-        Curves(run_dir, trained.train_loss, trained.val_loss, trained.metrics).close()
+        Curves(run_dir, train_loss, val_loss, metrics).close()
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
@@ -80,7 +82,7 @@ def train_epochs(
     entry = cache_entry("train-epochs", train_model, epochs=epochs, **recipe)
     if (hit := entry.load(Trained)) is not None:
         # a hit still gets its curves
-        write_curves(run_dir, hit)
+        write_curves(run_dir, hit.train_loss, hit.val_loss, hit.metrics)
         return entry.cached(dataclasses.replace(hit, epochs_trained=0, resumed_from=None))
     # The first N epochs are the same whatever a run's length, so checkpoints are filed under
     # the key without `epochs` (the lineage): a longer run of the config continues a shorter.
@@ -95,6 +97,7 @@ def train_epochs(
         checkpointing.open(lineage, str(run_dir), warn=warn) if checkpointing and lineage else None
     )
     resume = checkpoints.latest(epochs) if checkpoints and checkpointing.resume else None
+    history = (resume.train_loss, resume.val_loss, resume.metrics) if resume else ([], [], {})
     logger = get_run_logger()
     if launch.distributed:
         inputs = {
@@ -119,18 +122,22 @@ def train_epochs(
             hang_timeout=launch.hang_timeout,
             # Rank 0 asks on this process's behalf before a checkpoint.
             fence=functools.partial(fence.hold, owner) if (owner := fence.owner()) else None,
-            code=lineage_entry.code,
-            curves=functools.partial(Curves, run_dir),
+            # Every epoch's points written as it ends: a rank stopped by the launcher dies
+            # at once, with nothing held.
+            curves=functools.partial(Curves, run_dir, flush_every_s=0.0),
         )
-        trained = launch_ranks(launch, job, logger.info, fence.exit_now)
-        # Rank 0 wrote them as it trained; from the whole history here as well, so that
-        # every node's run folder has them, and they hold the epochs of the attempt that won.
-        write_curves(run_dir, trained)
+        # A folder that can't be written fails here, before the ranks start, as one process's.
+        write_curves(run_dir, *history)
+        report = launch_ranks(launch, job, logger.info, fence.exit_now)
+        trained = report.trained
+        # Rank 0 wrote them as it trained, each point with its epoch's time; any other
+        # node's folder, or one where rank 0's writes failed, gets them from the history.
+        if not (report.rank == 0 and report.curves_written):
+            write_curves(run_dir, trained.train_loss, trained.val_loss, trained.metrics)
         return entry.keep(trained)
     if resume is not None:
         logger.info(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
     progress = Progress(logger.info, epochs, len(loaders.train))
-    history = (resume.train_loss, resume.val_loss, resume.metrics) if resume else ([], [], {})
     # A full or read-only run folder is reported as such, whichever write meets it.
     with (
         writing(f"the run folder {str(run_dir)!r}"),

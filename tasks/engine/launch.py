@@ -39,7 +39,7 @@ from trainflow.tasks.engine.models import load_model_code
 from trainflow.tasks.engine.options import Launch
 from trainflow.tasks.engine.ranks import DistributedRanks, Fence, RankBatches
 from trainflow.tasks.engine.stops import Interrupted
-from trainflow.tasks.errors import InputError, writing
+from trainflow.tasks.errors import InputError
 
 # (train losses, validation losses, metrics) of the epochs done -> a context manager that is
 # also the per-epoch hook.
@@ -80,6 +80,7 @@ class RankReport:
     train_seconds: float  # of which in train_model
     restarts: int  # how many times the launcher had restarted the ranks before this attempt
     trained: Any = None  # Trained, from each node's local rank 0
+    curves_written: bool = False  # rank 0: its run folder holds every epoch's points
 
 
 class RanksStopped(Interrupted):
@@ -176,13 +177,14 @@ def run_rank(job: Job) -> RankReport:
                 _appender(job.progress)(f"resumed from epoch {resume.epoch}, batch {resume.batch}")
             hooks.append(Progress(_appender(job.progress), job.epochs, len(train)))
         inputs = {**job.inputs, "loaders": Loaders(train, val, loaders.sample)}
-        # A full or read-only run folder is reported as such, as one process reports it.
-        with writing(f"the run folder {job.run_dir!r}"), contextlib.ExitStack() as open_curves:
-            if rank == 0 and job.curves is not None:
-                history = ([], [], {})
-                if resume is not None:
-                    history = (resume.train_loss, resume.val_loss, resume.metrics)
-                hooks.append(open_curves.enter_context(job.curves(*history)))
+        live = None
+        if rank == 0 and job.curves is not None:
+            history = ([], [], {})
+            if resume is not None:
+                history = (resume.train_loss, resume.val_loss, resume.metrics)
+            live = LiveCurves(job.curves, history, job.run_dir, _appender(job.progress))
+            hooks.append(live)
+        with contextlib.closing(live) if live is not None else contextlib.nullcontext():
             training = time.perf_counter()
             trained = train_model(
                 **inputs,
@@ -206,7 +208,59 @@ def run_rank(job: Job) -> RankReport:
         training,
         restarts,
         trained if local_rank == 0 else None,
+        live is not None and live.error is None,
     )
+
+
+class LiveCurves:
+    """Rank 0's curves, written as it trains: at best effort. A write that fails ends them
+    with a warning, never the training (a rank's error would be restarted, then retried, as
+    if it were a crash); the launcher, finding them incomplete, writes them from the whole
+    history when training ends, and reports a folder it cannot write as one process does."""
+
+    def __init__(
+        self,
+        factory: CurvesFactory,
+        history: tuple[list[float], list[float], dict[str, list[float]]],
+        run_dir: str,
+        warn: Callable[[str], None],
+    ):
+        self.run_dir, self.warn = run_dir, warn
+        self.error: OSError | None = None
+        self.opened: AbstractContextManager[EpochHook] | None = None
+        self.hook: EpochHook | None = None
+        try:
+            self.opened = factory(*history)
+            self.hook = self.opened.__enter__()
+        except OSError as exc:
+            self._stop(exc)
+
+    def __call__(self, epoch: int, train_loss: float, val_loss: float, values: dict) -> None:
+        if self.hook is not None:
+            try:
+                self.hook(epoch, train_loss, val_loss, values)
+            except OSError as exc:
+                self._stop(exc)
+
+    def close(self) -> None:
+        if self.hook is not None:
+            try:
+                self.opened.__exit__(None, None, None)
+            except OSError as exc:
+                self._stop(exc)
+            self.hook = None
+
+    def _stop(self, exc: OSError) -> None:
+        if self.error is None:
+            self.warn(
+                f"warning: the curves in the run folder {self.run_dir!r} stopped ({exc}); "
+                "they are written from the whole history when training ends"
+            )
+        self.error = exc
+        if self.hook is not None:
+            self.hook = None
+            with contextlib.suppress(OSError):
+                self.opened.__exit__(None, None, None)
 
 
 def _each_of(hooks: list[EpochHook]) -> EpochHook | None:
@@ -298,8 +352,10 @@ def launch_ranks(
     job: Job,
     log: Callable[[str], None],
     fenced_exit: Callable[[], NoReturn] | None = None,
-) -> Any:
-    return min(run_ranks(launch, job, log, fenced_exit), key=lambda r: r.rank).trained
+) -> RankReport:
+    """This node's lowest rank's report: its `trained`, and (rank 0) whether it wrote every
+    epoch's curves into this node's run folder."""
+    return min(run_ranks(launch, job, log, fenced_exit), key=lambda r: r.rank)
 
 
 def run_ranks(

@@ -89,7 +89,10 @@ class Curves:
         train_loss: list[float],
         val_loss: list[float],
         metrics: dict[str, list[float]] | None = None,
+        *,
+        flush_every_s: float = FLUSH_EVERY_S,
     ):
+        self.FLUSH_EVERY_S = flush_every_s  # 0: every epoch's points as it ends
         clear(run_dir)
         self.files: list[ScalarEventFile] = []
         metrics = metrics or {}

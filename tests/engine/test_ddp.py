@@ -82,6 +82,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+REFERENCE_DIRS: dict[str, str] = {}
+
+
+def _curve(run_dir: Path) -> list[tuple[int, float]]:
+    """The training loss curve in a run folder, as TensorBoard reads it: (epoch, wall time)."""
+    folder = run_dir / "loss_training"
+    if not folder.is_dir():
+        return []
+    shown = EventAccumulator(str(folder)).Reload()
+    if not shown.Tags()["scalars"]:
+        return []
+    return [(e.step, e.wall_time) for e in shown.Scalars("loss")]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, prefect_api):
     """An uninterrupted 2-process run (its own cache), and the same config on one process."""
@@ -90,6 +104,7 @@ def reference(tmp_path_factory, prefect_api):
     config = _config(root, "two", cache="two", **DDP)
     code, output = _run(config, env, root / "two.txt", timeout=240)
     assert code == 0, output[-4000:]
+    REFERENCE_DIRS["two"] = str(root / "runs" / "two")
     one = train_flow(_config(root, "one", cache="one"))
     return Result.of(root / "runs" / "two"), Result.of(one.run_dir), output
 
@@ -108,6 +123,12 @@ def test_two_processes_train_what_one_does(reference):
         assert torch.allclose(_weights(two)[name], value, rtol=0, atol=1e-6), name
     assert two.train_loss == pytest.approx(one.train_loss, rel=1e-6, abs=1e-9)
     assert two.val_loss == pytest.approx(one.val_loss, rel=1e-6, abs=1e-9)
+    # Rank 0 wrote the curves as it trained: each point with its own epoch's time, not the
+    # moment a rewrite from the history ran.
+    points = _curve(Path(REFERENCE_DIRS["two"]))
+    assert [step for step, _ in points] == list(range(EPOCHS)), points
+    times = [wall for _, wall in points]
+    assert times == sorted(times) and len(set(times)) == EPOCHS, times
     # One train-epochs task: rank 0's progress lines, and a summary line per rank.
     assert f"epoch {EPOCHS}/{EPOCHS}" in output
     for rank in (0, 1):
@@ -235,10 +256,7 @@ def test_rank_0_writes_the_curves_while_it_trains(tmp_path, subprocess_env, refe
             time.sleep(0.05)
         why = f"rank 0 stopped at step {step} (TRAINFLOW_FAULT_SEED={SEED})"
         assert _strikes(log), f"{why}: no strike\n{_text(tmp_path / 'out.txt')[-3000:]}"
-        folder, epochs = tmp_path / "runs" / "run" / "loss_training", []
-        if folder.is_dir():
-            shown = EventAccumulator(str(folder)).Reload()
-            epochs = [e.step for e in shown.Scalars("loss")] if shown.Tags()["scalars"] else []
+        epochs = [step for step, _ in _curve(tmp_path / "runs" / "run")]
         finished_epochs = (step - 1) // STEPS  # epochs rank 0 ended before it was stopped
         assert epochs and epochs == list(range(len(epochs))), f"{why}: {epochs}"
         assert len(epochs) <= finished_epochs, f"{why}: {epochs}"
@@ -247,6 +265,81 @@ def test_rank_0_writes_the_curves_while_it_trains(tmp_path, subprocess_env, refe
     [(code, output)] = finished
     assert code == 0, output[-4000:]
     assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0])
+
+
+def test_a_stopped_job_keeps_the_curves_of_every_epoch_rank_0_finished(tmp_path, subprocess_env):
+    """SIGTERM to the launcher at a seeded step: the launcher stops the ranks (rank 0 dies
+    at once), and the run folder still shows every epoch rank 0 had finished."""
+    rng = random.Random(f"{SEED}-stopped-job-curves")
+    step = rng.randint(2 * STEPS + 1, EPOCHS * STEPS - 1)
+    log = tmp_path / "faults.jsonl"
+    env = _env(subprocess_env, log, f"signal:TERM:step:{step}:launcher", rank=0)
+    code, output = _run(_config(tmp_path, "run", **DDP), env, tmp_path / "out.txt")
+    why = f"the launcher stopped at step {step} (TRAINFLOW_FAULT_SEED={SEED})"
+    assert code != 0 and _strikes(log), f"{why}\n{output[-4000:]}"
+    epochs = [e for e, _ in _curve(tmp_path / "runs" / "run")]
+    finished = (step - 1) // STEPS  # epochs rank 0 had ended when the signal was sent
+    assert epochs == list(range(len(epochs))) and len(epochs) >= finished, f"{why}: {epochs}"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path) -> None:
+    stat = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize))
+
+
+def _last_line(output: str) -> str:
+    return output.strip().splitlines()[-1]
+
+
+def test_a_full_run_folder_is_one_line_before_the_ranks_start(tmp_path, subprocess_env, tiny_disk):
+    _fill(tiny_disk)
+    config = _config(tmp_path, "full", runs_dir=str(tiny_disk), **DDP)
+    code, output = _run(config, subprocess_env, tmp_path / "out.txt")
+    assert code == 1, output[-4000:]
+    assert _last_line(output) == (
+        f"train_flow.py: error: cannot write the run folder '{tiny_disk / 'full'}': "
+        "no space left on the device"
+    ), output[-4000:]
+    assert "rank 0/2" not in output and "restart" not in output, output[-4000:]  # none started
+
+
+def test_a_run_folder_that_fills_while_ranks_train_is_one_line_when_training_ends(
+    tmp_path, subprocess_env, tiny_disk
+):
+    """The disk fills at a seeded step of rank 0, after its first epoch's points are on it:
+    rank 0 trains on (its curves stop with a warning: no restart, no retry), and the run ends
+    in one line naming the run folder, as one process's does."""
+    # Epochs enough that rank 0's points outgrow the pages its files already hold.
+    epochs = 300
+    step = random.Random(f"{SEED}-filling").randint(STEPS + 1, 5 * STEPS)
+    log = tmp_path / "faults.jsonl"
+    env = _env(subprocess_env, log, f"fill:step:{step}:{tiny_disk}", rank=0)
+    config = _config(tmp_path, "filling", runs_dir=str(tiny_disk), epochs=epochs, **DDP)
+    code, output = _run(config, env, tmp_path / "out.txt")
+    why = f"the disk filled at step {step} (TRAINFLOW_FAULT_SEED={SEED})\n{output[-4000:]}"
+    assert code == 1 and _strikes(log), why
+    # Whichever write of the run folder meets the full disk first names it.
+    line = _last_line(output)
+    assert line.startswith("train_flow.py: error: cannot write "), why
+    assert str(tiny_disk / "filling") in line and line.endswith(": no space left on the device")
+    # The ranks ran once, to the end: no restart, and no retry of the task.
+    assert output.count("rank 0/2:") == 1, why
+    assert f"rank 0/2: {epochs * STEPS} steps" in output, why
+    assert "0 restart(s) before this attempt" in output, why
+    assert "warning: the curves in the run folder" in output, why  # rank 0's, via the launcher
 
 
 def _text(path: Path) -> str:

@@ -15,6 +15,8 @@ at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of
                                       fsync (its bytes are written, not yet synced),
                                       replace (synced, not yet renamed) or renamed (renamed,
                                       folder not yet synced)
+    fill:step:N:FOLDER                after the Nth backward pass, fill the file system
+                                      that holds FOLDER (one file of all its free space)
     takeover:ask:N:FOLDERS            at the Nth question the process asks the server about
                                       its flow run (Prefect's SyncPrefectClient.read_flow_run,
                                       which the split-brain fence asks), first mark that run
@@ -110,6 +112,26 @@ def on_step(signame: str, n: int, whom: str = "self") -> None:
                     threading.Event().wait()
             else:
                 strike(signame, step=n, rank=RANK)
+        return result
+
+    torch.Tensor.backward = backward
+
+
+def on_step_fill(n: int, folder: str) -> None:
+    import torch  # this child trains anyway
+
+    real = torch.Tensor.backward
+    calls = 0
+
+    def backward(self, *args, **kwargs):
+        nonlocal calls
+        result = real(self, *args, **kwargs)
+        calls += 1
+        if calls == n and armed():
+            log("strike", fill=folder, step=n, rank=RANK)
+            stat = os.statvfs(folder)
+            with open(os.path.join(folder, "filler"), "wb") as f:
+                f.write(b"\0" * (stat.f_bavail * stat.f_frsize))
         return result
 
     torch.Tensor.backward = backward
@@ -252,6 +274,9 @@ if FAULT:
             on_step(signame, int(rest[0]), *rest[1:])
         else:
             on_write(target, int(rest[0]), rest[1])
+    elif mode == "fill":
+        _, n, folder = spec.split(":", 2)
+        on_step_fill(int(n), folder)
     elif mode == "takeover":
         _, n, folders = spec.split(":", 2)
         on_takeover(int(n), folders.split(os.pathsep))
