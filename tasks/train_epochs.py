@@ -122,6 +122,7 @@ def train_epochs(
             hang_timeout=launch.hang_timeout,
             # Rank 0 asks on this process's behalf before a checkpoint.
             fence=functools.partial(fence.hold, owner) if (owner := fence.owner()) else None,
+            code=lineage_entry.code,
             # Every epoch's points written as it ends: a rank stopped by the launcher dies
             # at once, with nothing held.
             curves=functools.partial(Curves, run_dir, flush_every_s=0.0),

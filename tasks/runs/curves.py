@@ -61,16 +61,14 @@ class ScalarEventFile:
         self.records.close()
 
 
-def clear(run_dir: Path) -> None:
-    """Remove the folder's curves, so that they can be rewritten from a run's history: a
-    resumed or cached run may reuse a folder that has some (a retry, a repeated --run-name).
-    Kept: export-graph's graph and hparams files, under fixed ".0." names."""
-    for curve in CURVES.values():
-        for old in (run_dir / curve).glob(f"{PREFIX}*"):
-            old.unlink()
-    for old in run_dir.glob(f"{PREFIX}*"):
-        if not old.name.startswith(f"{PREFIX}0."):
-            old.unlink()
+def curve_files(run_dir: Path) -> list[Path]:
+    """The folder's curves: a resumed or cached run may reuse a folder that has some (a retry,
+    a repeated --run-name), which its own supersede. Not export-graph's graph and hparams
+    files, under fixed ".0." names."""
+    found = [old for curve in CURVES.values() for old in (run_dir / curve).glob(f"{PREFIX}*")]
+    return found + [
+        old for old in run_dir.glob(f"{PREFIX}*") if not old.name.startswith(f"{PREFIX}0.")
+    ]
 
 
 class Curves:
@@ -78,7 +76,8 @@ class Curves:
     each epoch once. The first epoch added is written at once; later points reach the files
     at the first epoch that ends a second or more after the last write, so within two seconds
     of their epoch (`flush`, `close`, and an interrupted run's exit write the rest), each
-    stamped with its epoch's own time; SummaryWriter held them for up to two minutes.
+    stamped with its epoch's own time (the history's with the time it is written: a
+    checkpoint keeps no times); SummaryWriter held them for up to two minutes.
     """
 
     FLUSH_EVERY_S = 1.0
@@ -93,7 +92,9 @@ class Curves:
         flush_every_s: float = FLUSH_EVERY_S,
     ):
         self.FLUSH_EVERY_S = flush_every_s  # 0: every epoch's points as it ends
-        clear(run_dir)
+        # Removed only once this history is on disk: a rewrite that fails (a full disk)
+        # leaves the curves the folder had.
+        older = curve_files(run_dir)
         self.files: list[ScalarEventFile] = []
         metrics = metrics or {}
         now = time.time()
@@ -108,7 +109,12 @@ class Curves:
         except BaseException:
             with contextlib.suppress(OSError):  # the first error is the one to report
                 self._close_files()
+            for file in self.files:
+                with contextlib.suppress(OSError):
+                    file.path.unlink()
             raise
+        for old in older:
+            old.unlink(missing_ok=True)
         # The first epoch added is written at once: a run shows in TensorBoard as soon as it
         # has a point, whatever the cadence after it.
         self.last_flush = -math.inf

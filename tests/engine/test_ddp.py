@@ -384,6 +384,27 @@ def test_two_nodes_on_one_machine(tmp_path, subprocess_env, reference):
         assert got.same_run_as(reference[0]), f"node {node}\n{outputs[node][-3000:]}"
 
 
+def test_the_ranks_are_handed_the_code_the_lineage_key_covers(tmp_path, monkeypatch):
+    """A rank checks the code it imported against the code in its Job (a rank started after
+    an edit must refuse): train-epochs must hand it the key's, or there is nothing to check."""
+    import trainflow.tasks.train_epochs as stage
+    from trainflow.tasks.cache.code_keys import differs_from_imported
+
+    handed = []
+
+    def capture(launch, job, *args, **kwargs):
+        handed.append(job)
+        raise KeyboardInterrupt  # stops the run here, before any rank starts
+
+    monkeypatch.setattr(stage, "launch_ranks", capture)
+    with pytest.raises(KeyboardInterrupt):
+        train_flow(_config(tmp_path, "handed", **DDP))
+    [job] = handed
+    assert job.code is not None and differs_from_imported(job.code) is None
+    modules = {source.module for source in job.code.sources}
+    assert {"trainflow.tasks.engine.loop", "trainflow.tasks.engine.step"} <= modules, modules
+
+
 def test_a_bad_process_layout_is_one_line_naming_the_field(capsys):
     from trainflow.flows.cli import parse_config
 

@@ -3,6 +3,8 @@ written, each point on disk once a second has passed since the last write, and a
 when a run stops, written by the thread that adds them."""
 
 import math
+import os
+import subprocess
 import threading
 import time
 
@@ -164,3 +166,29 @@ def test_the_points_are_written_in_the_thread_that_adds_them(tmp_path, monkeypat
         curves(3, 0.125, 0.25, {"lr": 0.5})
         assert [s for s, _, _ in _read(tmp_path)["loss_training/loss"]] == [0, 1, 2, 3]
     assert started == []
+
+
+def test_a_rewrite_that_fails_leaves_the_curves_the_folder_had(tmp_path):
+    """A resumed or restarted run rewrites the curves from its history; on a disk too full
+    for that, the error reaches the caller and the points already there stay readable."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        Curves(disk, *HISTORY).close()
+        before = _read(disk)
+        stat = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize))
+        longer = ([0.5] * 2000, [0.5] * 2000, {"lr": [0.1] * 2000})
+        with pytest.raises(OSError):
+            Curves(disk, *longer).close()
+        assert _read(disk) == before
+        assert sorted(p.parent.name for p in disk.rglob("events.out.tfevents.*")) == sorted(
+            ["disk", "loss_training", "loss_validation"]
+        )  # the failed rewrite's own files are gone
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
