@@ -179,6 +179,41 @@ def differs_from_imported(key: CodeKey) -> str | None:
     return None
 
 
+def loaded_sources() -> tuple[Source, ...]:
+    """Every module this process has loaded whose source can change without a version change
+    (trainflow's own, a project's, the main script as `__main__`), key or not: a DDP rank,
+    started later, imports them afresh (spawn re-runs the main script), and must run what
+    this process ran."""
+    found = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path or not path.endswith(".py"):
+            continue
+        if name.partition(".")[0] != OWN_PACKAGE and is_library_file(path):
+            continue
+        imported = source_of(module)
+        if imported is not None:
+            main = "__main__" if name in ("__main__", "__mp_main__") else name
+            digest = _bytes_digest(imported.text)
+            found[main] = Source(main, imported.path, digest, imported.vouched)
+    return tuple(found[name] for name in sorted(found))
+
+
+def differs_from_loaded(sources: tuple[Source, ...]) -> str | None:
+    """Whether this process runs other code than `sources` (`loaded_sources()` of the process
+    that started it): a module of them it imported from other bytes, or whose file now holds
+    other bytes, should it import it later."""
+    for source in sources:
+        module = sys.modules.get(source.module)
+        imported = source_of(module) if module is not None else None
+        if imported is not None and _bytes_digest(imported.text) != source.digest:
+            return f"{source.path} was imported with other code than its launcher's"
+        current = _read_file(source.path) if imported is None else None
+        if current is not None and _bytes_digest(current) != source.digest:
+            return f"{source.path} changed since its launcher imported it"
+    return None
+
+
 # --- the walk -----------------------------------------------------------------------------
 
 

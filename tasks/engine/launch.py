@@ -30,7 +30,12 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from trainflow.tasks.cache.code_keys import CodeKey, differs_from_imported
+from trainflow.tasks.cache.code_keys import (
+    CodeKey,
+    Source,
+    differs_from_imported,
+    differs_from_loaded,
+)
 from trainflow.tasks.data.batches import Batches, Loaders, TensorBatches
 from trainflow.tasks.engine.checkpoint import CheckpointSettings
 from trainflow.tasks.engine.fit import Progress, train_model
@@ -66,6 +71,9 @@ class Job:
     launcher: int = 0  # the launcher's pid (set by launch_ranks)
     fenced: str = ""  # a file rank 0 creates when a re-run took the flow run over (ditto)
     code: CodeKey | None = None  # what the lineage key covers: a rank must run that code
+    # Every editable module the launcher had loaded (its main script too): a rank must run
+    # those bytes as well, key or not.
+    loaded: tuple[Source, ...] = ()
     # Rank 0's TensorBoard curves, made from the history it starts from (a resumed run's):
     # written as it trains, as one process writes them. The caller's, so the engine knows no
     # run folder layout.
@@ -132,6 +140,8 @@ def run_rank(job: Job) -> RankReport:
     if job.code is not None and (initial := job.inputs.get("initial")) is not None:
         load_model_code(initial.spec.name)  # a plugin's module is checked too
     if job.code is not None and (differs := differs_from_imported(job.code)) is not None:
+        raise InputError(f"{differs}: the source changed after the run started; run it again")
+    if (differs := differs_from_loaded(job.loaded)) is not None:  # code outside the key too
         raise InputError(f"{differs}: the source changed after the run started; run it again")
     _die_with_the_launcher(job.launcher)
     start = time.perf_counter()

@@ -10,6 +10,7 @@ and it logs where it struck before it does, so no test guesses from timing.
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -403,6 +404,39 @@ def test_the_ranks_are_handed_the_code_the_lineage_key_covers(tmp_path, monkeypa
     assert job.code is not None and differs_from_imported(job.code) is None
     modules = {source.module for source in job.code.sources}
     assert {"trainflow.tasks.engine.loop", "trainflow.tasks.engine.step"} <= modules, modules
+
+
+def test_a_rank_restarted_after_an_edit_of_the_flow_script_refuses(
+    tmp_path, subprocess_env, reference
+):
+    """In a copy of the project: rank 1 edits the flow's script at a seeded step and dies,
+    and the launcher restarts the ranks, which import afresh: spawn re-runs the main script,
+    code outside every key (an edit of a key's module is refused by the key's own check).
+    They must refuse; with the file put back, the same command ends as an uninterrupted run,
+    so nothing the edited code could compute was kept."""
+    edited = "flows/train_flow.py"
+    project = tmp_path / "project"
+    for package in ("tasks", "flows"):
+        shutil.copytree(REPO / package, project / "trainflow" / package)
+    path = project / "trainflow" / edited
+    original = path.read_bytes()
+    # A file changed after a process started is one it may not have run: the copy must be
+    # older than the run by more than the start time's resolution (clock ticks).
+    time.sleep(1.0)
+    step = random.Random(f"{SEED}-edited-{edited}").randint(EVERY * STEPS + 1, EPOCHS * STEPS - 1)
+    log = tmp_path / "faults.jsonl"
+    env = _env({**subprocess_env, "PYTHONPATH": str(project)}, log, f"edit:step:{step}:{path}", 1)
+    config = _config(tmp_path, "run", max_restarts=1, **DDP)
+    script = project / "trainflow" / "flows" / "train_flow.py"
+    code, output = _run(config, env, tmp_path / "edited.txt", script=script)
+    why = f"{edited} edited at step {step} (TRAINFLOW_FAULT_SEED={SEED})\n{output[-4000:]}"
+    assert code != 0 and _strikes(log), why
+    assert "the source changed after the run started; run it again" in output, why
+    path.write_bytes(original)
+    time.sleep(1.0)
+    code, output = _run(config, env, tmp_path / "rerun.txt", script=script)
+    assert code == 0, output[-4000:]
+    assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0])
 
 
 def test_a_bad_process_layout_is_one_line_naming_the_field(capsys):

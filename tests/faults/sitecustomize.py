@@ -17,6 +17,8 @@ at start-up (as it does any `sitecustomize`), and sets TRAINFLOW_FAULT to one of
                                       folder not yet synced)
     fill:step:N:FOLDER                after the Nth backward pass, fill the file system
                                       that holds FOLDER (one file of all its free space)
+    edit:step:N:FILE                  after the Nth backward pass, append a statement to
+                                      FILE (a source file), then SIGKILL itself
     takeover:ask:N:FOLDERS            at the Nth question the process asks the server about
                                       its flow run (Prefect's SyncPrefectClient.read_flow_run,
                                       which the split-brain fence asks), first mark that run
@@ -132,6 +134,25 @@ def on_step_fill(n: int, folder: str) -> None:
             stat = os.statvfs(folder)
             with open(os.path.join(folder, "filler"), "wb") as f:
                 f.write(b"\0" * (stat.f_bavail * stat.f_frsize))
+        return result
+
+    torch.Tensor.backward = backward
+
+
+def on_step_edit(n: int, path: str) -> None:
+    import torch  # this child trains anyway
+
+    real = torch.Tensor.backward
+    calls = 0
+
+    def backward(self, *args, **kwargs):
+        nonlocal calls
+        result = real(self, *args, **kwargs)
+        calls += 1
+        if calls == n and armed():
+            with open(path, "a") as f:
+                f.write("\nEDITED_DURING_THE_RUN = True\n")
+            strike("KILL", edited=path, step=n, rank=RANK)
         return result
 
     torch.Tensor.backward = backward
@@ -274,6 +295,9 @@ if FAULT:
             on_step(signame, int(rest[0]), *rest[1:])
         else:
             on_write(target, int(rest[0]), rest[1])
+    elif mode == "edit":
+        _, n, path = spec.split(":", 2)
+        on_step_edit(int(n), path)
     elif mode == "fill":
         _, n, folder = spec.split(":", 2)
         on_step_fill(int(n), folder)

@@ -241,10 +241,17 @@ def _flags(config: TrainConfig) -> list[str]:
     return flags
 
 
-def _run(config: TrainConfig, env: dict[str, str], output: Path, timeout: float = 300):
-    """`python flows/train_flow.py` with the flags of `config`, to its end; output to a file
-    (a pipe nobody reads while another child is waited for could fill up and stall it)."""
-    command = [sys.executable, str(REPO / "flows" / "train_flow.py"), *_flags(config)]
+def _run(
+    config: TrainConfig,
+    env: dict[str, str],
+    output: Path,
+    timeout: float = 300,
+    script: Path = REPO / "flows" / "train_flow.py",
+):
+    """`python flows/train_flow.py` (or `script`, a copy's) with the flags of `config`, to its
+    end; output to a file (a pipe nobody reads while another child is waited for could fill
+    up and stall it)."""
+    command = [sys.executable, str(script), *_flags(config)]
     with output.open("w") as out:
         child = subprocess.Popen(
             command, cwd=output.parent, env=env, stdout=out, stderr=subprocess.STDOUT
