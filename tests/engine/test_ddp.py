@@ -27,6 +27,7 @@ from trainflow.flows.config import TrainConfig
 from trainflow.flows.train_flow import train_flow
 
 from ..conftest import REPO
+from ..disks import fill, tmpfs
 from ..flows.test_resume_flow import FAULTS, SEED, Result, _events, _flags, _run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -285,20 +286,8 @@ def test_a_stopped_job_keeps_the_curves_of_every_epoch_rank_0_finished(tmp_path,
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def _fill(disk: Path) -> None:
-    stat = os.statvfs(disk)
-    (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize))
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        yield disk
 
 
 def _last_line(output: str) -> str:
@@ -306,7 +295,7 @@ def _last_line(output: str) -> str:
 
 
 def test_a_full_run_folder_is_one_line_before_the_ranks_start(tmp_path, subprocess_env, tiny_disk):
-    _fill(tiny_disk)
+    fill(tiny_disk)
     config = _config(tmp_path, "full", runs_dir=str(tiny_disk), **DDP)
     code, output = _run(config, subprocess_env, tmp_path / "out.txt")
     assert code == 1, output[-4000:]

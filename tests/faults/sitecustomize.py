@@ -92,9 +92,9 @@ def kind_of(path: str) -> str | None:
     return None
 
 
-def on_step(signame: str, n: int, whom: str = "self") -> None:
-    # Training step N is the Nth backward pass: the loop's `loss.backward()`, the public
-    # `torch.Tensor.backward` that a user's own code or profiler would wrap.
+def after_step(n: int, act) -> None:
+    """Call `act()` after training step N, armed: the Nth backward pass, the loop's
+    `loss.backward()`, the public `torch.Tensor.backward` a user's code or profiler would wrap."""
     import torch  # this child trains anyway
 
     real = torch.Tensor.backward
@@ -105,57 +105,44 @@ def on_step(signame: str, n: int, whom: str = "self") -> None:
         result = real(self, *args, **kwargs)
         calls += 1
         if calls == n and armed():
-            if whom == "launcher":
-                log("strike", signal=signame, step=n, rank=RANK, launcher=os.getppid())
-                os.kill(os.getppid(), getattr(signal, f"SIG{signame}"))
-                if signame == "KILL":
-                    # The fault lands at this step: this rank trains no further while the
-                    # kernel tears the launcher down (the rank dies with it, PR_SET_PDEATHSIG).
-                    threading.Event().wait()
-            else:
-                strike(signame, step=n, rank=RANK)
+            act()
         return result
 
     torch.Tensor.backward = backward
+
+
+def on_step(signame: str, n: int, whom: str = "self") -> None:
+    def act() -> None:
+        if whom != "launcher":
+            strike(signame, step=n, rank=RANK)
+            return
+        log("strike", signal=signame, step=n, rank=RANK, launcher=os.getppid())
+        os.kill(os.getppid(), getattr(signal, f"SIG{signame}"))
+        if signame == "KILL":
+            # The fault lands at this step: this rank trains no further while the kernel
+            # tears the launcher down (the rank dies with it, PR_SET_PDEATHSIG).
+            threading.Event().wait()
+
+    after_step(n, act)
 
 
 def on_step_fill(n: int, folder: str) -> None:
-    import torch  # this child trains anyway
+    def act() -> None:
+        log("strike", fill=folder, step=n, rank=RANK)
+        stat = os.statvfs(folder)
+        with open(os.path.join(folder, "filler"), "wb") as f:
+            f.write(b"\0" * (stat.f_bavail * stat.f_frsize))
 
-    real = torch.Tensor.backward
-    calls = 0
-
-    def backward(self, *args, **kwargs):
-        nonlocal calls
-        result = real(self, *args, **kwargs)
-        calls += 1
-        if calls == n and armed():
-            log("strike", fill=folder, step=n, rank=RANK)
-            stat = os.statvfs(folder)
-            with open(os.path.join(folder, "filler"), "wb") as f:
-                f.write(b"\0" * (stat.f_bavail * stat.f_frsize))
-        return result
-
-    torch.Tensor.backward = backward
+    after_step(n, act)
 
 
 def on_step_edit(n: int, path: str) -> None:
-    import torch  # this child trains anyway
+    def act() -> None:
+        with open(path, "a") as f:
+            f.write("\nEDITED_DURING_THE_RUN = True\n")
+        strike("KILL", edited=path, step=n, rank=RANK)
 
-    real = torch.Tensor.backward
-    calls = 0
-
-    def backward(self, *args, **kwargs):
-        nonlocal calls
-        result = real(self, *args, **kwargs)
-        calls += 1
-        if calls == n and armed():
-            with open(path, "a") as f:
-                f.write("\nEDITED_DURING_THE_RUN = True\n")
-            strike("KILL", edited=path, step=n, rank=RANK)
-        return result
-
-    torch.Tensor.backward = backward
+    after_step(n, act)
 
 
 def on_write(kind: str, n: int, moment: str) -> None:

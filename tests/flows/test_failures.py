@@ -24,6 +24,7 @@ from trainflow.tasks.data.tensors import Dataset
 from trainflow.tasks.errors import InputError
 
 from ..conftest import REPO
+from ..disks import fill, tmpfs
 from ..torch_faults import around_method
 
 # Where a fault strikes: drawn afresh each session unless given (printed with a failure).
@@ -258,21 +259,14 @@ def test_an_unwritable_runs_folder_is_a_clear_error(tmp_path, warm, capsys):
 
 @pytest.fixture
 def tiny_disk(tmp_path, request):
-    disk, size = tmp_path / "disk", getattr(request, "param", "48k")  # indirect: its size
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    with tmpfs(tmp_path / "disk", getattr(request, "param", "48k")) as disk:  # indirect: size
+        yield disk
 
 
 def test_a_full_disk_for_the_run_folder_fails_clearly_and_keeps_the_cache(warm, tiny_disk, capsys):
     root, common = warm
     before = _snapshot(root / "cache")
-    _fill(tiny_disk, leave=8192)
+    fill(tiny_disk, leave=8192)
     assert main([*common, "--runs-dir", str(tiny_disk), "--epochs", "4"]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no space left on the device" in line and "run folder" in line, line
@@ -297,7 +291,7 @@ def test_a_run_folder_disk_that_fills_mid_training_fails_clearly_and_the_rerun_r
     def fill_the_disk_at_the_strike(backward, *args, **kwargs):
         calls[0] += 1
         if calls[0] == strike:
-            _fill(tiny_disk, leave=0)
+            fill(tiny_disk)
         return backward(*args, **kwargs)
 
     around_method(monkeypatch, torch.Tensor, "backward", fill_the_disk_at_the_strike)
@@ -336,7 +330,7 @@ def test_a_full_cache_disk_is_a_warning_and_the_run_ends_as_it_would_have(
     _, common = warm
     cache, args = tiny_disk / "cache", [*common, "--epochs", "3", "--n-samples", "30"]
     assert main([*common, "--cache-dir", str(cache), "--epochs", "2", "--n-samples", "30"]) == 0
-    _fill(tiny_disk, leave=2048)  # less than a checkpoint needs
+    fill(tiny_disk, leave=2048)  # less than a checkpoint needs
     before = _snapshot(cache)
     caplog.clear()
     code = main(
@@ -354,11 +348,6 @@ def test_a_full_cache_disk_is_a_warning_and_the_run_ends_as_it_would_have(
     losses = [json.loads((run / "metrics.json").read_text()) for run in (full, roomy)]
     assert [m["train_loss"] for m in losses] == [losses[1]["train_loss"]] * 2
     assert [m["val_loss"] for m in losses] == [losses[1]["val_loss"]] * 2
-
-
-def _fill(disk: Path, leave: int) -> None:
-    stat = os.statvfs(disk)
-    (disk / "filler").write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
 
 
 def test_a_planted_pickle_in_the_checkpoint_folder_is_never_loaded(tmp_path, warm, caplog):

@@ -3,8 +3,6 @@ written, each point on disk once a second has passed since the last write, and a
 when a run stops, written by the thread that adds them."""
 
 import math
-import os
-import subprocess
 import threading
 import time
 
@@ -15,6 +13,8 @@ from tensorboard.compat.proto.event_pb2 import Event
 from torch.utils.tensorboard import SummaryWriter
 
 from trainflow.tasks.runs.curves import Curves
+
+from ..disks import fill, tmpfs
 
 # Values a float32 holds exactly: TensorBoard stores simple_value as a float32.
 TRAIN, VAL = [0.75, 0.5, 0.25], [1.0, 0.625, 0.375]
@@ -171,18 +171,10 @@ def test_the_points_are_written_in_the_thread_that_adds_them(tmp_path, monkeypat
 def test_a_rewrite_that_fails_leaves_the_curves_the_folder_had(tmp_path):
     """A resumed or restarted run rewrites the curves from its history; on a disk too full
     for that, the error reaches the caller and the points already there stay readable."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "64k") as disk:
         Curves(disk, *HISTORY).close()
         before = _read(disk)
-        stat = os.statvfs(disk)
-        (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize))
+        fill(disk)
         longer = ([0.5] * 2000, [0.5] * 2000, {"lr": [0.1] * 2000})
         with pytest.raises(OSError):
             Curves(disk, *longer).close()
@@ -190,5 +182,3 @@ def test_a_rewrite_that_fails_leaves_the_curves_the_folder_had(tmp_path):
         assert sorted(p.parent.name for p in disk.rglob("events.out.tfevents.*")) == sorted(
             ["disk", "loss_training", "loss_validation"]
         )  # the failed rewrite's own files are gone
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
