@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from trainflow.tasks.cache.code_keys import Source, loaded_sources
+from trainflow.tasks.cache.code_keys import loaded_sources
 from trainflow.tasks.cache.stage import cache_entry, stage, warn
 from trainflow.tasks.data.batches import Loaders
 from trainflow.tasks.device import resolve_device
@@ -25,18 +25,6 @@ from trainflow.tasks.engine.stops import StopSignals
 from trainflow.tasks.errors import InputError, NonFiniteLoss, StorageError, writing
 from trainflow.tasks.runs import fence
 from trainflow.tasks.runs.curves import Curves
-
-
-def launched_code() -> tuple[Source, ...]:
-    """The editable code this process runs, for its ranks to check theirs against; refused if
-    a file of it changed since this process imported it (what ran here is no longer known)."""
-    loaded = loaded_sources()
-    if stale := [source.path for source in loaded if not source.vouched]:
-        raise InputError(
-            f"{stale[0]} changed after this process imported it: the source changed after "
-            "the run started; run it again"
-        )
-    return loaded
 
 
 def write_curves(
@@ -136,7 +124,7 @@ def train_epochs(
             # Rank 0 asks on this process's behalf before a checkpoint.
             fence=functools.partial(fence.hold, owner) if (owner := fence.owner()) else None,
             code=lineage_entry.code,
-            loaded=launched_code(),
+            loaded=loaded_sources(),
             # Every epoch's points written as it ends: a rank stopped by the launcher dies
             # at once, with nothing held.
             curves=functools.partial(Curves, run_dir, flush_every_s=0.0),

@@ -201,16 +201,18 @@ def loaded_sources() -> tuple[Source, ...]:
 
 def differs_from_loaded(sources: tuple[Source, ...]) -> str | None:
     """Whether this process runs other code than `sources` (`loaded_sources()` of the process
-    that started it): a module of them it imported from other bytes, or whose file now holds
-    other bytes, should it import it later."""
+    that started it) in a module both imported: from other bytes, or from a file that changed
+    after the starting process imported it (what that one ran is not known). A module only
+    the starter imported (a long-lived worker's earlier work) is not this process's code."""
     for source in sources:
         module = sys.modules.get(source.module)
         imported = source_of(module) if module is not None else None
-        if imported is not None and _bytes_digest(imported.text) != source.digest:
+        if imported is None:
+            continue
+        if not source.vouched:
+            return f"{source.path} changed after its launcher imported it"
+        if _bytes_digest(imported.text) != source.digest:
             return f"{source.path} was imported with other code than its launcher's"
-        current = _read_file(source.path) if imported is None else None
-        if current is not None and _bytes_digest(current) != source.digest:
-            return f"{source.path} changed since its launcher imported it"
     return None
 
 
