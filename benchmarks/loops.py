@@ -190,6 +190,27 @@ def trainflow_loop(p: Problem, epochs: int) -> Run:
     return Run(seconds, steps, trained.train_loss, trained.val_loss, trained.state)
 
 
+def bare_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch: int,
+) -> list[Tensor]:
+    """One epoch's training steps on rows already in the epoch's order, each batch a slice
+    of them; the losses stay on the device."""
+    model.train()
+    losses = []
+    for xb, yb in zip(x.split(batch), y.split(batch), strict=True):
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return losses
+
+
 def bare_loop(p: Problem, epochs: int) -> Run:
     """The loop a careful user writes in plain torch (the module docstring lists what it does)."""
     s, device = p.scale, p.device
@@ -204,16 +225,8 @@ def bare_loop(p: Problem, epochs: int) -> Run:
     n = x.shape[0]
     curves = []
     for _ in range(epochs):
-        model.train()
         order = torch.randperm(n, generator=generator).to(device)
-        losses = []
-        # The epoch's rows gathered once in its order; each batch a slice of them.
-        for xb, yb in zip(x[order].split(batch), y[order].split(batch), strict=True):
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        losses = bare_epoch(model, optimizer, loss_fn, x[order], y[order], batch)
         model.eval()
         with torch.no_grad():
             batches = zip(x_val.split(batch), y_val.split(batch), strict=True)
@@ -244,15 +257,8 @@ def bare_same_outputs_loop(p: Problem, epochs: int) -> Run:
     ss_tot = ((y_val - y_val.mean(0)) ** 2).sum(0)
     curves, metrics = [], []
     for _ in range(epochs):
-        model.train()
         order = torch.randperm(n, generator=generator).to(device)
-        losses = []
-        for xb, yb in zip(x[order].split(batch), y[order].split(batch), strict=True):
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        losses = bare_epoch(model, optimizer, loss_fn, x[order], y[order], batch)
         model.eval()
         with torch.no_grad():
             outputs = [model(xb) for xb in x_val.split(batch)]
