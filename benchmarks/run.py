@@ -16,8 +16,9 @@ Sections:
   loop        Loop parity (benchmarks/loops.py): trainflow's training loop against a bare
               torch loop on the same batches, steps/s, trainflow / bare ≥ 0.97, at the seed's
               scale and at 10^6 x 32 with an MLP 64-64 (--scale picks one). At the seed's
-              scale, trainflow against the seed's own loop too, as information. --repeat is
-              the number of rounds, run in one process.
+              scale, trainflow against the seed's own loop too, and with its validation
+              metrics on, as information. The rounds are loops.py's, per scale, in one
+              process (--repeat does not change them).
   overhead    What Prefect adds to a cached run (the API requests it waits for) and what the
               TensorBoard curves add to a seed-scale epoch. Information.
   cache       A finished config run again: every stage cached, nothing trained, the flow's
@@ -191,12 +192,13 @@ def child_checkpoint(every_seconds: str, folder: str) -> dict[str, Any]:
     }
 
 
-def child_loop(scale: str, rounds: str, device: str) -> dict[str, Any]:
+def child_loop(scale: str, device: str) -> dict[str, Any]:
     """Loop parity at one scale: benchmarks/loops.py's rounds, in this process."""
     import loops
     import torch
 
-    return loops.parity(loops.SCALES[scale], torch.device(device), int(rounds))
+    chosen = loops.SCALES[scale]
+    return loops.parity(chosen, torch.device(device), chosen.rounds)
 
 
 def child_curves(epochs: str) -> dict[str, Any]:
@@ -364,13 +366,11 @@ class Server:
         subprocess.run([*TRAINFLOW, "server", "stop"], env=self.env, timeout=120)
 
 
-def bench_loop(
-    env: dict[str, str], repeat: int, table: Table, scales: list[str], device: str
-) -> dict[str, Any]:
+def bench_loop(env: dict[str, str], table: Table, scales: list[str], device: str) -> dict[str, Any]:
     """Loop parity, one child process per scale: trainflow / bare, and / the seed's loop."""
     out: dict[str, Any] = {}
     for scale in scales:
-        r = out[scale] = spawn(env, "loop", scale, str(max(1, repeat)), device)
+        r = out[scale] = spawn(env, "loop", scale, device)
         load = machine.span(r["load_before"], r["load_after"])
         rate, t = r["steps_per_s"], r["trainflow_over_bare"]
         epoch_us = r["overhead_per_epoch_s"] * 1e6
@@ -388,17 +388,20 @@ def bench_loop(
             f"{r['same_weights_as_bare']}; losses ≤ {r['loss_gap_to_bare']:.1e} apart (relative)",
         )
         table.rows[-1].load = load
-        if "trainflow_over_seed" in r:
-            s = r["trainflow_over_seed"]
+        for info in r["information"]:
+            s, loop, reference = info["ratio"], info["loop"], info["reference"]
             table.add(
-                f"loop {scale}: trainflow / the seed's loop, steps/s",
-                f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f}): "
-                f"{rate['trainflow']['median']:,.0f} vs {rate['seed loop']['median']:,.0f} steps/s",
+                f"loop {scale}: {loop} / {reference}, steps/s ({info['about']})",
+                f"{s['median']:.3f}× ({s['min']:.3f}–{s['max']:.3f}): "
+                f"{rate[loop]['median']:,.0f} vs {rate[reference]['median']:,.0f} steps/s",
             )
             table.rows[-1].load = load
-        where = f"{r['describe']}; {r['epochs']:,} epochs ({r['steps']:,} steps) a measurement"
+        where = (
+            f"{r['describe']}; {r['rounds']} rounds of {r['epochs']:,} epochs "
+            f"({r['steps']:,} steps)"
+        )
         table.commands.append(
-            f"loop {scale}: python benchmarks/loops.py --scale {scale} --rounds {max(1, repeat)}"
+            f"loop {scale}: python benchmarks/loops.py --scale {scale}"
             f"   [{where}, {r['device']}, {r['threads']} torch threads]"
         )
     return out
@@ -735,9 +738,7 @@ def main() -> int:
             e2e = Path(scratch) / "e2e"
             results["e2e"] = table.section(lambda: bench_e2e(e2e, args.repeat, table))
         if "loop" in sections:
-            results["loop"] = table.section(
-                lambda: bench_loop(env, args.repeat, table, scales, args.device)
-            )
+            results["loop"] = table.section(lambda: bench_loop(env, table, scales, args.device))
         if set(sections) & set(NEEDS_SERVER):
             server = Server(Path(scratch) / "prefect")
             env = {**server.env, "BENCH_CWD": scratch}

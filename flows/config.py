@@ -176,6 +176,12 @@ class TrainConfig(BaseModel):
         description="'bf16': autocast the forward pass to bfloat16 (the loss and the optimizer "
         "stay float32); needs a CPU or a CUDA device that has bfloat16.",
     )
+    metrics: bool = Field(
+        True,
+        description="Validation metrics every epoch, chosen by the loss: MAE and R² for "
+        "regression, accuracy (and F1, AUROC for two classes) for classification. Off: the "
+        "losses and the lr only.",
+    )
     device: Annotated[str, KnownDevice] = Field(
         "auto",
         description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps'.",
@@ -327,6 +333,7 @@ class TrainConfig(BaseModel):
             export=self.export,
             grad_clip=self.grad_clip,
             precision=self.precision,
+            metrics=self.metrics,
         )
 
     @property
@@ -388,6 +395,12 @@ class PredictConfig(BaseModel):
         "predictions.csv in the model's run folder.",
     )
     batch_size: int = Field(65536, ge=1, le=2**31 - 1, description="Rows per forward pass.")
+    metrics: bool = Field(
+        True,
+        description="Validation metrics every epoch, chosen by the loss: MAE and R² for "
+        "regression, accuracy (and F1, AUROC for two classes) for classification. Off: the "
+        "losses and the lr only.",
+    )
     device: Annotated[str, KnownDevice] = Field(
         "auto",
         description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.",

@@ -143,7 +143,7 @@ def metrics(outputs: Tensor, y: Tensor, loss: str) -> dict[str, float]:
     """How well the outputs fit the targets: the training loss, and training's validation
     metrics (tasks/engine/metrics.py) under their plain names: accuracy, f1, auroc or mae, r2."""
     chosen = ValMetrics(loss, y, outputs.shape[1])
-    named = chosen.finish(chosen.raw(outputs).cpu().numpy())
+    named = chosen.measure(outputs)
     return {
         "loss": float(make_loss(loss)(outputs, y)),
         **{name.removeprefix("val_"): value for name, value in named.items()},

@@ -153,7 +153,9 @@ def train_model(
             resume,
             stop,
             options=options,
-            metrics=lambda y_val: ValMetrics(loss, y_val, initial.spec.n_outputs),
+            metrics=(lambda y_val: ValMetrics(loss, y_val, initial.spec.n_outputs))
+            if options.metrics
+            else None,
             ranks=ranks,
         )
         history = loop.run()

@@ -55,7 +55,19 @@ def seed_rngs(seed: int, device: torch.device) -> None:
             torch.cuda.manual_seed(seed)
 
 
-def _first_bad(losses: Tensor | np.ndarray) -> int:
+def seed_mean(values: list[float]) -> float:
+    """The seed's `np.mean` over its Python floats, bit for bit, without numpy's calls where it
+    adds up left to right: below 8 values its pairwise sum is that plain loop (Python's `sum`
+    is not, from 3.12: it compensates). tests/engine/test_train.py holds this to np.mean."""
+    if len(values) >= 8:
+        return float(np.add.reduce(np.array(values))) / len(values)
+    total = 0.0
+    for value in values:
+        total += value
+    return total / len(values)
+
+
+def _first_bad(losses: Tensor | np.ndarray | list[float]) -> int:
     bad = ~np.isfinite(np.asarray(losses))
     return int(np.flatnonzero(bad)[0]) if bad.any() else -1
 
@@ -110,7 +122,6 @@ class EpochLoop:
         self.epoch_scheduler = None if per_step else self.scheduler
         self.forward = autocast_forward(model, options.precision)
         self.shuffle = train.shuffle()
-        self.n_val = len(val)
         self.history, self.start_epoch, self.start_losses = History(), 0, []
         self.next_start: dict[str, Tensor] | None = None
         self.fenced_out = False  # the fence refused the last checkpoint
@@ -143,7 +154,7 @@ class EpochLoop:
             if self.history.stopped_early_at is not None:  # resumed where it stopped early
                 break
             self.train_epoch(epoch, batch_losses)
-            self.end_epoch(epoch, torch.stack(batch_losses), self.validate())
+            self.end_epoch(epoch, batch_losses, *self.validate())
             batch_losses = []
         return self.history
 
@@ -162,8 +173,8 @@ class EpochLoop:
             if timed or (stop is not None and stop.signum is not None):
                 self.pause(epoch, batch_losses, at_start)
 
-    def validate(self) -> list[Tensor]:
-        """The validation losses per batch, then the metrics' raw sums (all on the device)."""
+    def validate(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The validation losses per batch, and the metrics' raw parts (all on the device)."""
         self.model.eval()
         losses, outputs, targets = [], [], []
         first = self.metrics is None and self.make_metrics is not None
@@ -179,30 +190,29 @@ class EpochLoop:
             if first:
                 self.metrics = self.make_metrics(torch.cat(targets))
             if self.metrics is None:
-                return [torch.stack(losses)]
-            # Concatenated once with the training losses in end_epoch (cat promotes dtypes):
-            # every op counts at the seed's scale, 5 steps an epoch.
-            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            return [torch.stack(losses), *self.metrics.parts(out)]
+                return losses, []
+            # Concatenated once with the losses in end_epoch (cat promotes dtypes): every op
+            # counts at the seed's scale, 5 steps an epoch.
+            return losses, self.metrics.parts(outputs)
 
-    def end_epoch(self, epoch: int, train_losses: Tensor, val_results: list[Tensor]) -> None:
-        # The epoch's one host sync. The means are the seed's `np.mean` over its Python floats
-        # (float64, numpy's summation order), bit for bit.
+    def end_epoch(
+        self, epoch: int, train_losses: list[Tensor], val_losses: list[Tensor], parts: list[Tensor]
+    ) -> None:
+        # The epoch's one host sync, to Python floats (exact copies of the float32 losses). The
+        # means are the seed's `np.mean` over them (float64, numpy's summation order), bit for bit.
         # Under DDP every rank's, reduced the same way on every rank.
-        train_losses = self.ranks.mean_losses(train_losses)
-        losses = torch.cat([train_losses, *val_results]).double().cpu().numpy()
-        n_train, n_val = len(train_losses), self.n_val
-        train, val = losses[:n_train], losses[n_train : n_train + n_val]
-        # np.mean's own arithmetic (one pairwise sum, one division), without its wrapper.
-        train_loss = float(np.add.reduce(train)) / n_train
-        val_loss = float(np.add.reduce(val)) / n_val
+        pieces = [*self.ranks.epoch_losses(train_losses, val_losses), *parts]
+        read = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).tolist()
+        n_train, n_val = len(train_losses), len(val_losses)
+        train, val = read[:n_train], read[n_train : n_train + n_val]
+        train_loss, val_loss = seed_mean(train), seed_mean(val)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss("training", epoch, _first_bad(train))
         if not math.isfinite(val_loss):
             raise NonFiniteLoss("validation", epoch, _first_bad(val))
         values = {}
         if self.metrics is not None:
-            values = self.metrics.finish(losses[n_train + n_val :])
+            values = self.metrics.finish(read[n_train + n_val :])
         values["lr"] = float(self.optimizer.param_groups[0]["lr"])  # at the epoch's end
         self.history.train.append(train_loss)
         self.history.val.append(val_loss)

@@ -6,19 +6,28 @@ a dependency whose stateful objects sync or allocate in ways we'd have to audit 
 and the loop's budget at the seed's scale is a few microseconds an epoch.
 
 `raw(outputs)` is a 1-D tensor of sums and counts (device, no sync), `parts(outputs)` the same
-in pieces for the loop's one concatenation; `finish(raw)` turns its host copy into the named
-values. What depends only on the validation targets (the count of positives, the total sum of
-squares) is computed once, on the device, and read out with the rest: not even the first epoch
-waits for the device an extra time.
+in pieces for the loop's one concatenation; `finish(raw)` turns its host copy (Python floats)
+into the named values, and `measure(outputs)` does both. What depends only on the validation
+targets (the count of positives, the total sum of squares) is computed once, on the device, and
+read out with the rest: not even the first epoch waits for the device an extra time.
+
+A regression split of at most `HOST_VALUES` outputs is measured on the host instead: its raw
+part is the outputs themselves, and MAE and R² are summed in float64 Python arithmetic from the
+readout the epoch makes anyway. Each device op costs a dispatch (a kernel launch on a GPU)
+whatever its size; at that size five of them cost more than a few hundred float operations in
+Python. The targets are copied to the host once.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from torch import Tensor
 
 CLASSIFICATION = ("cross_entropy", "bce_with_logits")
+HOST_VALUES = 128  # a regression split's outputs, at most, for its metrics to be summed on the host
 
 
 def auroc(score: Tensor, positive: Tensor) -> Tensor:
@@ -40,6 +49,7 @@ class ValMetrics:
 
     def __init__(self, loss: str, y: Tensor, n_outputs: int):
         self.loss, self.n = loss, y.shape[0]
+        self.on_host = loss not in CLASSIFICATION and y.numel() <= HOST_VALUES
         self.binary = (loss == "bce_with_logits" and y.shape[1] == 1) or (
             loss == "cross_entropy" and n_outputs == 2
         )
@@ -51,18 +61,33 @@ class ValMetrics:
             positive = self.y[:, 0]
         else:
             self.y = y
-            centred = y - y.mean(0)
-            self.ss_tot = (centred * centred).sum(0)  # once, not per epoch
             self.names: tuple[str, ...] = ("val_mae", "val_r2")
+            if self.on_host:  # the targets as Python floats, row-major like the outputs' readout
+                self.targets: list[float] = y.double().flatten().tolist()
+                self.width = y.shape[1]
+                self.ss_tot_host = [
+                    _sum_of_squares(self.targets[column :: self.width])
+                    for column in range(self.width)
+                ]
+            else:
+                centred = y - y.mean(0)
+                self.ss_tot = (centred * centred).sum(0)  # once, not per epoch
             return
         self.positive, self.n_pos = positive, positive.sum().float().unsqueeze(0)
         self.names = ("val_accuracy", "val_f1", "val_auroc") if self.binary else ("val_accuracy",)
 
     def raw(self, outputs: Tensor) -> Tensor:
-        return torch.cat(self.parts(outputs))
+        return torch.cat(self.parts([outputs]))
 
-    def parts(self, outputs: Tensor) -> list[Tensor]:
-        """`raw` in pieces, for the loop to concatenate with the losses in its one readout."""
+    def parts(self, batches: list[Tensor]) -> list[Tensor]:
+        """`raw` of the batches' outputs (in order) in pieces, for the loop to concatenate with
+        the losses in its one readout."""
+        if self.on_host:  # each batch's outputs flat: a view, where a concatenation is an op
+            return [
+                out.flatten() if out.dtype == torch.float32 else out.float().flatten()
+                for out in batches
+            ]
+        outputs = batches[0] if len(batches) == 1 else torch.cat(batches)
         outputs = outputs.float()
         if self.loss == "cross_entropy":
             predicted = outputs.argmax(1)
@@ -82,18 +107,19 @@ class ValMetrics:
         counts = torch.stack([correct, (said_pos & self.positive).sum(), said_pos.sum()])
         return [counts, auroc(score, self.positive).unsqueeze(0), self.n_pos]
 
-    def finish(self, raw: np.ndarray) -> dict[str, float]:
+    def measure(self, outputs: Tensor) -> dict[str, float]:
+        """The named values of `outputs` at once (one host sync)."""
+        return self.finish(self.raw(outputs).tolist())
+
+    def finish(self, raw: list[float]) -> dict[str, float]:
         if self.loss not in CLASSIFICATION:
-            if raw.size == 3:  # one target: the same float64 arithmetic on Python floats,
-                abs_sum, res, tot = raw.tolist()  # without ~10 numpy calls an epoch
-                r2 = 1 - res / tot if tot > 0 else float(res == 0)
-                return {"val_mae": abs_sum / self.n, "val_r2": r2}
-            abs_sums, ss_res, ss_tot = np.split(raw, 3)
-            # sklearn's r2_score: a constant target scores 1 if predicted exactly, else 0.
-            r2 = [
-                1 - res / tot if tot > 0 else float(res == 0)
-                for res, tot in zip(ss_res, ss_tot, strict=True)
-            ]
+            if self.on_host:
+                return self._regression_on_host(raw)
+            if len(raw) == 3:  # one target: the same float64 arithmetic, without numpy's calls
+                abs_sum, res, tot = raw
+                return {"val_mae": abs_sum / self.n, "val_r2": _r2(res, tot)}
+            abs_sums, ss_res, ss_tot = np.split(np.asarray(raw), 3)
+            r2 = [_r2(res, tot) for res, tot in zip(ss_res.tolist(), ss_tot.tolist(), strict=True)]
             mae = abs_sums.sum() / abs_sums.size / self.n
             return {"val_mae": float(mae), "val_r2": float(np.mean(r2))}
         width = 1 if self.loss == "cross_entropy" else self.y.shape[1]
@@ -105,3 +131,29 @@ class ValMetrics:
             if 0 < n_pos < self.n:  # else undefined: one class only in the validation split
                 values["val_auroc"] = float(area)
         return values
+
+    def _regression_on_host(self, outputs: list[float]) -> dict[str, float]:
+        """MAE and R² of the outputs' host copy (row-major, as the targets), in float64."""
+        abs_sum, r2_sum, width = 0.0, 0.0, self.width
+        for column, tot in enumerate(self.ss_tot_host):
+            column_abs, res = 0.0, 0.0
+            for out, target in zip(
+                outputs[column::width], self.targets[column::width], strict=True
+            ):
+                error = out - target
+                column_abs += abs(error)
+                res += error * error
+            abs_sum += column_abs
+            r2_sum += _r2(res, tot)
+        return {"val_mae": abs_sum / (self.n * width), "val_r2": r2_sum / width}
+
+
+def _r2(ss_res: float, ss_tot: float) -> float:
+    # sklearn's r2_score: a constant target scores 1 if predicted exactly, else 0.
+    return 1 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)
+
+
+def _sum_of_squares(values: list[float]) -> float:
+    """The sum of squared deviations from the mean, in float64."""
+    mean = math.fsum(values) / len(values)
+    return math.fsum((v - mean) ** 2 for v in values)

@@ -1,6 +1,6 @@
-"""Training options beyond the seed's (schedule, early stopping, export, clipping, precision)
-and the processes that train (DDP): frozen values, light enough for flows/config.py to build
-before torch is imported."""
+"""Training options beyond the seed's (schedule, early stopping, export, clipping, precision,
+metrics) and the processes that train (DDP): frozen values, light enough for flows/config.py
+to build before torch is imported."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class TrainingOptions:
     export: str = "last"  # "best": the weights of the lowest validation loss
     grad_clip: float = 0.0  # max global gradient norm; 0: off
     precision: str = "32"  # "bf16": autocast the forward pass
+    metrics: bool = True  # the validation metrics each epoch (tasks/engine/metrics.py)
 
     def normalized(self) -> TrainingOptions:
         """Knobs the chosen schedule ignores at their defaults: they stay out of cache keys."""

@@ -42,7 +42,7 @@ class Ranks(Protocol):
     def shard_loss(self, loss_fn: LossFn) -> LossFn: ...
     def agree(self, due: bool) -> bool: ...
     def gather(self, local: Tensor) -> Tensor: ...
-    def mean_losses(self, local: Tensor) -> Tensor: ...
+    def epoch_losses(self, train: list[Tensor], val: list[Tensor]) -> list[Tensor]: ...
     def rng_states(self, states: dict[str, Tensor]) -> dict[str, Tensor]: ...
     def own_rng_states(self, saved: dict[str, Tensor]) -> dict[str, Tensor]: ...
     def own_losses(self, saved: Tensor) -> Tensor: ...
@@ -79,8 +79,9 @@ class SingleProcess:
     def gather(self, local: Tensor) -> Tensor:
         return local
 
-    def mean_losses(self, local: Tensor) -> Tensor:
-        return local
+    def epoch_losses(self, train: list[Tensor], val: list[Tensor]) -> list[Tensor]:
+        """The epoch's batch losses for its one readout: training's, then validation's."""
+        return [torch.stack([*train, *val])]
 
     def rng_states(self, states: dict[str, Tensor]) -> dict[str, Tensor]:
         return states
@@ -201,6 +202,11 @@ class DistributedRanks:
         parts = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(parts, local, group=self.control)
         return torch.stack(parts)
+
+    def epoch_losses(self, train: list[Tensor], val: list[Tensor]) -> list[Tensor]:
+        """Training's batch losses averaged over the ranks, then validation's (every rank
+        validates the whole split, so its own are every rank's)."""
+        return [self.mean_losses(torch.stack(train)), torch.stack(val)]
 
     def mean_losses(self, local: Tensor) -> Tensor:
         """The batches' losses: the ranks' weighted chunk losses summed in rank order over W.

@@ -1,5 +1,6 @@
 """train-epochs' loop: the seed's computation, its optimizers and losses."""
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from trainflow.tasks.data.batches import Loaders, make_loaders
 from trainflow.tasks.data.splits import split_indices
 from trainflow.tasks.data.tensors import Dataset, synthetic
 from trainflow.tasks.engine.fit import train_model
+from trainflow.tasks.engine.loop import seed_mean
 from trainflow.tasks.engine.losses import make_loss, output_width
 from trainflow.tasks.engine.models import ModelSpec, initial_model, instantiate
 from trainflow.tasks.engine.step import make_train_step
@@ -156,6 +158,18 @@ def test_on_the_seed_runs_batches_the_loop_computes_its_losses_and_weights_bit_f
     assert trained.train_loss == seed_run.losses
     assert trained.val_loss == seed_run.val_losses
     assert all(torch.equal(trained.state[k], v) for k, v in seed_run.final.items())
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7, 8, 9, 16, 17, 129, 300])
+def test_the_epoch_mean_is_numpys_mean_bit_for_bit(n):
+    """The curves' means are the seed's np.mean over Python floats; below 8 values trainflow
+    adds them itself. A numpy whose summation order changes fails here."""
+    g = np.random.default_rng(n)
+    for _ in range(200):
+        # float32 losses, spread over magnitudes so that the order of the sum shows in the bits
+        values = (g.random(n) * 10.0 ** g.integers(-18, 18, n)).astype(np.float32).tolist()
+        assert seed_mean(values).hex() == np.mean(values).hex()
+    assert math.isnan(seed_mean([1.0, math.nan])) and seed_mean([-0.0]).hex() == "0x0.0p+0"
 
 
 def test_a_default_run_draws_its_own_batch_order_and_ends_near_the_seed_run(seed_run):

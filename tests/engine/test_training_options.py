@@ -14,7 +14,7 @@ from trainflow.tasks.data.splits import split_indices
 from trainflow.tasks.data.tensors import Dataset, load_dataset, synthetic
 from trainflow.tasks.engine.fit import check_precision, train_model
 from trainflow.tasks.engine.losses import output_width
-from trainflow.tasks.engine.metrics import ValMetrics, auroc
+from trainflow.tasks.engine.metrics import HOST_VALUES, ValMetrics, auroc
 from trainflow.tasks.engine.models import ModelSpec, feature_statistics, initial_model, instantiate
 from trainflow.tasks.engine.options import TrainingOptions
 from trainflow.tasks.engine.schedules import EarlyStopping
@@ -79,14 +79,14 @@ def test_binary_metrics_equal_an_independent_computation():
     y = (torch.rand(101, 1, generator=g) < 0.3).float()
     logits = torch.randn(101, 1, generator=g) + y
     metrics = ValMetrics("bce_with_logits", y, 1)
-    values = metrics.finish(metrics.raw(logits).double().numpy())
+    values = metrics.measure(logits)
     said, truth = (logits[:, 0] > 0).numpy(), (y[:, 0] == 1).numpy()
     tp = (said & truth).sum()
     assert values["val_accuracy"] == pytest.approx((said == truth).mean())
     assert values["val_f1"] == pytest.approx(2 * tp / (said.sum() + truth.sum()))
     assert values["val_auroc"] == pytest.approx(_pairwise_auroc(logits[:, 0].numpy(), truth))
     one_class = ValMetrics("bce_with_logits", torch.zeros(4, 1), 1)
-    values = one_class.finish(one_class.raw(torch.randn(4, 1, generator=g)).double().numpy())
+    values = one_class.measure(torch.randn(4, 1, generator=g))
     assert "val_auroc" not in values  # undefined without both classes: left out, not NaN
 
 
@@ -95,22 +95,27 @@ def test_cross_entropy_reports_accuracy_and_binary_ones_f1_and_auroc_too():
     logits = torch.tensor([[2.0, 0, 0], [0, 1, 0], [0, 3, 0], [0, 2, 1]])
     metrics = ValMetrics("cross_entropy", y, 3)
     assert metrics.names == ("val_accuracy",)
-    assert metrics.finish(metrics.raw(logits).double().numpy()) == {"val_accuracy": 0.75}
+    assert metrics.measure(logits) == {"val_accuracy": 0.75}
     binary = ValMetrics("cross_entropy", torch.tensor([[0.0], [1.0]]), 2)
     assert binary.names == ("val_accuracy", "val_f1", "val_auroc")
 
 
-def test_regression_metrics_equal_numpy_and_a_constant_target_is_finite():
-    g = torch.Generator().manual_seed(2)
-    y, pred = torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g)
-    metrics = ValMetrics("mse", y, 2)
-    values = metrics.finish(metrics.raw(pred).double().numpy())
+# Small splits are measured on the host, larger ones on the device: both sides of the line.
+@pytest.mark.parametrize("rows", [20, HOST_VALUES // 2, HOST_VALUES + 1, 500])
+@pytest.mark.parametrize("width", [1, 2])
+def test_regression_metrics_equal_numpy_and_a_constant_target_is_finite(rows, width):
+    g = torch.Generator().manual_seed(rows * width)
+    y, pred = torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g)
+    metrics = ValMetrics("mse", y, width)
+    assert metrics.on_host == (rows * width <= HOST_VALUES)
+    values = metrics.measure(pred)
     yn, pn = y.double().numpy(), pred.double().numpy()
     r2 = 1 - ((yn - pn) ** 2).sum(0) / ((yn - yn.mean(0)) ** 2).sum(0)
-    assert values["val_mae"] == pytest.approx(np.abs(yn - pn).mean())
-    assert values["val_r2"] == pytest.approx(r2.mean())
-    constant = ValMetrics("mse", torch.ones(5, 1), 1)
-    assert constant.finish(constant.raw(torch.zeros(5, 1)).double().numpy())["val_r2"] == 0.0
+    assert values["val_mae"] == pytest.approx(np.abs(yn - pn).mean(), rel=1e-6)
+    assert values["val_r2"] == pytest.approx(r2.mean(), rel=1e-6)
+    constant = ValMetrics("mse", torch.ones(rows, width), width)
+    assert constant.measure(torch.zeros(rows, width)) == {"val_mae": 1.0, "val_r2": 0.0}
+    assert constant.measure(torch.ones(rows, width))["val_r2"] == 1.0
 
 
 def test_each_epoch_records_the_losses_metrics_and_the_lr():
@@ -119,6 +124,14 @@ def test_each_epoch_records_the_losses_metrics_and_the_lr():
     assert all(len(values) == 5 for values in trained.metrics.values())
     assert trained.metrics["lr"] == [0.1] * 5
     assert trained.metrics["val_r2"][-1] > 0.8
+
+
+def test_without_metrics_an_epoch_records_the_lr_and_trains_exactly_the_same():
+    measured, _ = _train(synthetic(), epochs=5)
+    plain, _ = _train(synthetic(), epochs=5, metrics=False)
+    assert set(plain.metrics) == {"lr"} and plain.metrics["lr"] == measured.metrics["lr"]
+    assert (plain.train_loss, plain.val_loss) == (measured.train_loss, measured.val_loss)
+    assert all(torch.equal(plain.state[k], measured.state[k]) for k in measured.state)
 
 
 # --- standardization ----------------------------------------------------------------------

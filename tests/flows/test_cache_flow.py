@@ -96,6 +96,19 @@ def test_changing_epochs_retrains_but_reuses_data_split_and_initial_weights(tmp_
     }
 
 
+def test_turning_the_metrics_off_retrains_and_records_the_losses_and_lr_only(tmp_path):
+    measured = _train(tmp_path, "measured")
+    plain = _train(tmp_path, "plain", metrics=False)
+    assert _states(plain)["train-epochs"] == "Completed"  # a run with metrics is not its result
+    written, full = (
+        json.loads((Path(s.run_dir) / "metrics.json").read_text()) for s in (plain, measured)
+    )
+    assert {"val_mae", "val_r2"} <= set(full)
+    assert not any(name.startswith("val_") and name != "val_loss" for name in written)
+    assert written["lr"] == full["lr"] and written["val_loss"] == full["val_loss"]
+    assert _weights(plain) == _weights(measured)
+
+
 # --- where the cache is: moved, copied, mounted elsewhere ------------------------------------
 
 
