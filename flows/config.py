@@ -395,12 +395,6 @@ class PredictConfig(BaseModel):
         "predictions.csv in the model's run folder.",
     )
     batch_size: int = Field(65536, ge=1, le=2**31 - 1, description="Rows per forward pass.")
-    metrics: bool = Field(
-        True,
-        description="Validation metrics every epoch, chosen by the loss: MAE and R² for "
-        "regression, accuracy (and F1, AUROC for two classes) for classification. Off: the "
-        "losses and the lr only.",
-    )
     device: Annotated[str, KnownDevice] = Field(
         "auto",
         description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.",

@@ -42,7 +42,7 @@ from trainflow.tasks.train_epochs import train_epochs
 @config_flow(name="train", retries=2, retry_delay_seconds=30)
 def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
     cfg = config
-    with open_run(cfg.model_dump(mode="json")) as run:
+    with open_run(cfg.model_dump(mode="json"), TrainConfig().model_dump(mode="json")) as run:
         # All or nothing: input that a later stage rejects leaves no cache entry behind.
         with transaction():
             data = load_tensors(

@@ -6,7 +6,7 @@ import errno
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -25,7 +25,28 @@ class NonFiniteLoss(RuntimeError):
 
     def __init__(self, phase: str, epoch: int, batch: int):
         super().__init__(f"non-finite {phase} loss at epoch {epoch}, batch {batch}; stopping")
-        self.epoch, self.batch = epoch, batch
+        self.phase, self.epoch, self.batch = phase, epoch, batch
+
+
+# What another attempt would only repeat: never retried, and said in one line.
+USER_ERRORS = (InputError, NonFiniteLoss, StorageError)
+UserError = InputError | NonFiniteLoss | StorageError
+
+
+def user_error_record(error: UserError) -> dict[str, Any]:
+    """`error` as JSON values, for a process that raises it again (from_record)."""
+    if isinstance(error, NonFiniteLoss):
+        return {"type": "NonFiniteLoss", "args": [error.phase, error.epoch, error.batch]}
+    errno_ = getattr(error, "errno", None)
+    return {"type": type(error).__name__, "args": [str(error)], "errno": errno_}
+
+
+def from_record(record: dict[str, Any]) -> UserError:
+    kinds: dict[str, type[UserError]] = {kind.__name__: kind for kind in USER_ERRORS}
+    error = kinds[record["type"]](*record["args"])
+    if record.get("errno") is not None:
+        error.errno = record["errno"]
+    return error
 
 
 def _reason(exc: OSError) -> str:
@@ -51,9 +72,7 @@ def writing(what: str) -> Iterator[None]:
 
 class _OneLineForUserErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(
-            record.exc_info[1], InputError | StorageError | NonFiniteLoss
-        ):
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
             record.exc_info, record.exc_text = None, None
         return True
 

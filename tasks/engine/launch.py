@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -44,7 +45,13 @@ from trainflow.tasks.engine.models import load_model_code
 from trainflow.tasks.engine.options import Launch
 from trainflow.tasks.engine.ranks import DistributedRanks, Fence, RankBatches
 from trainflow.tasks.engine.stops import Interrupted
-from trainflow.tasks.errors import InputError
+from trainflow.tasks.errors import (
+    USER_ERRORS,
+    InputError,
+    UserError,
+    from_record,
+    user_error_record,
+)
 
 # (train losses, validation losses, metrics) of the epochs done -> a context manager that is
 # also the per-epoch hook.
@@ -70,6 +77,10 @@ class Job:
     fence: Fence | None = None  # asked by rank 0 before a checkpoint, for the launcher
     launcher: int = 0  # the launcher's pid (set by launch_ranks)
     fenced: str = ""  # a file rank 0 creates when a re-run took the flow run over (ditto)
+    # A file the first rank to meet a user error (bad input, a diverging loss, an unwritable
+    # folder) writes it to (ditto): the launcher raises it, as one process would, where a
+    # rank's exception would have the ranks restarted into the same error, then retried.
+    final: str = ""
     code: CodeKey | None = None  # what the lineage key covers: a rank must run that code
     # Every editable module the launcher had loaded (its main script too): a rank must run
     # those bytes as well, key or not.
@@ -133,7 +144,37 @@ def _die_with_the_launcher(launcher: int) -> None:
 
 
 def run_rank(job: Job) -> RankReport:
-    """One rank, from process-group start to its report (the launcher's entry point)."""
+    """One rank, from process-group start to its report (the launcher's entry point). A user
+    error is handed to the launcher (`job.final`), and the rank ends as if done: a restart
+    after another rank's trains nothing."""
+    rank, restarts = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if job.final and os.path.exists(job.final):
+        return RankReport(rank, 0, 0.0, 0.0, restarts)
+    try:
+        return _train_rank(job)
+    except USER_ERRORS as error:
+        if not job.final:
+            raise
+        _hand_over(error, job.final)
+        return RankReport(rank, 0, 0.0, 0.0, restarts)
+
+
+def _hand_over(error: UserError, path: str) -> None:
+    """Write `error` to `path` unless another rank did first (a link never replaces a file)."""
+    draft = f"{path}.{os.getpid()}"
+    Path(draft).write_text(json.dumps(user_error_record(error)))
+    with contextlib.suppress(FileExistsError):
+        os.link(draft, path)
+    os.unlink(draft)
+
+
+def raise_handed_over(path: str) -> None:
+    """The user error a rank handed over, raised here, if there is one."""
+    with contextlib.suppress(FileNotFoundError):
+        raise from_record(json.loads(Path(path).read_text()))
+
+
+def _train_rank(job: Job) -> RankReport:
     # A rank is a process of its own: it imported the code from disk at its start, maybe
     # after an edit. Its checkpoints are filed under the launcher's key, so it must be running
     # the code that key covers, or a later run would resume from another code's steps.
@@ -407,12 +448,16 @@ def run_ranks(
     )
     with tempfile.TemporaryDirectory(prefix="trainflow-ranks-") as folder:
         progress = str(Path(folder) / "progress.log")
-        fenced = str(Path(folder) / "fenced")
-        job = dataclasses.replace(job, progress=progress, launcher=os.getpid(), fenced=fenced)
+        fenced, final = str(Path(folder) / "fenced"), str(Path(folder) / "final")
+        job = dataclasses.replace(
+            job, progress=progress, launcher=os.getpid(), fenced=fenced, final=final
+        )
         tail = _Tail(job.progress, log, fenced, fenced_exit)
         try:
             reports: dict[int, RankReport] = elastic_launch(config, run_rank)(job)
+            raise_handed_over(final)
         except ChildFailedError as exc:
+            raise_handed_over(final)  # the ranks that met it ended well; the others, not
             rank, first = next(iter(sorted(exc.failures.items())))
             raise RuntimeError(
                 f"the ranks failed {launch.max_restarts + 1} time(s) (--max-restarts "

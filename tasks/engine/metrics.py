@@ -9,13 +9,14 @@ and the loop's budget at the seed's scale is a few microseconds an epoch.
 in pieces for the loop's one concatenation; `finish(raw)` turns its host copy (Python floats)
 into the named values, and `measure(outputs)` does both. What depends only on the validation
 targets (the count of positives, the total sum of squares) is computed once, on the device, and
-read out with the rest: not even the first epoch waits for the device an extra time.
+read out with the rest: on the device, not even the first epoch waits for it an extra time.
 
 A regression split of at most `HOST_VALUES` outputs is measured on the host instead: its raw
 part is the outputs themselves, and MAE and R² are summed in float64 Python arithmetic from the
 readout the epoch makes anyway. Each device op costs a dispatch (a kernel launch on a GPU)
 whatever its size; at that size five of them cost more than a few hundred float operations in
-Python. The targets are copied to the host once.
+Python. Its targets are read to the host once, at the first validation: on a GPU, the run's one
+extra wait for the device.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ class ValMetrics:
                     _sum_of_squares(self.targets[column :: self.width])
                     for column in range(self.width)
                 ]
-            else:
+            else:  # once, not per epoch
                 centred = y - y.mean(0)
-                self.ss_tot = (centred * centred).sum(0)  # once, not per epoch
+                # A constant column's float32 mean may be an ulp off its value: its total is
+                # still 0 (sklearn's constant-target rule below), not the rounding's residue.
+                constant = (y == y[:1]).all(0)
+                self.ss_tot = torch.where(constant, 0.0, (centred * centred).sum(0))
             return
         self.positive, self.n_pos = positive, positive.sum().float().unsqueeze(0)
         self.names = ("val_accuracy", "val_f1", "val_auroc") if self.binary else ("val_accuracy",)

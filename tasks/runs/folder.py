@@ -171,14 +171,18 @@ class RunSummary:
         return stage_table(self.stages)
 
 
-def config_conflict(folder: Path, config: dict[str, Any]) -> str | None:
-    """How the run already in `folder` differs from `config`, if it does in what it computes."""
+def config_conflict(folder: Path, config: dict[str, Any], defaults: dict[str, Any]) -> str | None:
+    """How the run already in `folder` differs from `config`, if it does in what it computes.
+
+    A setting its config.json lacks was added after that run was written: it reads as the
+    setting's default (`defaults`), which is what the version that wrote it computed."""
     try:
         existing = json.loads((folder / CONFIG).read_text())
     except (FileNotFoundError, NotADirectoryError):  # no run there (yet)
         return None
     except (OSError, ValueError):
         return "its config.json is unreadable"
+    existing = {**defaults, **existing}
     changed = [
         f"{name}: {existing.get(name)!r} → {value!r}"
         for name, value in config.items()
@@ -207,12 +211,13 @@ def check_inside(path: Path, name: str) -> None:
 
 
 @contextmanager
-def open_run(config: dict[str, Any]) -> Iterator[Run]:
-    """The run of a resolved TrainConfig (as JSON): its folder is named and checked, not made."""
+def open_run(config: dict[str, Any], defaults: dict[str, Any]) -> Iterator[Run]:
+    """The run of a resolved TrainConfig (as JSON; `defaults`, the default config's): its
+    folder is named and checked, not made."""
     name = config.get("run_name") or generate_run_name()
     path = Path(config["runs_dir"]).absolute() / name
     check_inside(path, name)
-    if conflict := config_conflict(path, {**config, "run_name": name}):
+    if conflict := config_conflict(path, {**config, "run_name": name}, defaults):
         raise InputError(
             f"--run-name {name}: {path} holds a run of another config ({conflict}); "
             "choose another --run-name or remove that folder"

@@ -9,6 +9,7 @@ and it logs where it struck before it does, so no test guesses from timing.
 
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -304,6 +305,18 @@ def test_a_full_run_folder_is_one_line_before_the_ranks_start(tmp_path, subproce
         "no space left on the device"
     ), output[-4000:]
     assert "rank 0/2" not in output and "restart" not in output, output[-4000:]  # none started
+
+
+def test_a_diverging_job_is_one_line_and_neither_restarted_nor_retried(tmp_path, subprocess_env):
+    """A non-finite loss comes back in every attempt: as with one process, the job stops at
+    once with one line naming the epoch and batch (exit 1), no rank restarted, no retry."""
+    config = _config(tmp_path, "diverging", lr=5.0, epochs=30, max_restarts=3, **DDP)
+    code, output = _run(config, subprocess_env, tmp_path / "out.txt")
+    assert code == 1, output[-4000:]
+    error = r"train_flow.py: error: non-finite \w+ loss at epoch \d+, batch \d+; stopping"
+    assert re.fullmatch(error, _last_line(output)), output[-4000:]
+    assert "attempts left" not in output and "Retry" not in output, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
 
 
 def test_a_run_folder_that_fills_while_ranks_train_is_one_line_when_training_ends(

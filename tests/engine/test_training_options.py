@@ -118,6 +118,20 @@ def test_regression_metrics_equal_numpy_and_a_constant_target_is_finite(rows, wi
     assert constant.measure(torch.ones(rows, width))["val_r2"] == 1.0
 
 
+@pytest.mark.parametrize("rows", [20, HOST_VALUES + 1, 500])
+def test_a_constant_target_column_scores_as_sklearn_on_either_side_of_the_host_line(rows):
+    """sklearn's r2_score: a constant column scores 1 if predicted exactly, else 0; averaged
+    with the others. Its float32 mean can be an ulp off the value: the total must still be 0."""
+    varying = torch.linspace(0, 1, rows)
+    y = torch.stack([varying, torch.full((rows,), 0.1)], 1)
+    pred = y + 0.01
+    expected = (1 - 0.01**2 * rows / float(((varying - varying.mean()) ** 2).sum()) + 0.0) / 2
+    assert ValMetrics("mse", y, 2).measure(pred)["val_r2"] == pytest.approx(expected, rel=1e-4)
+    constant = torch.full((rows, 1), 1.7)
+    assert ValMetrics("mse", constant, 1).measure(constant + 1e-3)["val_r2"] == 0.0
+    assert ValMetrics("mse", constant, 1).measure(constant.clone())["val_r2"] == 1.0
+
+
 def test_each_epoch_records_the_losses_metrics_and_the_lr():
     trained, _ = _train(synthetic(), epochs=5)
     assert set(trained.metrics) == {"val_mae", "val_r2", "lr"}

@@ -353,6 +353,19 @@ def test_a_run_name_reused_with_another_config_is_refused(tmp_path):
     assert accumulator.Graph() is not None
 
 
+def test_a_run_folder_from_before_a_setting_existed_is_the_same_run_at_its_default(tmp_path):
+    """A config.json written before a field was added reads as that field's default (what the
+    older version computed): the same config continues there, another value is refused."""
+    _train(tmp_path, "older")
+    config = tmp_path / "runs" / "older" / "config.json"
+    written = json.loads(config.read_text())
+    del written["metrics"]
+    config.write_text(json.dumps(written))
+    _train(tmp_path, "older", refresh_cache=True)
+    with pytest.raises(InputError, match=r"another config \(metrics: True → False\)"):
+        _train(tmp_path, "older", metrics=False)
+
+
 # --- remote data: one download, or none ------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from trainflow.flows.cli import build_parser, parse_config
-from trainflow.flows.config import TrainConfig
+from trainflow.flows.config import PredictConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PROG = "train_flow.py"
@@ -49,6 +49,13 @@ def exit_and_stderr(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tupl
 def test_every_field_has_flag_and_description(field):
     assert "--" + field.replace("_", "-") in parser_flags()
     assert TrainConfig.model_fields[field].description
+
+
+@pytest.mark.parametrize("field", list(PredictConfig.model_fields))
+def test_every_predict_flag_is_documented_and_read_by_the_flow(field):
+    """A flag the predict flow never reads would be accepted and do nothing."""
+    assert "--" + field.replace("_", "-") in (REPO / "docs" / "prediction.md").read_text()
+    assert f"cfg.{field}" in (REPO / "flows" / "predict_flow.py").read_text()
 
 
 @pytest.mark.parametrize("flag", REQUIRED_FLAGS)
