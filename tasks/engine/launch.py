@@ -147,16 +147,20 @@ def run_rank(job: Job) -> RankReport:
     """One rank, from process-group start to its report (the launcher's entry point). A user
     error is handed to the launcher (`job.final`), and the rank ends as if done: a restart
     after another rank's trains nothing."""
-    rank, restarts = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     if job.final and os.path.exists(job.final):
-        return RankReport(rank, 0, 0.0, 0.0, restarts)
+        return _trained_nothing()
     try:
         return _train_rank(job)
     except USER_ERRORS as error:
         if not job.final:
             raise
         _hand_over(error, job.final)
-        return RankReport(rank, 0, 0.0, 0.0, restarts)
+        return _trained_nothing()
+
+
+def _trained_nothing() -> RankReport:
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return RankReport(int(os.environ["RANK"]), 0, 0.0, 0.0, restarts)
 
 
 def _hand_over(error: UserError, path: str) -> None:

@@ -26,6 +26,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from trainflow.flows.config import TrainConfig
 from trainflow.flows.train_flow import train_flow
+from trainflow.tasks.engine.launch import _hand_over, raise_handed_over
+from trainflow.tasks.errors import InputError, NonFiniteLoss, StorageError
 
 from ..conftest import REPO
 from ..disks import fill, tmpfs
@@ -439,6 +441,23 @@ def test_a_rank_restarted_after_an_edit_of_the_flow_script_refuses(
     code, output = _run(config, env, tmp_path / "rerun.txt", script=script)
     assert code == 0, output[-4000:]
     assert Result.of(tmp_path / "runs" / "run").same_run_as(reference[0])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [InputError("--data d.csv: bad"), NonFiniteLoss("validation", 3, 1), StorageError("full")],
+)
+def test_a_user_error_a_rank_hands_over_is_raised_as_itself(tmp_path, error):
+    if isinstance(error, StorageError):
+        error.errno = 28
+    path = str(tmp_path / "final")
+    raise_handed_over(path)  # nothing handed over: nothing raised
+    _hand_over(error, path)
+    _hand_over(InputError("a second rank's"), path)  # the first rank's stays
+    with pytest.raises(type(error)) as raised:
+        raise_handed_over(path)
+    assert str(raised.value) == str(error) and os.listdir(tmp_path) == ["final"]
+    assert getattr(raised.value, "errno", None) == getattr(error, "errno", None)
 
 
 def test_a_bad_process_layout_is_one_line_naming_the_field(capsys):
