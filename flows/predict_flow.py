@@ -20,6 +20,7 @@ from prefect.transactions import transaction
 
 from trainflow.flows.cli import parse_config
 from trainflow.flows.config import PredictConfig
+from trainflow.flows.session.final import user_errors_are_final
 from trainflow.flows.session.runtime import command_line_run, fail, run_url
 from trainflow.flows.session.server import ServerError
 from trainflow.tasks.errors import InputError, StorageError, quiet_input_errors
@@ -39,7 +40,7 @@ from trainflow.tasks.predict import (
 def predict_flow(config: PredictConfig = PredictConfig()) -> PredictSummary:  # noqa: B008
     cfg = config
     started = time.perf_counter()
-    with stage_log() as stages:
+    with user_errors_are_final(), stage_log() as stages:
         run = find_model(model=cfg.model, runs_dir=cfg.runs_dir)
         out = output_url(run, cfg.out)  # refused here, before scoring, if it can't be kept
         # All or nothing: an output that can't be written leaves no cache entry behind.

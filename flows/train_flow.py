@@ -21,6 +21,7 @@ from prefect.utilities.annotations import opaque
 from trainflow.flows.cli import parse_config
 from trainflow.flows.config import TrainConfig
 from trainflow.flows.parameters import config_flow
+from trainflow.flows.session.final import user_errors_are_final
 from trainflow.flows.session.runtime import command_line_run, exit_process, fail, run_url
 from trainflow.flows.session.server import ServerError
 from trainflow.tasks.build_loaders import build_loaders
@@ -42,7 +43,8 @@ from trainflow.tasks.train_epochs import train_epochs
 @config_flow(name="train", retries=2, retry_delay_seconds=30)
 def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
     cfg = config
-    with open_run(cfg.model_dump(mode="json"), TrainConfig().model_dump(mode="json")) as run:
+    defaults = TrainConfig().model_dump(mode="json")
+    with user_errors_are_final(), open_run(cfg.model_dump(mode="json"), defaults) as run:
         # All or nothing: input that a later stage rejects leaves no cache entry behind.
         with transaction():
             data = load_tensors(

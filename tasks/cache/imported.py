@@ -18,6 +18,7 @@ import site
 import sys
 import sysconfig
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,9 +152,26 @@ class _Recorder(importlib.abc.MetaPathFinder):
 
 
 def _started() -> float:
+    """When this process started, on the wall clock, never later than it did.
+
+    psutil's Linux value counts from the boot's whole second, so it can be up to a second
+    early, and a file written in that second (a script generated and run at once) would read
+    as changed after the start. On Linux the start is read to the clock tick instead: its
+    ticks after boot (/proc/self/stat) against the boot clock, kept only where it falls
+    within psutil's second."""
     import psutil  # only here: most processes never need it
 
-    return psutil.Process().create_time()
+    coarse = psutil.Process().create_time()
+    with contextlib.suppress(OSError, ValueError, AttributeError, IndexError):
+        now = time.time()  # read first: the skew between the two reads makes it earlier
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        # starttime, field 22: the 20th after the command name's closing parenthesis
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        ticks = int(fields[19])
+        fine = now - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+        if coarse <= fine <= coarse + 1.0:
+            return fine
+    return coarse
 
 
 def record_imports(package: ModuleType | None = None) -> None:

@@ -182,6 +182,8 @@ def config_conflict(folder: Path, config: dict[str, Any], defaults: dict[str, An
         return None
     except (OSError, ValueError):
         return "its config.json is unreadable"
+    if not isinstance(existing, dict):
+        return "its config.json is unreadable"
     existing = {**defaults, **existing}
     changed = [
         f"{name}: {existing.get(name)!r} → {value!r}"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -694,3 +695,24 @@ def test_code_a_stage_loaded_outside_its_key_is_in_every_later_key(fakeproj, mon
     assert not list((tmp_path / "cache").rglob("s-key*"))
     later = code_keys.code_key(built.build)
     assert "fakeproj.hidden" in {s.module for s in later.sources}
+
+
+def test_a_script_written_just_before_its_process_starts_is_vouched_for(tmp_path):
+    """Code imported before the recorder counts if its file is older than the process: a
+    script generated and run at once (a Makefile, a CI step) must count. The start is known
+    to the clock tick (10 ms), not to the second; a file written within a tick of the start
+    may still read as changed after it (refused: the safe side)."""
+    script = tmp_path / "fresh.py"
+    check = (
+        "import sys\nfrom trainflow.tasks.cache.imported import source_of\n"
+        "print(source_of(sys.modules['__main__']).vouched)\n"
+    )
+    seen = []
+    for _ in range(5):
+        script.write_text(check)
+        time.sleep(0.05)
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+        )
+        seen.append(done.stdout.strip() or done.stderr[-2000:])
+    assert seen == ["True"] * 5

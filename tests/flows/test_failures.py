@@ -14,10 +14,13 @@ import torch
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prefect.client.orchestration import get_client
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainflow.tasks.data.tensors
-from trainflow.flows.train_flow import main
+from trainflow.flows.config import PredictConfig, TrainConfig
+from trainflow.flows.predict_flow import predict_flow
+from trainflow.flows.train_flow import main, train_flow
 from trainflow.tasks.data.batches import make_loaders
 from trainflow.tasks.data.splits import split_indices
 from trainflow.tasks.data.tensors import Dataset
@@ -236,6 +239,26 @@ def test_bad_input_is_one_line_and_touches_nothing(
     # the targets, the split against the row count), no stage's entry is kept.
     assert _snapshot(root) == before
     assert not Path("pwned").exists()
+
+
+def _run_count(state) -> int:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id).run_count
+
+
+def test_a_user_error_ends_a_flow_run_with_retries_at_its_first_attempt(tmp_path, warm):
+    """A scheduled or UI run retries a failed flow (train: twice, 30 s apart; predict: once):
+    bad input would only fail again, so the run ends Failed at its first attempt."""
+    root, _ = warm
+    data = _csv(tmp_path / "bad.csv", "x,y\n1,2\n2,oops\n" + "3,4\n" * 20)
+    config = TrainConfig(data=data, runs_dir=str(root / "runs"), cache_dir=str(root / "cache"))
+    trained = train_flow(config, return_state=True)
+    assert trained.is_failed() and isinstance(trained.result(raise_on_failure=False), InputError)
+    assert _run_count(trained) == 1
+    missing = PredictConfig(model="no-such-run", runs_dir=str(root / "runs"))
+    scored = predict_flow(missing, return_state=True)
+    assert scored.is_failed() and isinstance(scored.result(raise_on_failure=False), InputError)
+    assert _run_count(scored) == 1
 
 
 def test_a_file_too_large_for_memory_is_refused_up_front(tmp_path, warm, capsys, monkeypatch):

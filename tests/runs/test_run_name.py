@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from trainflow.flows.config import RUN_NAME, TrainConfig
 from trainflow.flows.train_flow import train_flow
 from trainflow.tasks.rules import safe_run_name
+from trainflow.tasks.runs.folder import config_conflict
 
 HOSTILE = [
     "../../escape",
@@ -93,3 +94,10 @@ def test_a_sweep_name_that_leaves_runs_dir_is_refused_in_one_line(tmp_path, caps
             .startswith("sweep_flow.py: error: --sweep-name")
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"a run"', "3", "{", ""])
+def test_a_config_json_that_is_not_an_object_is_unreadable_not_a_crash(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    defaults = TrainConfig().model_dump(mode="json")
+    assert config_conflict(tmp_path, defaults, defaults) == "its config.json is unreadable"
