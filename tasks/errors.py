@@ -28,9 +28,20 @@ class NonFiniteLoss(RuntimeError):
         self.phase, self.epoch, self.batch = phase, epoch, batch
 
 
-# What another attempt would only repeat: never retried, and said in one line.
+# The errors a user acts on: said in one line.
 USER_ERRORS = (InputError, NonFiniteLoss, StorageError)
 UserError = InputError | NonFiniteLoss | StorageError
+# Why a write fails again on the next attempt: a full disk or quota, no permission, a read-only
+# file system. Any other (an I/O error, a lost connection to network storage) may pass.
+LASTING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def is_final(error: BaseException) -> bool:
+    """Whether another attempt would only fail the same way: bad input, a diverging loss, or a
+    write refused for a lasting reason. Such errors are never retried."""
+    if isinstance(error, InputError | NonFiniteLoss):
+        return True
+    return isinstance(error, StorageError) and getattr(error, "errno", None) in LASTING_ERRNOS
 
 
 def user_error_record(error: UserError) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from trainflow.tasks.engine.options import Launch, TrainingOptions
 from trainflow.tasks.engine.ranks import SingleProcess
 from trainflow.tasks.engine.stops import Interrupted as Interrupted  # raised to the callers
 from trainflow.tasks.engine.stops import StopSignals
-from trainflow.tasks.errors import USER_ERRORS, writing
+from trainflow.tasks.errors import is_final, writing
 from trainflow.tasks.runs import fence
 from trainflow.tasks.runs.curves import Curves
 
@@ -37,8 +37,7 @@ def write_curves(
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     # Bad input, a diverging loss and a full disk fail the same way again: don't retry those.
-    failure = state.result(raise_on_failure=False)
-    return not isinstance(failure, USER_ERRORS)
+    return not is_final(state.result(raise_on_failure=False))
 
 
 @stage(

@@ -1,10 +1,11 @@
 """A user error ends its flow run for good.
 
 A run from a deployment or the UI retries its failed flow (`@flow(retries=…)`: a transient
-fault gets another attempt). Bad input, a diverging loss and an unwritable folder would fail
-the same way again, and Prefect's flows take no retry condition: the server decides, from the
-run's retry policy, when the run proposes Failed. So the run sets that policy's retries to 0
-first (`update_flow_run`, the client's public call), and its Failed state is final.
+fault gets another attempt). Bad input, a diverging loss and a folder that can't be written
+for a lasting reason (a full disk, no permission) would fail the same way again, and
+Prefect's flows take no retry condition: the server decides, from the run's retry policy,
+when the run proposes Failed. So the run sets that policy's retries to 0 first
+(`update_flow_run`, the client's public call), and its Failed state is final.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
-from trainflow.tasks.errors import USER_ERRORS
+from trainflow.tasks.errors import is_final
 
 
 @contextmanager
 def user_errors_are_final() -> Iterator[None]:
-    """Around a flow's body: a user error raised in it is not retried."""
+    """Around a flow's body: a user error raised in it that another attempt would only repeat
+    (`is_final`) is not retried."""
     try:
         yield
-    except USER_ERRORS:
-        _no_more_retries()
+    except Exception as error:
+        if is_final(error):
+            _no_more_retries()
         raise
 
 

@@ -151,27 +151,39 @@ class _Recorder(importlib.abc.MetaPathFinder):
         return None
 
 
+_start: float | None = None
+
+
 def _started() -> float:
-    """When this process started, on the wall clock, never later than it did.
+    """When this process started, on the wall clock, never later than it did; a forked child
+    keeps its parent's (it runs the code its parent read), so the parent reads it before it
+    forks.
 
-    psutil's Linux value counts from the boot's whole second, so it can be up to a second
-    early, and a file written in that second (a script generated and run at once) would read
-    as changed after the start. On Linux the start is read to the clock tick instead: its
-    ticks after boot (/proc/self/stat) against the boot clock, kept only where it falls
-    within psutil's second."""
-    import psutil  # only here: most processes never need it
+    On Linux, to the clock tick: the process's start in ticks after boot (/proc/self/stat, the
+    caller itself whatever the pid namespace) against the boot clock. psutil's value counts
+    from the boot's whole second there (up to a second early: a script generated and run at
+    once would read as changed after the start); it serves where /proc does not exist."""
+    global _start
+    if _start is None:
+        _start = _read_start()
+    return _start
 
-    coarse = psutil.Process().create_time()
+
+def _read_start() -> float:
     with contextlib.suppress(OSError, ValueError, AttributeError, IndexError):
         now = time.time()  # read first: the skew between the two reads makes it earlier
         since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
         # starttime, field 22: the 20th after the command name's closing parenthesis
         fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
-        ticks = int(fields[19])
-        fine = now - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
-        if coarse <= fine <= coarse + 1.0:
-            return fine
-    return coarse
+        start = now - (since_boot - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+        if start <= now:
+            return start
+    import psutil  # only here: most processes never need it
+
+    return psutil.Process().create_time()
+
+
+os.register_at_fork(before=_started)
 
 
 def record_imports(package: ModuleType | None = None) -> None:
@@ -217,13 +229,21 @@ def source_of(module: ModuleType) -> Imported | None:
     if not path:
         return None
     try:
-        stat = os.stat(path)
+        before = os.stat(path)
         data = Path(path).read_bytes()
+        after = os.stat(path)
     except OSError:
         return None
     # Imported before the recorder, or a module object made by hand: trusted only if the file
-    # has not changed since this process started (any import of it read these bytes).
-    vouched = max(stat.st_mtime, stat.st_ctime) < _started()
+    # has not changed since this process started (any import of it read these bytes), nor
+    # while it was read here.
+    same = (before.st_mtime_ns, before.st_ctime_ns, before.st_size, before.st_ino) == (
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+        after.st_size,
+        after.st_ino,
+    )
+    vouched = same and max(after.st_mtime, after.st_ctime) < _started()
     imported = Imported(path, data, vouched, weakref.ref(module))
     with _lock:
         _sources[name] = imported

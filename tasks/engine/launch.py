@@ -50,6 +50,7 @@ from trainflow.tasks.errors import (
     InputError,
     UserError,
     from_record,
+    is_final,
     user_error_record,
 )
 
@@ -152,7 +153,7 @@ def run_rank(job: Job) -> RankReport:
     try:
         return _train_rank(job)
     except USER_ERRORS as error:
-        if not job.final:
+        if not job.final or not is_final(error):  # a passing fault: restarted, as a crash
             raise
         _hand_over(error, job.final)
         return _trained_nothing()

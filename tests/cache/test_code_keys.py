@@ -716,3 +716,51 @@ def test_a_script_written_just_before_its_process_starts_is_vouched_for(tmp_path
         )
         seen.append(done.stdout.strip() or done.stderr[-2000:])
     assert seen == ["True"] * 5
+
+
+def test_a_forked_child_does_not_vouch_for_a_script_edited_before_the_fork(tmp_path):
+    """A child forked after its parent's script was edited runs the parent's code: the edit
+    is after the start that counts, the parent's, not the child's."""
+    script = tmp_path / "forks.py"
+    script.write_text(
+        "import os, sys, time\nfrom trainflow.tasks.cache.imported import source_of\n"
+        "time.sleep(0.05)\n"
+        "with open(sys.argv[0], 'a') as f:\n    f.write('# edited after the start\\n')\n"
+        "time.sleep(0.1)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    print(source_of(sys.modules['__main__']).vouched, flush=True)\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    time.sleep(0.05)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_a_file_edited_while_it_is_read_is_not_vouched_for(tmp_path):
+    """The file's age is checked before and after the read: an edit between the two (its old
+    times seen first, its new bytes read) must not count as the code that ran."""
+    module = tmp_path / "old_module.py"
+    module.write_text("X = 1\n")
+    script = tmp_path / "race.py"
+    script.write_text(
+        "import os, sys, types\nfrom trainflow.tasks.cache import imported\n"
+        f"path = {str(module)!r}\n"
+        "module = types.ModuleType('old_module')\nmodule.__file__ = path\n"
+        "stat = os.stat\n"
+        "def stat_then_edit(target, *args, **kwargs):\n"
+        "    result = stat(target, *args, **kwargs)\n"
+        "    if str(target) == path and open(path).read() == 'X = 1\\n':\n"
+        "        open(path, 'w').write('X = 2\\n')\n"
+        "    return result\n"
+        "imported.os.stat = stat_then_edit\n"
+        "print(imported.source_of(module).vouched)\n"
+    )
+    time.sleep(0.05)  # both files older than the process
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -1,5 +1,6 @@
 """What happens when …: every bad input and fault ends in one clear line and loses nothing."""
 
+import errno
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ from prefect.client.orchestration import get_client
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainflow.tasks.data.tensors
+import trainflow.tasks.runs.folder
 from trainflow.flows.config import PredictConfig, TrainConfig
 from trainflow.flows.predict_flow import predict_flow
 from trainflow.flows.train_flow import main, train_flow
@@ -259,6 +261,28 @@ def test_a_user_error_ends_a_flow_run_with_retries_at_its_first_attempt(tmp_path
     scored = predict_flow(missing, return_state=True)
     assert scored.is_failed() and isinstance(scored.result(raise_on_failure=False), InputError)
     assert _run_count(scored) == 1
+
+
+@pytest.mark.parametrize(("code", "attempts"), [(errno.EIO, 2), (errno.ENOSPC, 1)])
+def test_a_passing_write_error_is_retried_and_a_lasting_one_is_not(
+    tmp_path, warm, monkeypatch, code, attempts
+):
+    """An I/O error on network storage may pass: a deployment run retries it, and a full disk
+    would only fail again, so it ends the run at its first attempt."""
+    root, _ = warm
+    real, failed = trainflow.tasks.runs.folder.write_json, []
+
+    def write_json(path, value):
+        if not failed:
+            failed.append(path)
+            raise OSError(code, os.strerror(code))
+        return real(path, value)
+
+    monkeypatch.setattr(trainflow.tasks.runs.folder, "write_json", write_json)
+    config = TrainConfig(epochs=3, runs_dir=str(tmp_path / "runs"), cache_dir=str(root / "cache"))
+    state = train_flow.with_options(retry_delay_seconds=0)(config, return_state=True)
+    assert _run_count(state) == attempts
+    assert state.is_completed() == (attempts == 2), state.message
 
 
 def test_a_file_too_large_for_memory_is_refused_up_front(tmp_path, warm, capsys, monkeypatch):
