@@ -78,9 +78,10 @@ class Job:
     fence: Fence | None = None  # asked by rank 0 before a checkpoint, for the launcher
     launcher: int = 0  # the launcher's pid (set by launch_ranks)
     fenced: str = ""  # a file rank 0 creates when a re-run took the flow run over (ditto)
-    # A file the first rank to meet a user error (bad input, a diverging loss, an unwritable
-    # folder) writes it to (ditto): the launcher raises it, as one process would, where a
-    # rank's exception would have the ranks restarted into the same error, then retried.
+    # A file the first rank to meet a final user error (bad input, a diverging loss, a folder
+    # that can't be written for a lasting reason) writes it to (ditto): the launcher raises it,
+    # as one process would, where a rank's exception would have the ranks restarted into the
+    # same error, then retried.
     final: str = ""
     code: CodeKey | None = None  # what the lineage key covers: a rank must run that code
     # Every editable module the launcher had loaded (its main script too): a rank must run
