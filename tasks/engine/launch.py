@@ -46,7 +46,6 @@ from trainflow.tasks.engine.options import Launch
 from trainflow.tasks.engine.ranks import DistributedRanks, Fence, RankBatches
 from trainflow.tasks.engine.stops import Interrupted
 from trainflow.tasks.errors import (
-    USER_ERRORS,
     InputError,
     UserError,
     from_record,
@@ -153,8 +152,8 @@ def run_rank(job: Job) -> RankReport:
         return _trained_nothing()
     try:
         return _train_rank(job)
-    except USER_ERRORS as error:
-        if not job.final or not is_final(error):  # a passing fault: restarted, as a crash
+    except Exception as error:
+        if not job.final or not is_final(error):  # anything else: restarted, as a crash
             raise
         _hand_over(error, job.final)
         return _trained_nothing()

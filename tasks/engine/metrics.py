@@ -63,12 +63,10 @@ class ValMetrics:
         else:
             self.y = y
             self.names: tuple[str, ...] = ("val_mae", "val_r2")
-            if self.on_host:  # the targets as Python floats, row-major like the outputs' readout
-                self.targets: list[float] = y.double().flatten().tolist()
+            if self.on_host:  # each column's targets as Python floats, and their total
                 self.width = y.shape[1]
-                self.ss_tot_host = [
-                    _sum_of_squares(self.targets[column :: self.width])
-                    for column in range(self.width)
+                self.columns = [
+                    (targets, _sum_of_squares(targets)) for targets in y.double().T.tolist()
                 ]
             else:  # once, not per epoch
                 centred = y - y.mean(0)
@@ -137,13 +135,11 @@ class ValMetrics:
         return values
 
     def _regression_on_host(self, outputs: list[float]) -> dict[str, float]:
-        """MAE and R² of the outputs' host copy (row-major, as the targets), in float64."""
+        """MAE and R² of the outputs' host copy (row-major), in float64."""
         abs_sum, r2_sum, width = 0.0, 0.0, self.width
-        for column, tot in enumerate(self.ss_tot_host):
+        for column, (targets, tot) in enumerate(self.columns):
             column_abs, res = 0.0, 0.0
-            for out, target in zip(
-                outputs[column::width], self.targets[column::width], strict=True
-            ):
+            for out, target in zip(outputs[column::width], targets, strict=True):
                 error = out - target
                 column_abs += abs(error)
                 res += error * error

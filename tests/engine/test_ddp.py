@@ -7,6 +7,7 @@ processes; faults come from tests/faults/sitecustomize.py at seeded steps of a c
 and it logs where it struck before it does, so no test guesses from timing.
 """
 
+import errno
 import os
 import random
 import re
@@ -458,6 +459,33 @@ def test_a_user_error_a_rank_hands_over_is_raised_as_itself(tmp_path, error):
         raise_handed_over(path)
     assert str(raised.value) == str(error) and os.listdir(tmp_path) == ["final"]
     assert getattr(raised.value, "errno", None) == getattr(error, "errno", None)
+
+
+@pytest.mark.parametrize(("code", "handed_over"), [(errno.ENOSPC, True), (errno.EIO, False)])
+def test_a_rank_hands_over_a_lasting_write_error_and_lets_a_passing_one_restart_the_job(
+    tmp_path, monkeypatch, code, handed_over
+):
+    """A full disk fails every attempt: the launcher raises it. An I/O error may pass: the rank
+    fails as in a crash, and the launcher restarts the ranks."""
+    from trainflow.tasks.engine import launch
+
+    error = StorageError(f"cannot write a checkpoint: {os.strerror(code)}")
+    error.errno = code
+
+    def fails(job):
+        raise error
+
+    monkeypatch.setattr(launch, "_train_rank", fails)
+    monkeypatch.setenv("RANK", "1")
+    job = launch.Job({}, 1, "cpu", None, None, "", "", 1, 10.0, final=str(tmp_path / "final"))
+    if handed_over:
+        assert launch.run_rank(job).steps == 0
+        with pytest.raises(StorageError):
+            raise_handed_over(job.final)
+    else:
+        with pytest.raises(StorageError):
+            launch.run_rank(job)
+        assert not (tmp_path / "final").exists()
 
 
 def test_a_bad_process_layout_is_one_line_naming_the_field(capsys):
