@@ -15,7 +15,9 @@ the same batches in the same order, and validate every epoch:
   order once and slices the batches from them (one indexing op an epoch, not one a batch);
   `loss.backward()`, `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`; then a
   validation pass under `torch.no_grad()`. The losses stay on the device; the epoch reads
-  them out once, in one stack, and averages them in Python.
+  them out once, in one stack, and averages them in Python. uint8 images stay uint8 on the
+  device, and each batch becomes float32 with `x.float() / 255`, the conversion trainflow's
+  front layer makes.
 - `trainflow+metrics` (information): `trainflow` with the validation metrics on, the
   default: what they cost.
 - `trainflow, as the flow` (information): what `python flows/train_flow.py` runs, less its
@@ -23,6 +25,10 @@ the same batches in the same order, and validate every epoch:
   (every 30 s: each step asks the clock; one is written at the end).
 - `seed loop` (the seed's scale, information only): the tutorial's loop as the book writes
   it (DataLoader, `.item()` every step; benchmarks/seed_script.py), fed the same batches.
+
+At the `cnn` scale the model is a user's: a CNN registered by name in a project folder the
+benchmark writes (a pyproject.toml's `[tool.trainflow.models]`), from which trainflow imports
+it as a run does; the bare loop writes the same layers out in torch.
 
 Each timed call builds its model and optimizer, trains, and hands back the final weights on
 the CPU; the data is prepared once, untimed. After one warm-up call of each, the loops run
@@ -32,7 +38,9 @@ over rounds (goal: at least 0.97). The load average is printed before and after.
 
     python benchmarks/loops.py                 # the seed's scale: 20 rounds of 300 epochs
     python benchmarks/loops.py --scale mlp     # 10^6 x 32, MLP 64-64, batch 256: 3 of 3
-    python benchmarks/loops.py --scale both --clock cpu --threads 1
+    python benchmarks/loops.py --scale cnn     # 12,000 uint8 28x28 images, CNN, Adam: 12 of 2
+    python benchmarks/loops.py --scale both --clock cpu --threads 1   # seed and mlp
+    python benchmarks/loops.py --scale all     # seed, mlp and cnn
 
 Take the numbers that count on a quiet machine: a load near the CPU count makes the spread
 between rounds larger than the difference measured.
@@ -41,6 +49,7 @@ between rounds larger than the difference measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import itertools
@@ -51,6 +60,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import machine
@@ -78,20 +88,33 @@ BUSY = 0.75  # 1-minute load per CPU above which a run gives no verdict
 class Scale:
     name: str
     rows: int
-    features: int
-    model: str  # "linear" or "mlp" (ReLU)
+    features: int  # values per sample (C·H·W for images)
+    model: str  # "linear", "mlp" (ReLU), or a project's model (PROJECT_MODELS)
     hidden: tuple[int, ...]
     batch_size: int
-    lr: float  # SGD's
+    lr: float
     epochs: int  # per measurement
     rounds: int = 3  # measurements per loop, by default
+    optimizer: str = "sgd"  # or "adam"
+    loss: str = "mse"  # or "cross_entropy" (class ids)
+    image: tuple[int, ...] = ()  # (C, H, W) of uint8 images; (): a float32 table
+    classes: int = 0  # class ids 0…classes-1 in y; 0: one float32 target
+    # trainflow's loops measured beside `bare` and `trainflow`, as information (the seed
+    # loop: at the seed's scale).
+    information: tuple[str, ...] = ("trainflow+metrics", "trainflow, as the flow")
 
     def describe(self) -> str:
-        model = "nn.Linear" if self.model == "linear" else "MLP " + "-".join(map(str, self.hidden))
-        return (
-            f"{self.rows:,} rows x {self.features}, {model}, batch {self.batch_size}, "
-            f"SGD lr {self.lr}, MSE"
+        optimizer = {"sgd": "SGD", "adam": "Adam"}[self.optimizer]
+        loss = {"mse": "MSE", "cross_entropy": "cross-entropy"}[self.loss]
+        if self.image:
+            shape = "x".join(map(str, self.image))
+            data = f"{self.rows:,} uint8 images {shape}, {self.classes} classes"
+        else:
+            data = f"{self.rows:,} rows x {self.features}"
+        model = {"linear": "nn.Linear", "mlp": "MLP " + "-".join(map(str, self.hidden))}.get(
+            self.model, f"{self.model} (a project's model)"
         )
+        return f"{data}, {model}, batch {self.batch_size}, {optimizer} lr {self.lr}, {loss}"
 
 
 # At the seed's scale, many short rounds: a machine whose speed drifts over seconds moves long
@@ -99,7 +122,27 @@ class Scale:
 # (trainflow's from a spec) is not what is measured.
 SEED_SCALE = Scale("seed", 100, 1, "linear", (), 16, 0.1, 300, rounds=20)
 MLP_SCALE = Scale("mlp", 1_000_000, 32, "mlp", (64, 64), 256, 0.01, 3, rounds=3)
-SCALES = {s.name: s for s in (SEED_SCALE, MLP_SCALE)}
+# A user's CNN on images: steps of milliseconds, where what a framework adds per step is small
+# beside the kernels; more rounds than the MLP's, each shorter, for a steady median. Without
+# the flow's row: its progress line and checkpoint clock are the MLP scale's noise, and its
+# measurements are better spent on rounds.
+CNN_SCALE = Scale(
+    "cnn",
+    rows=12_000,
+    features=1 * 28 * 28,
+    model="bench_cnn",
+    hidden=(),
+    batch_size=128,
+    lr=1e-3,
+    epochs=2,
+    rounds=12,
+    optimizer="adam",
+    loss="cross_entropy",
+    image=(1, 28, 28),
+    classes=10,
+    information=("trainflow+metrics",),
+)
+SCALES = {s.name: s for s in (SEED_SCALE, MLP_SCALE, CNN_SCALE)}
 
 # Wall time by default; `--clock cpu` counts this process's CPU time instead, which other jobs
 # on a shared machine disturb less (all of torch's threads count in it).
@@ -108,13 +151,90 @@ clock = CLOCKS["wall"]
 
 
 def make_data(scale: Scale) -> Dataset:
-    """The seed's data (100 points on a line) at its scale; else a seeded random table."""
+    """The seed's data (100 points on a line) at its scale; else seeded images or a seeded
+    random table."""
     if scale.name == "seed":
         return synthetic()
+    if scale.image:
+        return make_images(scale)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(scale.rows, scale.features, generator=g)
     w = torch.randn(scale.features, 1, generator=g)
     return Dataset(x, x @ w + 0.1 * torch.randn(scale.rows, 1, generator=g), (), ())
+
+
+def make_images(scale: Scale) -> Dataset:
+    """Seeded uint8 images and their int64 class ids: each image its class's pattern (a grid
+    of random grey levels in 4x4 blocks) at a tenth of the range, under uniform noise: faint
+    enough that a CNN is still learning it over the epochs measured."""
+    g = torch.Generator().manual_seed(0)
+    channels, height, width = scale.image
+    y = torch.randint(scale.classes, (scale.rows,), generator=g)
+    patterns = torch.rand(scale.classes, channels, height // 4, width // 4, generator=g)
+    patterns = patterns.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+    noise = torch.rand(scale.rows, channels, height, width, generator=g)
+    x = ((0.1 * patterns[y] + 0.9 * noise) * 255).round().to(torch.uint8)
+    return Dataset(x, y, (), ())
+
+
+# The project models a scale may name: each a module of a user's project, which the benchmark
+# writes into a project folder of its own and registers there, as docs/your-model.md shows.
+PROJECT_MODELS = {
+    "bench_cnn": '''"""The loops benchmark's CNN: two padded 3x3 convolutions, each pooled 2x2."""
+
+from torch import nn
+
+
+def build(spec):
+    channels, height, width = spec.input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * (height // 4) * (width // 4), spec.n_outputs),
+    )
+'''
+}
+
+
+@contextlib.contextmanager
+def project_for(scale: Scale) -> Iterator[None]:
+    """The working folder in a project that registers the scale's model, if it is a project's:
+    trainflow finds the project from the working folder and imports the model from it, as a
+    user's run does. Gone afterwards, its module too, so a later one can be imported afresh."""
+    if scale.model not in PROJECT_MODELS:
+        yield
+        return
+    module = f"{scale.model}_model"
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        (root / f"{module}.py").write_text(PROJECT_MODELS[scale.model])
+        (root / "pyproject.toml").write_text(
+            f'[tool.trainflow.models]\n{scale.model} = "{module}:build"\n'
+        )
+        try:
+            with contextlib.chdir(root):
+                yield
+        finally:
+            sys.modules.pop(module, None)
+
+
+def model_spec(scale: Scale) -> ModelSpec:
+    """The spec build-model makes for the scale's data: images' shape, dtype and classes."""
+    if not scale.image:
+        return ModelSpec(scale.model, scale.features, 1, scale.hidden)
+    return ModelSpec(
+        scale.model,
+        scale.features,
+        scale.classes,
+        input_shape=scale.image,
+        input_dtype="uint8",
+        n_classes=scale.classes,
+    )
 
 
 @dataclass
@@ -139,7 +259,7 @@ def prepare(scale: Scale, device: torch.device) -> Problem:
     data = make_data(scale)
     parts = split_indices(scale.rows, VAL_FRACTION, SPLIT_SEED)
     loaders = make_loaders(data, parts, scale.batch_size, SHUFFLE_SEED, "tensor", 0, device)
-    initial = initial_model(ModelSpec(scale.model, scale.features, 1, scale.hidden), INIT_SEED)
+    initial = initial_model(model_spec(scale), INIT_SEED)
     cpu_train = data.x[parts.train], data.y[parts.train]
     cpu_val = data.x[parts.val], data.y[parts.val]
     on_device = [t.to(device, copy=True) for t in (*cpu_train, *cpu_val)]
@@ -177,6 +297,18 @@ def plain_model(scale: Scale) -> nn.Sequential:
     """The architecture written out in torch: trainflow's weights load into it by name."""
     if scale.model == "linear":
         return nn.Sequential(nn.Linear(scale.features, 1))
+    if scale.model == "bench_cnn":
+        channels, height, width = scale.image
+        return nn.Sequential(
+            nn.Conv2d(channels, 16, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * (height // 4) * (width // 4), scale.classes),
+        )
     sizes = (scale.features, *scale.hidden)
     layers: list[nn.Module] = []
     for fan_in, fan_out in itertools.pairwise(sizes):
@@ -200,7 +332,7 @@ def trainflow_loop(p: Problem, epochs: int, metrics: bool = False, as_flow: bool
         _sync(p.device)
         start = clock()
         trained = train_model(
-            *(p.initial, p.loaders, "sgd", s.lr, 0.0, 0.0, "mse", epochs, p.device),
+            *(p.initial, p.loaders, s.optimizer, s.lr, 0.0, 0.0, s.loss, epochs, p.device),
             on_epoch=progress,
             checkpoints=checkpoints,
             options=options,
@@ -218,13 +350,14 @@ def bare_epoch(
     x: Tensor,
     y: Tensor,
     batch: int,
+    pixels: bool = False,
 ) -> list[Tensor]:
     """One epoch's training steps on rows already in the epoch's order, each batch a slice
-    of them; the losses stay on the device."""
+    of them (`pixels`: uint8, made float32 in [0, 1]); the losses stay on the device."""
     model.train()
     losses = []
     for xb, yb in zip(x.split(batch), y.split(batch), strict=True):
-        loss = loss_fn(model(xb), yb)
+        loss = loss_fn(model(xb.float() / 255 if pixels else xb), yb)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -240,18 +373,22 @@ def bare_loop(p: Problem, epochs: int) -> Run:
     start = clock()
     model = plain_model(s).to(device)
     model.load_state_dict(p.initial.state)
-    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr)
-    loss_fn = nn.MSELoss()
+    if s.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr)
+    loss_fn = nn.CrossEntropyLoss() if s.loss == "cross_entropy" else nn.MSELoss()
+    pixels = bool(s.image)
     generator = torch.Generator().manual_seed(SHUFFLE_SEED)
     n = x.shape[0]
     curves = []
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator).to(device)
-        losses = bare_epoch(model, optimizer, loss_fn, x[order], y[order], batch)
+        losses = bare_epoch(model, optimizer, loss_fn, x[order], y[order], batch, pixels)
         model.eval()
         with torch.no_grad():
             batches = zip(x_val.split(batch), y_val.split(batch), strict=True)
-            val = [loss_fn(model(xb), yb) for xb, yb in batches]
+            val = [loss_fn(model(xb.float() / 255 if pixels else xb), yb) for xb, yb in batches]
         # The epoch's one read from the device, then its mean training and validation loss.
         read, k = torch.stack(losses + val).tolist(), len(losses)
         curves.append((sum(read[:k]) / k, sum(read[k:]) / len(val)))
@@ -339,20 +476,22 @@ def parity(
     """Race the loops at `scale`: steps/s per loop, the ratios, and the machine's load."""
     epochs = epochs or scale.epochs
     with_seed = scale.name == "seed" if with_seed is None else with_seed
-    loops = {k: v for k, v in LOOPS.items() if with_seed or k != "seed loop"}
-    problem = prepare(scale, device)
-    before = machine.load()
-    for run in loops.values():  # first-call costs (lazy imports, allocator) are not steps
-        run(problem, max(1, epochs // 20))
-    rates: dict[str, list[float]] = {name: [] for name in loops}
-    last: dict[str, Run] = {}
-    names = list(loops)
-    for round_ in range(rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            gc.collect()
-            last[name] = loops[name](problem, epochs)
-            rates[name].append(last[name].steps_per_s)
-    after = machine.load()
+    chosen = ("bare", "trainflow", *scale.information, *(["seed loop"] if with_seed else []))
+    loops = {name: LOOPS[name] for name in chosen}
+    with project_for(scale):
+        problem = prepare(scale, device)
+        before = machine.load()
+        for run in loops.values():  # first-call costs (lazy imports, allocator) are not steps
+            run(problem, max(1, epochs // 20))
+        rates: dict[str, list[float]] = {name: [] for name in loops}
+        last: dict[str, Run] = {}
+        names = list(loops)
+        for round_ in range(rounds):
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                gc.collect()
+                last[name] = loops[name](problem, epochs)
+                rates[name].append(last[name].steps_per_s)
+        after = machine.load()
 
     def ratio(loop: str, reference: str) -> dict[str, float]:
         per_round = zip(rates[loop], rates[reference], strict=True)
@@ -396,7 +535,7 @@ def parity(
             "loss_gap": _loss_gap(last[loop], last[reference]),
         }
         for loop, reference, about in INFORMATION
-        if reference in loops
+        if loop in loops and reference in loops
     ]
     return out
 
@@ -449,7 +588,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scale", choices=(*SCALES, "both"), default="seed")
+    parser.add_argument("--scale", choices=(*SCALES, "both", "all"), default="seed")
     parser.add_argument("--rounds", type=int, help="measurements per loop (default: the scale's)")
     parser.add_argument("--epochs", type=int, help="per measurement (default: the scale's)")
     parser.add_argument("--device", default="cpu")
@@ -461,7 +600,8 @@ def main() -> int:
     clock = CLOCKS[args.clock]
     if args.threads:  # on a busy machine, one thread spares the waits for a descheduled one
         torch.set_num_threads(args.threads)
-    scales = list(SCALES.values()) if args.scale == "both" else [SCALES[args.scale]]
+    named = {"both": ("seed", "mlp"), "all": tuple(SCALES)}.get(args.scale, (args.scale,))
+    scales = [SCALES[name] for name in named]
     for i, scale in enumerate(scales):
         result = parity(scale, torch.device(args.device), args.rounds or scale.rounds, args.epochs)
         print(json.dumps(result) if args.json else ("\n" if i else "") + report(result))

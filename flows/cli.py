@@ -8,6 +8,9 @@ from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from trainflow.tasks.errors import InputError
+from trainflow.tasks.project import registry
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -75,6 +78,12 @@ def describe(error: ValidationError) -> str:
 def parse_config(model: type[M], argv: list[str] | None = None, prog: str | None = None) -> M:
     """Parse argv into a validated model; bad input exits 2 with one line naming the flag."""
     parser = build_parser(model, prog or sys.argv[0], (model.__doc__ or "").strip())
+    try:
+        # The choices list the project's names only if its registry reads: if it doesn't,
+        # that, not an "invalid choice", is what the user must hear.
+        registry()
+    except InputError as exc:
+        parser.error(str(exc))
     values = vars(parser.parse_args(argv))
     try:
         return model(**values)

@@ -20,11 +20,17 @@ from trainflow.tasks.names import (
     ACTIVATIONS,
     DEVICE_CHOICES,
     DEVICE_PATTERN,
-    LOSSES,
     OPTIMIZERS,
     SYNTHETIC,
 )
-from trainflow.tasks.rules import DEFAULT_CACHE_DIR, model_names, train_size
+from trainflow.tasks.rules import (
+    DEFAULT_CACHE_DIR,
+    augmentation_names,
+    loss_names,
+    metric_names,
+    model_names,
+    train_size,
+)
 
 MAX_SEED = 2**63 - 1
 # Checked by the validators below and, as JSON-schema patterns, by the Prefect server before a
@@ -54,6 +60,18 @@ def _known_device(device: str) -> str:
 KnownDevice = AfterValidator(_known_device)
 
 
+def _known(
+    names: tuple[str, ...], known: tuple[str, ...], what: str, table: str
+) -> tuple[str, ...]:
+    for name in names:
+        if name not in known:
+            offered = ", ".join(known) or f"none: register one in your project's {table}"
+            raise ValueError(f"unknown {what} {name!r} (known: {offered})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"an {what} is named twice")
+    return names
+
+
 class TrainConfig(BaseModel):
     """Defaults reproduce chapter 2 of *Deep Learning with PyTorch Step-by-Step*."""
 
@@ -63,8 +81,16 @@ class TrainConfig(BaseModel):
     data: str = Field(
         SYNTHETIC,
         min_length=1,
-        description="'synthetic' (the tutorial's y = 1 + 2x + noise) or a .csv/.parquet/"
-        ".feather/.arrow/.npz/.pt/.pth file: a local path or any fsspec URL.",
+        description="'synthetic' (the tutorial's y = 1 + 2x + noise), a .csv/.parquet/"
+        ".feather/.arrow table, a .npz/.pt/.pth/.safetensors file of arrays x (N×…) and y "
+        "(N×T targets or N class ids), local or any fsspec URL; or a local folder of images "
+        "in class folders (root/<class>/*.png|jpg|…).",
+    )
+    image_size: Annotated[tuple[int, ...], CommaList] = Field(
+        (),
+        description="An image folder's H,W: every image resized to it (needed when sizes "
+        "differ); default: as stored.",
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 65536}},
     )
     target: Annotated[tuple[str, ...], CommaList] = Field(
         (),
@@ -111,7 +137,8 @@ class TrainConfig(BaseModel):
     model: Literal[model_names()] = Field(  # type: ignore[valid-type]
         "linear",
         description="'linear': nn.Sequential(nn.Linear(F, T)); 'mlp': hidden layers; or a "
-        "model another package registers under the 'trainflow.models' entry point.",
+        "model of your own project's (its trainflow.toml or pyproject.toml [tool.trainflow."
+        "models]), or of an installed package's 'trainflow.models' entry point.",
     )
     hidden: Annotated[tuple[int, ...], CommaList] = Field(
         (64, 64),
@@ -135,8 +162,10 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.1, gt=0, le=100, description="Learning rate.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="Weight decay (L2 / decoupled).")
-    loss: Literal[LOSSES] = Field(  # type: ignore[valid-type]
-        "mse", description="Loss function (mean reduction)."
+    loss: Literal[loss_names()] = Field(  # type: ignore[valid-type]
+        "mse",
+        description="Loss function (mean reduction), or one your project registers "
+        "([tool.trainflow.losses]).",
     )
     epochs: int = Field(200, ge=1, le=10**7, description="Training epochs.")
     lr_schedule: Literal["none", "step", "cosine", "onecycle"] = Field(
@@ -181,6 +210,31 @@ class TrainConfig(BaseModel):
         description="Validation metrics every epoch, chosen by the loss: MAE and R² for "
         "regression, accuracy (and F1, AUROC for two classes) for classification. Off: the "
         "losses and the lr only.",
+    )
+    extra_metrics: Annotated[tuple[str, ...], CommaList] = Field(
+        (),
+        description="Metrics of your project's ([tool.trainflow.metrics]) computed on the "
+        "validation split every epoch, comma-separated.",
+        json_schema_extra={"items": {"type": "string", "enum": list(metric_names())}}
+        if metric_names()
+        else None,
+    )
+    augment: Annotated[tuple[str, ...], CommaList] = Field(
+        (),
+        description="Per-batch training augmentations on the device, in order, comma-separated: "
+        "'crop' (random crop of the zero-padded image), 'flip' (horizontal), or your "
+        "project's ([tool.trainflow.augmentations]); validation batches never.",
+        json_schema_extra={"items": {"type": "string", "enum": list(augmentation_names())}},
+    )
+    crop_padding: int = Field(
+        4, ge=0, le=1024, description="Pixels of zero padding on each side for 'crop'."
+    )
+    augment_seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the augmentations' draws: each batch's come from (seed, epoch, "
+        "batch) alone, so a resumed run draws what an uninterrupted one does.",
     )
     device: Annotated[str, KnownDevice] = Field(
         "auto",
@@ -278,6 +332,10 @@ class TrainConfig(BaseModel):
                     f"for --n-samples {self.n_samples}"
                 )
         self._fits_the_schedule()
+        if self.crop_padding != type(self).model_fields["crop_padding"].default and (
+            "crop" not in self.augment
+        ):
+            raise ValueError("--crop-padding is for --augment crop")
         if self.early_stopping_min_delta and not self.early_stopping_patience:
             raise ValueError("--early-stopping-min-delta needs --early-stopping-patience")
         if self.precision == "bf16" and self.device.startswith("mps"):
@@ -334,6 +392,10 @@ class TrainConfig(BaseModel):
             grad_clip=self.grad_clip,
             precision=self.precision,
             metrics=self.metrics,
+            extra_metrics=self.extra_metrics,
+            augment=self.augment,
+            crop_padding=self.crop_padding,
+            augment_seed=self.augment_seed,
         )
 
     @property
@@ -354,6 +416,23 @@ class TrainConfig(BaseModel):
         if any(size < 1 or size > 2**20 for size in sizes):
             raise ValueError("hidden sizes must be between 1 and 1048576")
         return sizes
+
+    @field_validator("image_size")
+    @classmethod
+    def _height_and_width(cls, size: tuple[int, ...]) -> tuple[int, ...]:
+        if size and (len(size) != 2 or any(side < 1 or side > 65536 for side in size)):
+            raise ValueError("must be H,W: two sizes between 1 and 65536")
+        return size
+
+    @field_validator("extra_metrics")
+    @classmethod
+    def _registered_metrics(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return _known(names, metric_names(), "metric", "[tool.trainflow.metrics]")
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return _known(names, augmentation_names(), "augmentation", "[tool.trainflow.augmentations]")
 
     @field_validator("run_name")
     @classmethod

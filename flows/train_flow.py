@@ -27,7 +27,7 @@ from trainflow.flows.session.server import ServerError
 from trainflow.tasks.build_loaders import build_loaders
 from trainflow.tasks.build_model import build_model
 from trainflow.tasks.data.tensors import training_categories
-from trainflow.tasks.engine.losses import output_width
+from trainflow.tasks.engine.losses import n_classes, output_width
 from trainflow.tasks.engine.stops import Interrupted
 from trainflow.tasks.errors import InputError, NonFiniteLoss, StorageError, quiet_input_errors
 from trainflow.tasks.export_graph import export_graph
@@ -55,6 +55,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
                 data_seed=cfg.data_seed,
                 noise=cfg.noise,
                 identity=cfg.data_identity,
+                image_size=cfg.image_size,
             )
             parts = split(
                 n_rows=len(data),
@@ -76,8 +77,11 @@ def train_flow(config: TrainConfig = TrainConfig()) -> RunSummary:  # noqa: B008
             initial = build_model(
                 name=cfg.model,
                 n_inputs=data.n_features,
+                input_shape=data.input_shape,
+                input_dtype=data.input_dtype,
                 categories=data.category_slots,
-                n_outputs=output_width(cfg.loss, data.y),
+                n_outputs=output_width(cfg.loss, data.y, source=cfg.data),
+                n_classes=n_classes(data.y),
                 hidden=cfg.hidden,
                 activation=cfg.activation,
                 seed=cfg.init_seed,

@@ -23,6 +23,7 @@ from trainflow.tasks.cache.stage import cache_entry, stage
 from trainflow.tasks.data.splits import Split
 from trainflow.tasks.engine.fit import Trained
 from trainflow.tasks.engine.models import instantiate
+from trainflow.tasks.engine.registered import project_sources
 from trainflow.tasks.errors import writing
 from trainflow.tasks.runs.folder import (
     COLUMNS,
@@ -32,6 +33,7 @@ from trainflow.tasks.runs.folder import (
     MODEL,
     PROGRAM,
     RUN_FOLDER_ARTIFACT,
+    SOURCE,
     SPEC,
     SPLIT,
     model_digest,
@@ -92,12 +94,22 @@ def event_bytes(write: Callable[[SummaryWriter], None]) -> bytes:
         return b"".join(path.read_bytes() for path in paths)
 
 
+SAMPLE_IMAGES = 64  # shown in TensorBoard's IMAGES tab for image data
+
+
+def is_images(sample: Tensor) -> bool:
+    """uint8 N×C×H×W with 1 or 3 channels (an image folder's, or an array file of images)."""
+    return sample.dtype == torch.uint8 and sample.ndim == 4 and sample.shape[1] in (1, 3)
+
+
 def graph_event_file(model: nn.Module, sample: Tensor) -> bytes:
     def add_graph(writer: SummaryWriter) -> None:
         with warnings.catch_warnings():
             # add_graph traces with torch.jit, which warns it is deprecated; nothing to act on.
             warnings.simplefilter("ignore", DeprecationWarning)
             writer.add_graph(model, sample)
+        if is_images(sample):
+            writer.add_images("training samples", sample[:SAMPLE_IMAGES], dataformats="NCHW")
 
     return event_bytes(add_graph)
 
@@ -148,10 +160,16 @@ def write_outputs(
     run_dir: Path,
     config: dict[str, Any],
     columns: dict[str, list[str]],
+    sources: dict[str, bytes] | None = None,
 ) -> str:
     """Every file of the run folder that export-graph owns, on a miss and on a hit alike.
-    Returns the digest of the model written (`model_digest`)."""
+    Returns the digest of the model written (`model_digest`). `sources`: the project's code
+    the run used, by its path in the project, copied under source/."""
     with writing(f"the run folder {str(run_dir)!r}"):
+        for relative, text in (sources or {}).items():
+            path = run_dir / SOURCE / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files.atomic_write(path, text)
         metrics = metrics_record(trained)
         final = {f"final/{name}": value for name, value in final_values(trained).items()}
         files.atomic_write(run_dir / GRAPH_EVENTS, exported.graph_events)
@@ -253,6 +271,13 @@ def export_graph(
     hit = exported is not None
     if exported is None:
         exported = entry.keep(export_model(trained, sample))
-    model = write_outputs(exported, trained, parts, run_dir, config, columns)
+    named = [
+        ("models", trained.spec.name),
+        ("losses", config["loss"]),
+        *(("metrics", name) for name in config.get("extra_metrics", ())),
+        *(("augmentations", name) for name in config.get("augment", ())),
+    ]
+    sources = project_sources(named)
+    model = write_outputs(exported, trained, parts, run_dir, config, columns, sources)
     publish(trained, run_dir, model, cache)
     return entry.cached(exported) if hit else exported

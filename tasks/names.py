@@ -10,6 +10,9 @@ ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("mse", "l1", "huber", "cross_entropy", "bce_with_logits")
+# Per-batch training augmentations on the device (tasks/engine/augment.py): a random crop of
+# the zero-padded image, a horizontal flip.
+AUGMENTATIONS = ("crop", "flip")
 
 # A torch device by name, checked alike for training and prediction: by the config, and as a
 # JSON-schema pattern by the Prefect server before a deployment run exists.

@@ -15,11 +15,12 @@ what a genuine `model.pt2` does, from files that can change the numbers but run 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,11 +38,21 @@ from trainflow.tasks.cache.stage import (
 )
 from trainflow.tasks.cache.store import CacheStore
 from trainflow.tasks.data.sources import DataFile, Identity
+
+if TYPE_CHECKING:
+    from trainflow.tasks.data.images import ImageFolder
 from trainflow.tasks.data.tables import TABLE_FORMATS
-from trainflow.tasks.data.tensors import check_format, read_file, synthetic, table_row_blocks
+from trainflow.tasks.data.tensors import (
+    Dataset,
+    check_format,
+    is_image_folder,
+    read_file,
+    synthetic,
+    table_row_blocks,
+)
 from trainflow.tasks.data.writers import output_location, write_output
 from trainflow.tasks.device import resolve_device
-from trainflow.tasks.engine.losses import make_loss
+from trainflow.tasks.engine.losses import ELEMENTWISE, make_loss
 from trainflow.tasks.engine.metrics import ValMetrics
 from trainflow.tasks.engine.models import model_code
 from trainflow.tasks.errors import InputError
@@ -66,14 +77,15 @@ class Scores:
 
     outputs: Tensor
     metrics: dict[str, float]
+    files: tuple[str, ...] = ()  # an image folder's, per row: the file each row scores
     cache_key: str = field(default="", compare=False)
 
     def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return {"outputs": self.outputs}, {"metrics": self.metrics}
+        return {"outputs": self.outputs}, {"metrics": self.metrics, "files": list(self.files)}
 
     @classmethod
     def from_cache(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Scores:
-        return cls(tensors["outputs"], dict(meta["metrics"]))
+        return cls(tensors["outputs"], dict(meta["metrics"]), tuple(meta.get("files", ())))
 
     def __len__(self) -> int:
         return self.outputs.shape[0]
@@ -109,13 +121,74 @@ def row_blocks(
                 f, file.url, run.features, run.targets, run.categories, rows_per_block
             )
         return
-    data = read_file(file)  # .npz and .pt hold arrays 'x' and 'y', as in training: whole
-    if data.n_features != len(run.features):
+    data = read_file(file)  # arrays 'x' and 'y', as in training: whole
+    check_samples(data, run, f"data file {file.url!r}")
+    yield data.x, data.y
+
+
+def check_samples(data: Dataset, run: ModelRun, where: str) -> None:
+    """The samples must be what the model was trained on: their shape, and their dtype (a
+    uint8 image is scaled by 1/255 inside the model, a float one would not be)."""
+    shape, dtype = run.spec.sample_shape, run.spec.input_dtype
+    if run.spec.input_shape or data.x.ndim > 2:
+        if data.input_shape != shape:
+            raise InputError(
+                f"{where}: x holds samples of shape {data.input_shape}, the model takes {shape}"
+            )
+    elif data.n_features != len(run.features):
         raise InputError(
-            f"data file {file.url!r}: x has {data.n_features} columns, the model takes "
+            f"{where}: x has {data.n_features} columns, the model takes "
             f"{len(run.features)} ({', '.join(run.features)})"
         )
-    yield data.x, data.y
+    if data.input_dtype != dtype and (dtype != "float32" or data.x.ndim > 2):
+        raise InputError(f"{where}: x is {data.input_dtype}, the model was trained on {dtype}")
+
+
+def scoring_folder(root: str, run: ModelRun) -> ImageFolder:
+    """The images to score: class folders named as in training (they give targets), or images
+    directly in the folder (scored without)."""
+    from trainflow.tasks.data import images  # Pillow: for image folders only
+
+    where = f"image folder {root!r}"
+    if len(run.spec.sample_shape) != 3 or run.spec.input_dtype != "uint8":
+        raise InputError(f"{where}: the model was not trained on images")
+    flat = sorted(
+        entry.name for entry in os.scandir(root) if entry.is_file() and entry.name[0] != "."
+    )
+    if flat:
+        return images.ImageFolder(root, (), tuple((name, -1) for name in flat))
+    folder = images.scan_image_folder(root)
+    unknown = [name for name in folder.classes if name not in class_names(run)]
+    if unknown:
+        known = ", ".join(class_names(run)) or "none: it predicts values, not classes"
+        raise InputError(
+            f"{where}: class folder {unknown[0]!r} is not a class the model knows ({known})"
+        )
+    return folder
+
+
+def class_names(run: ModelRun) -> tuple[str, ...]:
+    """The model's class names: an image folder's, or else the ids themselves ("0", "1", …)."""
+    return run.classes or tuple(str(i) for i in range(run.spec.n_classes))
+
+
+def image_rows(folder: ImageFolder, run: ModelRun) -> tuple[Tensor, Tensor | None]:
+    """The folder's images decoded as training decoded them, at the size the model takes, and
+    their class ids in the model's numbering (None for images without a class folder)."""
+    from trainflow.tasks.data import images
+
+    size = run.spec.sample_shape[1], run.spec.sample_shape[2]
+    x, _ = images.decode_images(folder, size)
+    if x.shape[1:] != run.spec.sample_shape:
+        raise InputError(
+            f"image folder {folder.root!r}: its images have {x.shape[1]} channel(s), the model "
+            f"takes {run.spec.sample_shape[0]}"
+        )
+    if not folder.classes:
+        return x, None
+    names = class_names(run)
+    ids = [names.index(folder.classes[c]) for _, c in folder.files]
+    return x, torch.tensor(ids, dtype=torch.int64)
 
 
 def apply_model(
@@ -126,15 +199,16 @@ def apply_model(
     tensor. Outputs on the CPU."""
     target = resolve_device(device)
     module = module.to(target)
-    outputs, pending = [], torch.empty(0)
+    outputs, pending = [], None
     with torch.no_grad():
         for block in blocks:
-            x = torch.cat([pending, block]) if len(pending) else block
+            # Rows left from the last block, in the block's own dtype (uint8 stays uint8).
+            x = torch.cat([pending, block]) if pending is not None and len(pending) else block
             whole = len(x) - len(x) % batch_size
             for start in range(0, whole, batch_size):
                 outputs.append(module(x[start : start + batch_size].to(target)).cpu())
             pending = x[whole:]
-        if len(pending):
+        if pending is not None and len(pending):
             outputs.append(module(pending.to(target)).cpu())
     return torch.cat(outputs)
 
@@ -145,7 +219,7 @@ def metrics(outputs: Tensor, y: Tensor, loss: str) -> dict[str, float]:
     chosen = ValMetrics(loss, y, outputs.shape[1])
     named = chosen.measure(outputs)
     return {
-        "loss": float(make_loss(loss)(outputs, y)),
+        "loss": float(make_loss(loss, y.dtype)(outputs, y)),
         **{name.removeprefix("val_"): value for name, value in named.items()},
     }
 
@@ -156,15 +230,22 @@ def score_rows(
     batch_size: int,
     device: str,
     rows_per_block: int = ROWS_PER_BLOCK,
+    folder: ImageFolder | None = None,
 ) -> Scores:
     """Outputs for every row; what stays in memory is the outputs and the targets, not the
-    features (README: "Batch prediction", its limit)."""
+    features (README: "Batch prediction", its limit). `folder`: an image folder instead."""
     targets: list[Tensor] = []
-    source = file.url if file is not None else SYNTHETIC
+    source = file.url if file is not None else folder.root if folder else SYNTHETIC
+    files: tuple[str, ...] = ()
+    if folder is not None:
+        blocks: Iterable[tuple[Tensor, Tensor | None]] = [image_rows(folder, run)]
+        files = tuple(relative for relative, _ in folder.files)
+    else:
+        blocks = row_blocks(file, run, rows_per_block)
 
     def features() -> Iterator[Tensor]:
         first_row = 0
-        for x, y in row_blocks(file, run, rows_per_block):
+        for x, y in blocks:
             check_finite(x, y, run, source, first_row)
             if y is not None:
                 targets.append(y)
@@ -173,7 +254,7 @@ def score_rows(
 
     outputs = apply_model(rebuilt_model(run), features(), batch_size, device)
     y = torch.cat(targets) if targets else None
-    return Scores(outputs, metrics(outputs, y, run.loss) if y is not None else {})
+    return Scores(outputs, metrics(outputs, y, run.loss) if y is not None else {}, files)
 
 
 def check_finite(x: Tensor, y: Tensor | None, run: ModelRun, source: str, first_row: int) -> None:
@@ -184,15 +265,18 @@ def check_finite(x: Tensor, y: Tensor | None, run: ModelRun, source: str, first_
     or unseen text is id 0, unknown."""
     categorical = {i for i, name in enumerate(run.features) if name in run.categories}
     for values, names, skip in ((x, run.features, categorical), (y, run.targets, set())):
-        if values is None:
+        if values is None or not values.is_floating_point():  # integers hold no NaN
             continue
-        bad = ~np.isfinite(values.numpy())
+        if values.dtype == torch.bfloat16:  # numpy has no bfloat16
+            values = values.float()
+        bad = ~np.isfinite(values.reshape(len(values), -1).numpy())
         if skip:
             bad[:, sorted(skip)] = False
         if bad.any():
             row, column = (int(i) for i in np.argwhere(bad)[0])
+            where = f"column {names[column]!r}" if values.ndim <= 2 else f"element {column}"
             raise InputError(
-                f"data file {source!r}: a NaN/Inf value in column {names[column]!r}, "
+                f"data file {source!r}: a NaN/Inf value in {where}, "
                 f"row {first_row + row} (from 0); training refuses these too"
             )
 
@@ -204,9 +288,14 @@ def prediction_columns(scores: Scores, run: ModelRun, first_row: int = 0) -> dic
     out = scores.outputs.double()
     n = out.shape[0]
     columns: dict[str, np.ndarray] = {"row": np.arange(first_row, first_row + n, dtype=np.int64)}
-    if run.loss == "cross_entropy":
+    if scores.files:
+        columns["file"] = np.array(scores.files[first_row : first_row + n], dtype=object)
+    if run.loss == "cross_entropy" or (run.spec.n_classes and run.loss not in ELEMENTWISE):
         probs = torch.softmax(out, dim=1)
-        columns[_name("prediction", run.targets, 0)] = probs.argmax(1).numpy()
+        predicted = probs.argmax(1).numpy()
+        columns[_name("prediction", run.targets, 0)] = predicted
+        if run.classes:  # the class names, as the image folder's folders named them
+            columns["class"] = np.array(run.classes, dtype=object)[predicted]
         columns |= {f"prob_{c}": probs[:, c].numpy() for c in range(probs.shape[1])}
     elif run.loss == "bce_with_logits":
         p = torch.sigmoid(out)
@@ -232,7 +321,7 @@ def prediction_blocks(
     """The output's columns a block of rows at a time: the float64 columns of a whole large
     output never sit in memory at once."""
     for start in range(0, len(scores), rows_per_block):
-        block = Scores(scores.outputs[start : start + rows_per_block], {})
+        block = Scores(scores.outputs[start : start + rows_per_block], {}, scores.files)
         yield prediction_columns(block, run, first_row=start)
 
 
@@ -269,6 +358,23 @@ def score(
             device=device_type,
         )
         return entry.resolve(Scores, lambda: score_rows(run, None, batch_size, device))
+    if is_image_folder(source):
+        from trainflow.tasks.data import images  # Pillow: for image folders only
+
+        folder = scoring_folder(source, run)
+        entry = cache_entry(
+            "score",
+            score_rows,
+            weights=run.weights_digest,
+            model=run.schema,
+            plugin=model_code(run.spec.name),
+            data=images.folder_identity(folder) if cache_enabled() else None,
+            batch_size=batch_size,
+            device=device_type,
+        )
+        return entry.resolve(
+            Scores, lambda: score_rows(run, None, batch_size, device, folder=folder)
+        )
     check_format(source, ())
     with DataFile(source) as file:  # a remote file is fetched once, for the key and the rows
         data = file.identity(identity) if cache_enabled() else None

@@ -7,7 +7,8 @@ import re
 from decimal import Decimal
 from importlib.metadata import entry_points
 
-from trainflow.tasks.names import BUILTIN_MODELS, MODEL_ENTRY_POINTS
+from trainflow.tasks.names import AUGMENTATIONS, BUILTIN_MODELS, LOSSES, MODEL_ENTRY_POINTS
+from trainflow.tasks.project import registered_names
 
 DEFAULT_CACHE_DIR = ".trainflow/cache"  # relative to the working folder, beside runs/
 
@@ -32,6 +33,25 @@ def safe_run_name(text: str, limit: int = 64) -> str:
 
 
 def model_names() -> tuple[str, ...]:
-    """The built-in models, then those other packages register as entry points."""
+    """The built-in models, then those other packages register as entry points, then the
+    project's own (tasks/project.py)."""
     plugins = sorted(ep.name for ep in entry_points(group=MODEL_ENTRY_POINTS))
-    return (*BUILTIN_MODELS, *(name for name in plugins if name not in BUILTIN_MODELS))
+    return _choices(BUILTIN_MODELS, *plugins, *registered_names("models"))
+
+
+def loss_names() -> tuple[str, ...]:
+    return _choices(LOSSES, *registered_names("losses"))
+
+
+def metric_names() -> tuple[str, ...]:
+    """The project's own metrics (the built-in ones follow from the loss)."""
+    return registered_names("metrics")
+
+
+def augmentation_names() -> tuple[str, ...]:
+    return _choices(AUGMENTATIONS, *registered_names("augmentations"))
+
+
+def _choices(builtin: tuple[str, ...], *more: str) -> tuple[str, ...]:
+    # A name registered twice is refused where it is used; listed once here.
+    return (*builtin, *dict.fromkeys(name for name in more if name not in builtin))

@@ -20,6 +20,7 @@ from trainflow.tasks.engine.launch import Job, check_launch, default_threads, la
 from trainflow.tasks.engine.models import InitialModel
 from trainflow.tasks.engine.options import Launch, TrainingOptions
 from trainflow.tasks.engine.ranks import SingleProcess
+from trainflow.tasks.engine.registered import registered_code
 from trainflow.tasks.engine.stops import Interrupted as Interrupted  # raised to the callers
 from trainflow.tasks.engine.stops import StopSignals
 from trainflow.tasks.errors import is_final, writing
@@ -33,6 +34,17 @@ def write_curves(
     """The run folder's curves from a whole history: a cache hit's, or the ranks'."""
     with writing(f"the run folder {str(run_dir)!r}"):
         Curves(run_dir, train_loss, val_loss, metrics).close()
+
+
+def project_code(loss: str, options: TrainingOptions) -> dict[str, Any]:
+    """What the key covers of the project's own code this training runs, by name."""
+    named = [
+        ("losses", loss),
+        *(("metrics", name) for name in options.extra_metrics),
+        *(("augmentations", name) for name in options.augment),
+    ]
+    found = {f"{kind}.{name}": registered_code(kind, name) for kind, name in named}
+    return {key: code for key, code in found.items() if code is not None}
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
@@ -74,6 +86,8 @@ def train_epochs(
         "device": resolve_device(device).type,
         "options": options.normalized(),
     }
+    if own_code := project_code(loss, options):
+        recipe["project"] = own_code  # the project's loss, metrics, augmentations: their code
     if launch.distributed:
         check_launch(launch, device)
         # More ranks reduce in another order: another result, and another lineage (never a

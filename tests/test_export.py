@@ -1,4 +1,5 @@
 import io
+import math
 import re
 import subprocess
 import sys
@@ -6,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from trainflow.tasks.engine.models import ModelSpec, initial_model, instantiate
-from trainflow.tasks.export_graph import export_program, hparams, thinned
+from trainflow.tasks.engine.models import ModelSpec, initial_model, instantiate, model_spec
+from trainflow.tasks.export_graph import export_program, graph_event_file, hparams, thinned
 
 from .conftest import REPO
 
@@ -67,3 +68,42 @@ def test_only_a_run_that_exports_loads_the_export_machinery(tmp_path, subprocess
     assert not EXPORT_MACHINERY & _imported(cached.stderr)
     # Nor FastAPI, which Prefect imports to store a flow's parameters (flows/parameters.py).
     assert "fastapi" not in _imported(cached.stderr)
+
+
+@pytest.mark.parametrize(
+    ("shape", "images"), [((1, 8, 8), True), ((3, 5, 7), True), ((4, 5), False)]
+)
+def test_the_graph_file_holds_a_grid_of_training_images_for_image_data(tmp_path, shape, images):
+    """uint8 N×C×H×W with 1 or 3 channels is shown in TensorBoard's IMAGES tab beside the
+    graph; other data only the graph."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = model_spec(
+        "mlp", math.prod(shape), 3, (4,), "relu", input_shape=shape, input_dtype="uint8"
+    )
+    model = instantiate(spec, initial_model(spec, seed=0).state).eval()
+    sample = torch.randint(0, 256, (70, *shape), dtype=torch.uint8)
+    (tmp_path / "events.out.tfevents.0.graph").write_bytes(graph_event_file(model, sample))
+    tags = EventAccumulator(str(tmp_path)).Reload().Tags()
+    assert tags["graph"]
+    assert tags["images"] == (["training samples"] if images else [])
+    if images:
+        shown = EventAccumulator(str(tmp_path), size_guidance={"images": 0}).Reload()
+        (image,) = shown.Images("training samples")
+        assert image.width > 0 and image.height > 0
+
+
+def test_the_exported_program_of_an_image_model_takes_raw_uint8_batches_of_any_size():
+    spec = model_spec("mlp", 64, 10, (8,), "relu", input_shape=(1, 8, 8), input_dtype="uint8")
+    model = instantiate(spec, initial_model(spec, seed=0).state).eval()
+    buffer = io.BytesIO()
+    sample = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    torch.export.save(export_program(model, sample), buffer)
+    buffer.seek(0)
+    program = torch.export.load(buffer).module()
+    for rows in (1, 3, 40):
+        x = torch.randint(0, 256, (rows, 1, 8, 8), dtype=torch.uint8)
+        torch.testing.assert_close(program(x), model(x))
+        # The cast is inside: the program's numbers are the model's on x / 255.
+        inner = model[2:] if isinstance(model, torch.nn.Sequential) else model
+        torch.testing.assert_close(program(x), inner(x.float().flatten(1) / 255))

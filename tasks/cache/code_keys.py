@@ -35,7 +35,7 @@ import os
 import platform
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -101,11 +101,22 @@ class CodeKey:
     loaded_before: int = 0  # trainflow.tasks.cache.imported.loaded_count() when the key was made
 
 
-def code_key(*roots: Any) -> CodeKey:
-    """The code that `roots` (functions, classes, modules or their instances) can reach."""
+def code_key(*roots: Any, value_types: Iterable[type] = ()) -> CodeKey:
+    """The code that `roots` (functions, classes, modules or their instances) can reach, and
+    the classes of a stage's input values. A value's class from an installed library (a
+    `torch.dtype`) counts by the library's version, as an import of it does: reading the
+    library's own modules would make the key depend on what else the process has loaded."""
     record_imports()  # first among the finders again, should another have been put in front
     loaded_before = loaded_count()
     walk = _Walk()
+    for kind in value_types:
+        top = kind.__module__.partition(".")[0]
+        if top in sys.stdlib_module_names or top == "builtins":
+            continue
+        if _is_library(top) and (pin := _pin(top)) is not None:
+            walk.libraries.add(pin)
+        else:
+            walk.root(kind)
     for root in (*roots, *(sys.modules[m] for m in sorted(_plugins) if m in sys.modules)):
         walk.root(root)
     if walk.dynamic:

@@ -137,7 +137,7 @@ def keyed(
     covers (to check, before storing, that the code has not changed since: code_keys); `also`,
     more code the output depends on (the stage's own module: what its body runs besides `fn`)."""
     try:
-        code = code_key(fn, *also, *dict.fromkeys(value_types(inputs)))
+        code = code_key(fn, *also, value_types=dict.fromkeys(value_types(inputs)))
     except UnreadableCode as exc:
         raise NoCacheKey(str(exc)) from None
     payload = {

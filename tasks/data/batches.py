@@ -195,7 +195,8 @@ def make_loaders(
     if isinstance(data, MappedDataset):  # `kind` and workers: the map is read in this process
         train = MappedBatches(data.table, parts.train, batch_size, shuffle_seed, device)
         val = MappedBatches(data.table, parts.val, batch_size, None, device)
-        return Loaders(train=train, val=val, sample=data.table.gather(parts.train[:batch_size])[0])
+        sample = data.table.gather(parts.train[:batch_size])[0]
+        return Loaders(train=train, val=val, sample=sample)
     x_train, y_train = data.x[parts.train], data.y[parts.train]
     x_val, y_val = data.x[parts.val], data.y[parts.val]
     sample = x_train[:batch_size].clone()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import mmap
 import os
 import struct
 import tempfile
 import weakref
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +59,8 @@ def too_big(file: DataFile, suffix: str, available: int | None) -> bool:
     limit = in_memory_limit(available)
     if limit is None:
         return False
+    if suffix in (".npz", ".pt", ".pth", ".safetensors"):  # arrays: about their size in memory
+        return array_bytes(file, suffix) > limit
     needed = file.size // 2  # CSV: digits are denser than float32; Arrow files: float64s
     if suffix == ".parquet":
         import pyarrow as pa  # here: a CSV's check, and so a cached CSV run, never loads it
@@ -71,39 +75,101 @@ def too_big(file: DataFile, suffix: str, available: int | None) -> bool:
     return needed > limit
 
 
+# safetensors' dtype codes for what a mapped file holds, and how numpy reads each (bfloat16,
+# which numpy lacks, as its 16 bits, viewed as bfloat16 by torch afterwards).
+DTYPE_CODES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+}
+_TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_NUMPY_DTYPES = {
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "U8": "u1",
+    "I8": "i1",
+    "I16": "<i2",
+    "I32": "<i4",
+    "I64": "<i8",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One tensor of a mapped file: its dtype, and one row's shape (() for one value a row)."""
+
+    dtype: torch.dtype = torch.float32
+    row: tuple[int, ...] = ()
+
+    @property
+    def code(self) -> str:
+        return DTYPE_CODES[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.row) * torch.empty(0, dtype=self.dtype).element_size()
+
+
+def array_bytes(file: DataFile, suffix: str) -> int:
+    """An array file's size in memory: its own, or an .npz's members' unpacked."""
+    if suffix != ".npz":
+        return file.size
+    with file.open() as f:
+        try:
+            return sum(info.file_size for info in zipfile.ZipFile(f).infolist())
+        except zipfile.BadZipFile:
+            return 0  # not a zip: the whole-file reader says so in one line
+
+
 class MappedWriter:
     """Writes x and y row chunks into a new file at `path`; `finish()` makes it a complete
-    safetensors file, `abort()` removes it (and the side file holding y until then)."""
+    safetensors file, `abort()` removes it (and the side file holding y until then). A table's
+    are float32 columns (`n_features`, `n_targets`); an array file's, `x` and `y` layouts."""
 
-    def __init__(self, path: str, n_features: int, n_targets: int):
-        self.path, self.n_features, self.n_targets, self.rows = path, n_features, n_targets, 0
+    def __init__(
+        self,
+        path: str,
+        n_features: int = 0,
+        n_targets: int = 0,
+        x: Layout | None = None,
+        y: Layout | None = None,
+    ):
+        self.path, self.rows = path, 0
+        self.x_layout = x or Layout(torch.float32, (n_features,))
+        self.y_layout = y or Layout(torch.float32, (n_targets,))
         self.x = open(path, "xb")  # noqa: SIM115 (closed by finish or abort)
         os.fchmod(self.x.fileno(), FILE_MODE)
         self.x.write(b"\0" * HEADER_SPACE)
         # y goes after x in the file, and x's length is known only at the end: y waits here.
         self.y = tempfile.TemporaryFile(dir=os.path.dirname(path))  # noqa: SIM115
 
-    def append(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.x.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
-        self.y.write(np.ascontiguousarray(y, dtype="<f4").tobytes())
+    def append(self, x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> None:
+        self.x.write(_row_bytes(x, self.x_layout))
+        self.y.write(_row_bytes(y, self.y_layout))
         self.rows += x.shape[0]
 
     def finish(self) -> None:
-        x_bytes = self.rows * self.n_features * 4
-        y_bytes = self.rows * self.n_targets * 4
+        x_bytes = self.rows * self.x_layout.row_bytes
+        y_bytes = self.rows * self.y_layout.row_bytes
         self.y.seek(0)
         while block := self.y.read(16 << 20):
             self.x.write(block)
         self.y.close()
         header = {
             "x": {
-                "dtype": "F32",
-                "shape": [self.rows, self.n_features],
+                "dtype": self.x_layout.code,
+                "shape": [self.rows, *self.x_layout.row],
                 "data_offsets": [0, x_bytes],
             },
             "y": {
-                "dtype": "F32",
-                "shape": [self.rows, self.n_targets],
+                "dtype": self.y_layout.code,
+                "shape": [self.rows, *self.y_layout.row],
                 "data_offsets": [x_bytes, x_bytes + y_bytes],
             },
         }
@@ -119,6 +185,15 @@ class MappedWriter:
         self.x.close()
         self.y.close()
         Path(self.path).unlink(missing_ok=True)
+
+
+def _row_bytes(rows: np.ndarray | Tensor, layout: Layout) -> bytes:
+    if isinstance(rows, Tensor):
+        rows = rows.contiguous()
+        if rows.dtype == torch.bfloat16:
+            rows = rows.view(torch.int16)
+        rows = rows.numpy()
+    return np.ascontiguousarray(rows, dtype=_NUMPY_DTYPES[layout.code]).tobytes()
 
 
 class MappedTable:
@@ -162,8 +237,10 @@ class MappedTable:
 
     def _take(self, region: _Region, ordered: np.ndarray, order: np.ndarray) -> Tensor:
         """out[order[i]] = region[ordered[i]], for `ordered` sorted ascending."""
-        out = np.empty((len(ordered), region.cols), dtype=np.float32)
-        per_window = max(1, WINDOW_BYTES // (region.cols * 4))
+        dtype = np.dtype(_NUMPY_DTYPES[region.code])
+        row_bytes = region.cols * dtype.itemsize
+        out = np.empty((len(ordered), region.cols), dtype=dtype)
+        per_window = max(1, WINDOW_BYTES // row_bytes)
         windows = ordered // per_window
         bounds = [0, *(np.flatnonzero(np.diff(windows)) + 1).tolist(), len(ordered)]
         for lo, hi in itertools.pairwise(bounds):
@@ -171,42 +248,53 @@ class MappedTable:
                 continue
             first = int(windows[lo]) * per_window
             count = min(region.rows, first + per_window) - first
-            begin = region.start + first * region.cols * 4
+            begin = region.start + first * row_bytes
             aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
             window = mmap.mmap(
                 self.file.fileno(),
-                begin - aligned + count * region.cols * 4,
+                begin - aligned + count * row_bytes,
                 offset=aligned,
                 access=mmap.ACCESS_READ,
             )
             try:
                 view = np.frombuffer(
-                    window, dtype="<f4", count=count * region.cols, offset=begin - aligned
+                    window, dtype=dtype, count=count * region.cols, offset=begin - aligned
                 ).reshape(count, region.cols)
                 out[order[lo:hi]] = view[ordered[lo:hi] - first]
                 del view  # a map can't be closed while an array still looks into it
             finally:
                 window.close()
-        return torch.from_numpy(out)
+        rows = torch.from_numpy(out)
+        if region.code == "BF16":
+            rows = rows.view(torch.bfloat16)
+        return rows.reshape(len(ordered), *region.row)
 
 
 @dataclass(frozen=True)
 class _Region:
-    """Where a 2-D float32 tensor of the file lies."""
+    """Where a tensor of the file lies: N rows of `row`-shaped values of one dtype."""
 
     start: int  # its first byte, from the start of the file
     rows: int
-    cols: int
+    cols: int  # values per row
+    code: str = "F32"  # its safetensors dtype
+    row: tuple[int, ...] = ()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.code]
 
     @classmethod
     def of(cls, entry: dict[str, Any], data_start: int) -> _Region:
-        if entry["dtype"] != "F32" or len(entry["shape"]) != 2:
-            raise ValueError(f"expected a 2-D F32 tensor, got {entry['dtype']} {entry['shape']}")
+        code, shape = entry["dtype"], [int(size) for size in entry["shape"]]
+        if code not in _NUMPY_DTYPES or not shape:
+            raise ValueError(f"expected rows of a known dtype, got {code} {shape}")
         begin, end = entry["data_offsets"]
-        rows, cols = entry["shape"]
-        if end - begin != rows * cols * 4:
+        rows, row = shape[0], tuple(shape[1:])
+        cols = math.prod(row)
+        if end - begin != rows * cols * np.dtype(_NUMPY_DTYPES[code]).itemsize:
             raise ValueError("tensor offsets do not match its shape")
-        return cls(data_start + begin, rows, cols)
+        return cls(data_start + begin, rows, cols, code, row)
 
 
 @dataclass(frozen=True)
@@ -217,6 +305,8 @@ class MappedDataset:
     table: MappedTable = field(compare=False, repr=False)
     feature_names: tuple[str, ...]
     target_names: tuple[str, ...]
+    # An array file's integer x that float32 can't hold: why (tensors.py's Dataset, the same).
+    unfit_for_float32: str = ""
     cache_key: str = field(default="", compare=False)
 
     def to_cache_file(self) -> tuple[str, dict[str, Any]]:
@@ -224,6 +314,7 @@ class MappedDataset:
         return self.table.path, {
             "feature_names": list(self.feature_names),
             "target_names": list(self.target_names),
+            "unfit_for_float32": self.unfit_for_float32,
         }
 
     def cache_file_moved(self, path: str) -> None:
@@ -233,9 +324,10 @@ class MappedDataset:
     @classmethod
     def from_cache_file(cls, path: str, meta: dict[str, Any]) -> MappedDataset:
         table = MappedTable(path)
-        if table.x.cols != len(meta["feature_names"]):
+        if len(table.x.row) == 1 and table.x.cols != len(meta["feature_names"]):
             raise ValueError("x's width does not match the feature names")
-        return cls(table, tuple(meta["feature_names"]), tuple(meta["target_names"]))
+        names = tuple(meta["feature_names"]), tuple(meta["target_names"])
+        return cls(table, *names, meta.get("unfit_for_float32", ""))
 
     def __len__(self) -> int:
         return len(self.table)
@@ -259,6 +351,15 @@ class MappedDataset:
     # Numbers only on this path (tasks/data/stream.py refuses text columns): no categories.
     categories: ClassVar[dict[str, tuple[str, ...]]] = {}
     category_slots: ClassVar[tuple[tuple[int, int], ...]] = ()
+    classes: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.table.x.row
+
+    @property
+    def input_dtype(self) -> str:
+        return str(self.table.x.dtype).removeprefix("torch.")
 
     @property
     def n_features(self) -> int:
@@ -266,7 +367,7 @@ class MappedDataset:
 
     @property
     def n_targets(self) -> int:
-        return self.table.y.cols
+        return self.table.y.cols if self.table.y.row else 1  # () a row: class ids
 
 
 class Scratch:

@@ -1,14 +1,23 @@
-"""load-tensors: read the data source into float32 tensors x (N×F) and y (N×T)."""
+"""load-tensors: read the data source into tensors x (N×…) and y (N×T float, or N class ids).
+
+A table becomes float32 columns. An array file (.npz, .pt/.pth, .safetensors) keeps its dtypes
+where the model can take them as stored (uint8 images, int64 token ids, float16): they are
+converted per batch, on the device, by the model's front (tasks/engine/models.py), so the cache
+and the device hold the compact form. float64 becomes float32 (the models compute in float32).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
+import os
 import pickle
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +36,11 @@ from trainflow.tasks.data.tables import (
 from trainflow.tasks.errors import InputError
 from trainflow.tasks.names import SYNTHETIC
 
-EXTENSIONS = (*TABLE_FORMATS, ".npz", ".pt", ".pth")
+ARRAY_FORMATS = (".npz", ".pt", ".pth", ".safetensors")
+EXTENSIONS = (*TABLE_FORMATS, *ARRAY_FORMATS)
+
+if TYPE_CHECKING:
+    from trainflow.tasks.data.images import ImageFolder
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,10 @@ class Dataset:
     # Per categorical feature column, its vocabulary: x holds 1 + a value's index in it, or
     # UNKNOWN. The file's values after load-tensors, the training rows' after the split.
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    classes: tuple[str, ...] = ()  # the class names of y's ids (an image folder's folders)
+    # Integer x that float32 can't hold exactly: why, in one line. A model of the user's own
+    # may take the ids as stored; the built-in ones compute in float32 and refuse such data.
+    unfit_for_float32: str = ""
     cache_key: str = field(default="", compare=False)
 
     def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -46,6 +63,8 @@ class Dataset:
             "feature_names": list(self.feature_names),
             "target_names": list(self.target_names),
             "categories": {name: list(values) for name, values in self.categories.items()},
+            "classes": list(self.classes),
+            "unfit_for_float32": self.unfit_for_float32,
         }
 
     @classmethod
@@ -57,6 +76,8 @@ class Dataset:
             tuple(meta["feature_names"]),
             tuple(meta["target_names"]),
             categories,
+            tuple(meta.get("classes", ())),
+            meta.get("unfit_for_float32", ""),
         )
 
     def __len__(self) -> int:
@@ -72,6 +93,8 @@ class Dataset:
         }
         if self.categories:
             columns["categories"] = {name: list(v) for name, v in self.categories.items()}
+        if self.classes:
+            columns["classes"] = list(self.classes)
         return columns
 
     @property
@@ -86,11 +109,21 @@ class Dataset:
 
     @property
     def n_features(self) -> int:
-        return self.x.shape[1]
+        """Values per sample: a table's columns, an image's C·H·W."""
+        return math.prod(self.x.shape[1:])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (F,) for a table, (C, H, W) for images, (T,) for sequences."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def input_dtype(self) -> str:
+        return dtype_name(self.x.dtype)
 
     @property
     def n_targets(self) -> int:
-        return self.y.shape[1]
+        return 1 if self.y.ndim == 1 else self.y.shape[1]
 
 
 def synthetic(n_samples: int = 100, seed: int = 42, noise: float = 0.1) -> Dataset:
@@ -99,6 +132,23 @@ def synthetic(n_samples: int = 100, seed: int = 42, noise: float = 0.1) -> Datas
     x = rng.rand(n_samples, 1)
     y = 1 + 2 * x + noise * rng.randn(n_samples, 1)
     return _checked(torch.as_tensor(x).float(), torch.as_tensor(y).float(), ("x",), ("y",), "")
+
+
+def is_image_folder(source: str) -> bool:
+    """A local folder: the class folders of images (tasks/data/images.py)."""
+    return "://" not in source and os.path.isdir(source)
+
+
+def image_dataset(
+    folder: ImageFolder,
+    image_size: tuple[int, int] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Dataset:
+    """An image folder as uint8 x (N×C×H×W) and int64 class ids, with the class names."""
+    from trainflow.tasks.data.images import decode_images  # Pillow: for image folders only
+
+    x, y = decode_images(folder, image_size, progress)
+    return _checked(x, y, (), (), folder.root, classes=folder.classes)
 
 
 def check_format(source: str, target: tuple[str, ...], features: tuple[str, ...] = ()) -> str:
@@ -128,6 +178,8 @@ def read_file(
             return _from_table(f, suffix, target, features, file.url)
         if suffix == ".npz":
             return _from_npz(f, file.url)
+        if suffix == ".safetensors":
+            return _from_safetensors(f, file.url)
         return _from_torch(f, file.url)
 
 
@@ -292,9 +344,7 @@ def _from_npz(f: IO[bytes], source: str) -> Dataset:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"data file {source!r}: not a readable .npz of numeric arrays") from None
-    return _checked(
-        _as_float_tensor(x, "x", source), _as_float_tensor(y, "y", source), (), (), source
-    )
+    return _from_arrays(x, y, source)
 
 
 def _from_torch(f: IO[bytes], source: str) -> Dataset:
@@ -312,39 +362,148 @@ def _from_torch(f: IO[bytes], source: str) -> Dataset:
         isinstance(loaded.get(key), Tensor) for key in ("x", "y")
     ):
         raise InputError(f"data file {source!r}: expected a dict with tensors 'x' and 'y'")
-    return _checked(
-        _as_float_tensor(loaded["x"], "x", source),
-        _as_float_tensor(loaded["y"], "y", source),
-        (),
-        (),
-        source,
-    )
+    return _from_arrays(loaded["x"], loaded["y"], source)
 
 
-def _as_float_tensor(array: np.ndarray | Tensor, name: str, source: str) -> Tensor:
+def _from_safetensors(f: IO[bytes], source: str) -> Dataset:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        loaded = load_safetensors(f.read())  # a header and raw buffers: nothing to unpickle
+    except (SafetensorError, ValueError, OSError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"data file {source!r}: not a readable .safetensors file ({why})"
+        ) from None
+    missing = [key for key in ("x", "y") if key not in loaded]
+    if missing:
+        raise InputError(
+            f"data file {source!r}: missing array(s) {', '.join(missing)} "
+            f"(has: {', '.join(sorted(loaded)) or 'none'})"
+        )
+    return _from_arrays(loaded["x"], loaded["y"], source)
+
+
+# The dtypes x is kept in as stored; any other real dtype becomes one of them (below). The
+# model's front casts them (tasks/engine/models.py, INPUT_DTYPES: the same list).
+KEPT_X_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _from_arrays(x: np.ndarray | Tensor, y: np.ndarray | Tensor, source: str) -> Dataset:
+    """An array file's x and y: x as stored where a model can take it so; y as float32 targets,
+    or class ids (an integer y of one value per row) as int64."""
+    where = f"data file {source!r}"
+    x, y = real_tensor(x, "x", where), real_tensor(y, "y", where)
+    check_array_shapes(tuple(x.shape), tuple(y.shape), where)
+    x, unfit = array_x(x, where)
+    data = _checked(x if x.ndim > 1 else x.unsqueeze(1), array_y(y, where), (), (), source)
+    return dataclasses.replace(data, unfit_for_float32=unfit) if unfit else data
+
+
+def check_array_shapes(x: tuple[int, ...], y: tuple[int, ...], where: str) -> None:
+    if not x or not y:
+        raise InputError(f"{where}: {'x' if not x else 'y'} is a single value, not rows")
+    if len(y) > 2:
+        raise InputError(f"{where}: y must be N values or N×T targets, got shape {y} ({len(y)}-D)")
+    if x[0] != y[0]:
+        raise InputError(f"{where}: x has {x[0]} rows but y has {y[0]}")
+
+
+def array_x(x: Tensor, where: str, first_row: int = 0) -> tuple[Tensor, str]:
+    """x (rows from `first_row` on) in the dtype it is kept in, and why float32 can't hold it
+    ("" where it can: a built-in model refuses it otherwise)."""
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)
+    elif x.dtype == torch.float64:
+        x = _as_float32(x, "x", where, first_row)
+    elif x.dtype not in KEPT_X_DTYPES:  # uint16/32/64: int64 holds them, and torch works on it
+        x = _as_int64(x, "x", where)
+    unfit = ""
+    if not x.is_floating_point() and x.dtype != torch.uint8:
+        found = unfit_for_float32(x.numpy())
+        unfit = _unfit_message(x, "x", where, found, first_row) if found else ""
+    return x, unfit
+
+
+def y_is_class_ids(dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """An integer y of one value per row: class ids, as CrossEntropyLoss takes them."""
+    integer = not dtype.is_floating_point and dtype != torch.bool
+    return integer and (len(shape) == 1 or shape[1] == 1)
+
+
+def array_y(y: Tensor, where: str, first_row: int = 0) -> Tensor:
+    """y (rows from `first_row` on) as int64 class ids (N), or float32 targets."""
+    if y_is_class_ids(y.dtype, tuple(y.shape)):
+        return _as_int64(y.reshape(-1), "y", where)
+    return _as_float32(y, "y", where, first_row)
+
+
+def real_tensor(array: np.ndarray | Tensor, name: str, where: str) -> Tensor:
+    if isinstance(array, np.ndarray) and not array.dtype.isnative:  # big-endian bytes
+        array = array.astype(array.dtype.newbyteorder("="))
     try:
         tensor = torch.as_tensor(array)
-    except TypeError:
+    except (TypeError, ValueError):
         tensor = None
     if tensor is None or tensor.is_complex():
-        raise InputError(f"data file {source!r}: array {name!r} is not real-valued numbers")
+        raise InputError(f"{where}: array {name!r} is not real-valued numbers")
+    return tensor
+
+
+def _as_int64(tensor: Tensor, name: str, where: str) -> Tensor:
+    if tensor.dtype == torch.uint64:  # torch compares no uint64: numpy does
+        values = tensor.numpy()
+        if values.size and int(values.max()) > 2**63 - 1:
+            raise InputError(f"{where}: {name} holds an integer beyond int64's range")
+        return torch.from_numpy(values.astype(np.int64))
+    return tensor.to(torch.int64)
+
+
+def _as_float32(tensor: Tensor, name: str, where: str, first_row: int = 0) -> Tensor:
     # The tables' rule for arrays too: float32 must hold each value (an integer exactly).
     wide = tensor.dtype == torch.float64 or not tensor.is_floating_point()
-    if wide and tensor.ndim <= 2 and (unfit := unfit_for_float32(tensor.numpy())):
-        index, why = unfit
-        row, col = divmod(index, tensor.shape[1]) if tensor.ndim == 2 else (index, 0)
-        raise InputError(f"data file {source!r}: {name}, row {row}, column {col}: {why}")
+    if wide and tensor.dtype != torch.bool and (found := unfit_for_float32(tensor.numpy())):
+        raise InputError(_unfit_message(tensor, name, where, found, first_row))
     return tensor.to(torch.float32)
+
+
+def _unfit_message(
+    tensor: Tensor, name: str, where: str, found: tuple[int, str], first_row: int = 0
+) -> str:
+    index, why = found
+    per_row = math.prod(tensor.shape[1:])
+    row, col = divmod(index, per_row) if tensor.ndim > 1 else (index, 0)
+    row += first_row
+    return f"{where}: {name}, row {row}, {'column' if tensor.ndim <= 2 else 'element'} {col}: {why}"
 
 
 def non_finite(tensor: Tensor, rows_per_chunk: int = 1 << 16) -> tuple[int, int, int] | None:
     """(count, first row, first column) of NaN/Inf values; in row chunks, so a large data
-    set costs no extra copy."""
+    set costs no extra copy. An N-d tensor counts by row and flat element; integers have none."""
+    if not tensor.is_floating_point():
+        return None
+    rows = tensor.reshape(tensor.shape[0], -1) if tensor.ndim != 2 else tensor
     count, first = 0, None
-    for start in range(0, tensor.shape[0], rows_per_chunk):
-        chunk = tensor[start : start + rows_per_chunk]
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        chunk = rows[start : start + rows_per_chunk]
+        if chunk.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds every value
+            chunk = chunk.float()
         # numpy for the common all-finite case: ~10x faster than torch's on a busy 2-core
-        # machine, where torch's thread pool waits for a core (a 1e6-row table: 0.3 s).
+        # machine, where torch's thread pool waits for a core.
         if np.isfinite(chunk.numpy()).all():
             continue
         bad = ~torch.isfinite(chunk)
@@ -362,26 +521,32 @@ def _checked(
     targets: tuple[str, ...],
     source: str,
     categories: dict[str, tuple[str, ...]] | None = None,
+    classes: tuple[str, ...] = (),
 ) -> Dataset:
+    """x: N×F columns, or N×… samples (array files); y: N×T targets, or N int64 class ids."""
     where = f"data file {source!r}" if source else "synthetic data"
     if x.ndim == 1:
         x = x.unsqueeze(1)
-    if y.ndim == 1:
+    if y.ndim == 1 and y.is_floating_point():
         y = y.unsqueeze(1)
-    for name, tensor in (("x", x), ("y", y)):
-        if tensor.ndim != 2:
-            raise InputError(f"{where}: {name} must be 1- or 2-dimensional, got {tensor.ndim}")
+    if y.ndim > 2 or (y.ndim == 1 and y.dtype != torch.int64):
+        raise InputError(f"{where}: y must be N×T targets or N class ids, got {tuple(y.shape)}")
     if x.shape[0] != y.shape[0]:
         raise InputError(f"{where}: x has {x.shape[0]} rows but y has {y.shape[0]}")
     if x.shape[0] == 0:
         raise InputError(f"{where}: the data set is empty")
+    if 0 in x.shape[1:]:
+        raise InputError(f"{where}: x has no values per row (shape {tuple(x.shape)})")
     for name, tensor, columns in (("x", x, features), ("y", y, targets)):
         if found := non_finite(tensor):
             count, row, col = found
             column = repr(columns[col]) if columns else str(col)
+            place = "column" if tensor.ndim <= 2 else "element"
             raise InputError(
-                f"{where}: {count} NaN/Inf value(s) in {name}, first at row {row}, column {column}"
+                f"{where}: {count} NaN/Inf value(s) in {name}, first at row {row}, {place} {column}"
             )
-    features = features or tuple(f"x{i}" for i in range(x.shape[1]))
-    targets = targets or tuple(f"y{i}" for i in range(y.shape[1]))
-    return Dataset(x.contiguous(), y.contiguous(), features, targets, categories or {})
+    if not features:
+        features = tuple(f"x{i}" for i in range(x.shape[1])) if x.ndim == 2 else ("x",)
+    if not targets:
+        targets = ("y",) if y.ndim == 1 else tuple(f"y{i}" for i in range(y.shape[1]))
+    return Dataset(x.contiguous(), y.contiguous(), features, targets, categories or {}, classes)

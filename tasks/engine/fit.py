@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from trainflow.tasks.data.batches import Loaders
+from trainflow.tasks.engine.augment import BatchAugment, built_in, compose
 from trainflow.tasks.engine.checkpoint import Checkpoints, TrainState
 from trainflow.tasks.engine.loop import EpochHook, EpochLoop, History, restore_rng_states, seed_rngs
 from trainflow.tasks.engine.losses import make_loss
@@ -20,8 +21,11 @@ from trainflow.tasks.engine.metrics import ValMetrics
 from trainflow.tasks.engine.models import InitialModel, ModelSpec, instantiate, spec_from_json
 from trainflow.tasks.engine.options import TrainingOptions
 from trainflow.tasks.engine.ranks import SINGLE_PROCESS, Ranks
+from trainflow.tasks.engine.registered import load_registered, registered
 from trainflow.tasks.engine.stops import StopSignals
 from trainflow.tasks.errors import InputError
+from trainflow.tasks.names import AUGMENTATIONS
+from trainflow.tasks.project import Registered
 
 TRAINING_SEED = 0  # of the global RNGs at a fresh start (only a plugin model draws from them)
 
@@ -145,7 +149,8 @@ def train_model(
             model,
             loaders.train,
             loaders.val,
-            make_loss(loss),
+            # y holds int64 class ids exactly where the spec counts classes (build-model).
+            make_loss(loss, torch.int64 if initial.spec.n_classes else torch.float32),
             opt,
             epochs,
             on_epoch,
@@ -153,13 +158,43 @@ def train_model(
             resume,
             stop,
             options=options,
-            metrics=(lambda y_val: ValMetrics(loss, y_val, initial.spec.n_outputs))
-            if options.metrics
-            else None,
+            metrics=validation_metrics(loss, initial.spec.n_outputs, options),
+            augment=batch_augment(options, ranks.rank),
             ranks=ranks,
         )
         history = loop.run()
     return finished(initial.spec, model, history, options, resume)
+
+
+def validation_metrics(
+    loss: str, n_outputs: int, options: TrainingOptions
+) -> Callable[[Tensor], ValMetrics] | None:
+    """How the loop builds the metrics from the validation targets: the loss's own if
+    `options.metrics`, and the project's that `options.extra_metrics` names."""
+    extra = {name: load_registered(_registered("metrics", name)) for name in options.extra_metrics}
+    if not options.metrics and not extra:
+        return None
+    return lambda y_val: ValMetrics(loss, y_val, n_outputs, extra, builtin=options.metrics)
+
+
+def batch_augment(options: TrainingOptions, rank: int) -> BatchAugment | None:
+    """The training batches' transform: the built-in and the project's, in the order named."""
+    if not options.augment:
+        return None
+    transforms = [
+        built_in([name], options.crop_padding)[0]
+        if name in AUGMENTATIONS
+        else load_registered(_registered("augmentations", name))
+        for name in options.augment
+    ]
+    return BatchAugment(compose(transforms), options.augment_seed, rank)
+
+
+def _registered(kind: str, name: str) -> Registered:
+    item = registered(kind, name)
+    if item is None:
+        raise InputError(f"{kind[:-1]} {name!r} is not registered by this project")
+    return item
 
 
 def finished(

@@ -99,6 +99,7 @@ class EpochLoop:
         options: TrainingOptions = TrainingOptions(),  # noqa: B008 (frozen)
         metrics: Callable[[Tensor], ValMetrics] | None = None,
         ranks: Ranks = SINGLE_PROCESS,
+        augment: Callable[[Tensor, int, int], Tensor] | None = None,
     ):
         self.model, self.train, self.val, self.loss_fn = model, train, val, loss_fn
         self.ranks = ranks
@@ -107,6 +108,9 @@ class EpochLoop:
         self.trained = ranks.wrap(model)
         self.optimizer, self.epochs, self.on_epoch = optimizer, epochs, on_epoch
         self.checkpoints, self.stop, self.options = checkpoints, stop, options
+        # (x, epoch, batch) -> x: its draws depend on those alone, so a resumed epoch's
+        # remaining batches are transformed as an uninterrupted one's (tasks/engine/augment.py).
+        self.augment = augment
         # Built from the validation targets at the first validation: they are read only there.
         self.make_metrics, self.metrics = metrics, None
         self.device = next(model.parameters()).device
@@ -166,9 +170,11 @@ class EpochLoop:
         # Within an epoch only a stop request or a checkpoint by the clock can be due, and
         # every rank asks the clock at the same steps (the config is the same everywhere).
         timed = self.checkpoints is not None and self.checkpoints.every_seconds > 0
-        stop = self.stop
+        stop, augment = self.stop, self.augment
         self.trained.train()
         for x, y in self.train.epoch(self.shuffle, start_batch=len(batch_losses)):
+            if augment is not None:
+                x = augment(x, epoch, len(batch_losses))
             batch_losses.append(self.step(x, y))
             if timed or (stop is not None and stop.signum is not None):
                 self.pause(epoch, batch_losses, at_start)

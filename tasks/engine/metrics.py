@@ -22,12 +22,15 @@ extra wait for the device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 CLASSIFICATION = ("cross_entropy", "bce_with_logits")
+ELEMENTWISE = ("mse", "l1", "huber", "bce_with_logits")
 HOST_VALUES = 128  # a regression split's outputs, at most, for its metrics to be summed on the host
 
 
@@ -46,14 +49,37 @@ def auroc(score: Tensor, positive: Tensor) -> Tensor:
 
 
 class ValMetrics:
-    """The metrics of one loss on one validation split (targets `y`, model width `n_outputs`)."""
+    """The metrics of one loss on one validation split (targets `y`, model width `n_outputs`),
+    and the project's own (`extra`: name → fn(outputs, targets) giving a number, on the
+    device, from the whole split's outputs and its targets as stored)."""
 
-    def __init__(self, loss: str, y: Tensor, n_outputs: int):
-        self.loss, self.n = loss, y.shape[0]
-        self.on_host = loss not in CLASSIFICATION and y.numel() <= HOST_VALUES
+    def __init__(
+        self,
+        loss: str,
+        y: Tensor,
+        n_outputs: int,
+        extra: dict[str, Callable[[Tensor, Tensor], Any]] | None = None,
+        builtin: bool = True,
+    ):
+        self.extra, self.targets = dict(extra or {}), y
+        # Class ids (int64) are measured as classes whatever the loss; a project's loss on
+        # values is measured as a regression where the outputs match the targets' width.
+        if y.dtype == torch.int64 and y.ndim == 1:
+            y = y.unsqueeze(1)
+            if loss in ELEMENTWISE:  # the ids as values, as the loss compares them
+                y = y.float()
+            else:
+                loss = "cross_entropy"
+        elif loss not in CLASSIFICATION and y.shape[1] != n_outputs:
+            builtin = False
+        self.loss, self.n, self.builtin = loss, y.shape[0], builtin
+        self.on_host = builtin and loss not in CLASSIFICATION and y.numel() <= HOST_VALUES
         self.binary = (loss == "bce_with_logits" and y.shape[1] == 1) or (
             loss == "cross_entropy" and n_outputs == 2
         )
+        if not builtin:
+            self.names: tuple[str, ...] = ()
+            return
         if loss == "cross_entropy":
             self.y = y[:, 0].long()
             positive = self.y == 1
@@ -62,7 +88,7 @@ class ValMetrics:
             positive = self.y[:, 0]
         else:
             self.y = y
-            self.names: tuple[str, ...] = ("val_mae", "val_r2")
+            self.names = ("val_mae", "val_r2")
             if self.on_host:  # each column's targets as Python floats, and their total
                 self.width = y.shape[1]
                 self.columns = [
@@ -83,7 +109,20 @@ class ValMetrics:
 
     def parts(self, batches: list[Tensor]) -> list[Tensor]:
         """`raw` of the batches' outputs (in order) in pieces, for the loop to concatenate with
-        the losses in its one readout."""
+        the losses in its one readout; the project's metrics last, one value each."""
+        if not self.extra:
+            return self._builtin_parts(batches)
+        outputs = batches[0] if len(batches) == 1 else torch.cat(batches)
+        values = [
+            torch.as_tensor(fn(outputs, self.targets), device=outputs.device)
+            .detach()
+            .float()
+            .reshape(1)
+            for fn in self.extra.values()
+        ]
+        return [*(self._builtin_parts([outputs]) if self.builtin else []), *values]
+
+    def _builtin_parts(self, batches: list[Tensor]) -> list[Tensor]:
         if self.on_host:  # each batch's outputs flat: a view, where a concatenation is an op
             return [
                 out.flatten() if out.dtype == torch.float32 else out.float().flatten()
@@ -114,6 +153,15 @@ class ValMetrics:
         return self.finish(self.raw(outputs).tolist())
 
     def finish(self, raw: list[float]) -> dict[str, float]:
+        if not self.extra:
+            return self._finish_builtin(raw)
+        k = len(self.extra)
+        named = self._finish_builtin(raw[:-k]) if self.builtin else {}
+        return named | {
+            f"val_{name}": value for name, value in zip(self.extra, raw[-k:], strict=True)
+        }
+
+    def _finish_builtin(self, raw: list[float]) -> dict[str, float]:
         if self.loss not in CLASSIFICATION:
             if self.on_host:
                 return self._regression_on_host(raw)

@@ -17,8 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from trainflow.tasks.cache.code_keys import code_fingerprint, plugin_loaded
+from trainflow.tasks.engine.registered import load_registered, registered, registered_code
 from trainflow.tasks.errors import InputError
 from trainflow.tasks.names import ACTIVATIONS, MODEL_ENTRY_POINTS
+from trainflow.tasks.project import Registered
+from trainflow.tasks.rules import model_names
 
 # The modules behind the activation names the config offers (tasks/names.py), in its order.
 ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = dict(
@@ -38,21 +41,78 @@ class ModelSpec:
     standardize: bool = False  # a Standardize module in front (its statistics are weights)
     # (input column, one-hot width) per categorical column: a OneHot module in front of all.
     categories: tuple[tuple[int, int], ...] = ()
+    input_shape: tuple[int, ...] = ()  # one sample's shape as stored; () is (n_inputs,)
+    input_dtype: str = "float32"  # x's dtype as stored (the cache's and the device's)
+    n_classes: int = 0  # class ids 0…n_classes-1 in y (0: targets are values, not classes)
 
     @property
     def encoded_inputs(self) -> int:
         """The width after OneHot: each categorical column becomes its one-hot slots."""
         return self.n_inputs + sum(width - 1 for _, width in self.categories)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.input_shape or (self.n_inputs,)
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in MODELS
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """What the model's own layers take: float32, or int64 ids for a user's model (an
+        embedding's input); the built-in models take numbers, so float32 always."""
+        stored = stored_dtype(self.input_dtype)
+        if stored.is_floating_point or stored == torch.uint8 or self.builtin:
+            return torch.float32
+        return torch.int64
+
+
+# The dtypes x may be stored in (tasks/data/tensors.py), by name as spec.json writes them.
+INPUT_DTYPES = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+    )
+}
+
+
+def stored_dtype(name: str) -> torch.dtype:
+    if name not in INPUT_DTYPES:
+        raise ValueError(f"input dtype {name!r} is not one of {', '.join(INPUT_DTYPES)}")
+    return INPUT_DTYPES[name]
+
+
+class InputCast(nn.Module):
+    """The stored dtype to the one the model computes in, per batch, on the device: the cache
+    and the device keep the compact form. uint8 is read as image pixels, scaled to [0, 1] as
+    torchvision's ToTensor does; other integers keep their values (ids, or numbers a built-in
+    model takes as float32)."""
+
+    def __init__(self, to: torch.dtype, scale: bool):
+        super().__init__()
+        self.to_dtype, self.scale = to, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.to_dtype)
+        return x / 255 if self.scale else x
+
 
 class Standardize(nn.Module):
-    """(x - mean) / std per feature, the statistics as buffers: the saved weights carry them
-    and the exported program takes raw rows."""
+    """(x - mean) / std per feature (per element of an N-d sample), the statistics as buffers:
+    the saved weights carry them and the exported program takes raw rows."""
 
-    def __init__(self, n_features: int):
+    def __init__(self, shape: int | tuple[int, ...]):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(n_features))
-        self.register_buffer("std", torch.ones(n_features))
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
@@ -94,24 +154,43 @@ def feature_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean.to(x.dtype), std.to(x.dtype)
 
 
-def standardized(spec: ModelSpec, module: nn.Module) -> nn.Module:
-    """`module` behind a Standardize; a Sequential's layers keep their names ("0.weight"…)."""
-    layers = list(module.named_children()) if type(module) is nn.Sequential else [("model", module)]
-    return nn.Sequential(OrderedDict([("standardize", Standardize(spec.n_inputs)), *layers]))
+def front_layers(spec: ModelSpec) -> list[tuple[str, nn.Module]]:
+    """The layers trainflow puts in front of a model, by what the data needs: the stored dtype
+    cast, a flatten for a built-in model on N-d samples, the one-hot encoding, the
+    standardization. None for the seed's float32 columns: its module is the seed's."""
+    layers: list[tuple[str, nn.Module]] = []
+    stored = stored_dtype(spec.input_dtype)
+    if stored != spec.compute_dtype:
+        layers.append(("input", InputCast(spec.compute_dtype, scale=stored == torch.uint8)))
+    if spec.builtin and len(spec.sample_shape) > 1:
+        layers.append(("flatten", nn.Flatten()))
+    if spec.categories:
+        layers.append(("one_hot", OneHot(spec.n_inputs, spec.categories)))
+    if spec.standardize:
+        flat = spec.builtin or len(spec.sample_shape) == 1
+        layers.append(
+            ("standardize", Standardize(spec.encoded_inputs if flat else spec.sample_shape))
+        )
+    return layers
 
 
-def encoded(spec: ModelSpec, module: nn.Module) -> nn.Module:
-    """`module` behind a OneHot, named as `standardized` names its front layer."""
+def assembled(spec: ModelSpec, module: nn.Module) -> nn.Module:
+    """`module` behind its front layers; a Sequential's layers keep their names ("0.weight"…)."""
+    front = front_layers(spec)
+    if not front:
+        return module
     layers = list(module.named_children()) if type(module) is nn.Sequential else [("model", module)]
-    front = ("one_hot", OneHot(spec.n_inputs, spec.categories))
-    return nn.Sequential(OrderedDict([front, *layers]))
+    return nn.Sequential(OrderedDict([*front, *layers]))
 
 
 def inner_spec(spec: ModelSpec) -> ModelSpec:
-    """What the model behind OneHot sees: numbers only, the encoded width."""
-    if not spec.categories:
-        return spec
-    return dataclasses.replace(spec, n_inputs=spec.encoded_inputs, categories=())
+    """What the model behind the front layers sees: numbers only, the encoded width; a built-in
+    model, a flat sample."""
+    if spec.categories:
+        return dataclasses.replace(spec, n_inputs=spec.encoded_inputs, categories=())
+    if spec.builtin and len(spec.sample_shape) > 1:
+        return dataclasses.replace(spec, input_shape=(spec.n_inputs,))
+    return spec
 
 
 def _linear(spec: ModelSpec) -> nn.Module:
@@ -145,10 +224,11 @@ def plugin_entry_point(name: str) -> EntryPoint:
     """
     found = {ep.value: ep for ep in entry_points(group=MODEL_ENTRY_POINTS, name=name)}
     if not found:
-        known = ", ".join(
-            (*MODELS, *sorted(ep.name for ep in entry_points(group=MODEL_ENTRY_POINTS)))
+        known = ", ".join(model_names())
+        raise InputError(
+            f"--model {name!r} is not a known model (known: {known}); a project's own model "
+            "is found from the folder of the project that registers it"
         )
-        raise InputError(f"--model {name!r} is not a known model (known: {known})")
     if len(found) > 1:
         which = ", ".join(
             f"{ep.value} ({ep.dist.name if ep.dist else 'no distribution'})"
@@ -159,10 +239,23 @@ def plugin_entry_point(name: str) -> EntryPoint:
 
 
 def load_model_code(name: str) -> Callable[[ModelSpec], nn.Module]:
-    """The builder of model `name`: ours, or the one plugin that registers it, imported."""
+    """The builder of model `name`: ours, the project's, or the one plugin that registers it,
+    imported."""
     if name in MODELS:
         return MODELS[name]
+    if (item := _project_model(name)) is not None:
+        return load_registered(item)
     return _load(plugin_entry_point(name))
+
+
+def _project_model(name: str) -> Registered | None:
+    """The project's model `name`; refused if an installed package registers it too (the key
+    must name the one that runs)."""
+    item = registered("models", name)
+    if item is not None and (others := entry_points(group=MODEL_ENTRY_POINTS, name=name)):
+        which = ", ".join(ep.value for ep in others)
+        raise InputError(f"--model {name!r} is registered by {item.file} and by a package: {which}")
+    return item
 
 
 def _load(ep: EntryPoint) -> Callable[[ModelSpec], nn.Module]:
@@ -188,10 +281,7 @@ def instantiate(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.M
         with torch.device("meta"):  # skips PyTorch's init, which draws from the global RNG
             module = MODELS[spec.name](inner)
         module = module.to_empty(device="cpu")
-    if spec.standardize:
-        module = standardized(inner, module)
-    if spec.categories:
-        module = encoded(spec, module)
+    module = assembled(spec, module)
     if state is not None:
         module.load_state_dict(state)
     return module
@@ -230,7 +320,11 @@ class InitialModel:
 
 def spec_from_json(spec: dict[str, Any]) -> ModelSpec:
     categories = tuple((int(column), int(width)) for column, width in spec["categories"])
-    return ModelSpec(**{**spec, "hidden": tuple(spec["hidden"]), "categories": categories})
+    shape = tuple(int(size) for size in spec.get("input_shape", ()))
+    stored_dtype(spec.get("input_dtype", "float32"))  # a name from the list, or ValueError
+    return ModelSpec(
+        **{**spec, "hidden": tuple(spec["hidden"]), "categories": categories, "input_shape": shape}
+    )
 
 
 def initial_model(spec: ModelSpec, seed: int, train_x: Tensor | None = None) -> InitialModel:
@@ -239,15 +333,14 @@ def initial_model(spec: ModelSpec, seed: int, train_x: Tensor | None = None) -> 
     if spec.name in MODELS:
         module = init_weights_(instantiate(spec), torch.Generator().manual_seed(seed))
     else:
-        inner = inner_spec(spec)
-        module = _seeded_plugin(spec.name, inner, seed)
-        module = standardized(inner, module) if spec.standardize else module
-        module = encoded(spec, module) if spec.categories else module
+        module = assembled(spec, _seeded_plugin(spec.name, inner_spec(spec), seed))
     if spec.standardize:
         if train_x is None:
             raise ValueError("standardize needs the training rows")
-        # The statistics of what Standardize sees: one-hot slots, not category ids.
-        rows = OneHot(spec.n_inputs, spec.categories)(train_x) if spec.categories else train_x
+        # The statistics of what Standardize sees: cast, flat, one-hot slots, not raw ids.
+        before = [layer for name, layer in front_layers(spec) if name != "standardize"]
+        with torch.no_grad():
+            rows = nn.Sequential(*before)(train_x)
         mean, std = feature_statistics(rows)
         module.standardize.mean.copy_(mean)
         module.standardize.std.copy_(std)
@@ -260,6 +353,8 @@ def model_code(name: str) -> dict[str, Any] | None:
     which the stage's own code fingerprint covers."""
     if name in MODELS:
         return None
+    if _project_model(name) is not None:
+        return registered_code("models", name)
     ep = plugin_entry_point(name)
     dist = ep.dist
     return {
@@ -279,9 +374,23 @@ def model_spec(
     activation: str,
     standardize: bool = False,
     categories: tuple[tuple[int, int], ...] = (),
+    input_shape: tuple[int, ...] = (),
+    input_dtype: str = "float32",
+    n_classes: int = 0,
 ) -> ModelSpec:
     if name == "linear":  # unused knobs stay out of the spec, and out of the cache key
         hidden, activation = (), "relu"
+    # A table's columns keep the spec they always had: () says (n_inputs,).
+    shape = () if tuple(input_shape) == (n_inputs,) else tuple(input_shape)
     return ModelSpec(
-        name, n_inputs, n_outputs, tuple(hidden), activation, standardize, tuple(categories)
+        name,
+        n_inputs,
+        n_outputs,
+        tuple(hidden),
+        activation,
+        standardize,
+        tuple(categories),
+        shape,
+        input_dtype,
+        n_classes,
     )

@@ -28,6 +28,10 @@ class TrainingOptions:
     grad_clip: float = 0.0  # max global gradient norm; 0: off
     precision: str = "32"  # "bf16": autocast the forward pass
     metrics: bool = True  # the validation metrics each epoch (tasks/engine/metrics.py)
+    extra_metrics: tuple[str, ...] = ()  # the project's own, by name (tasks/project.py)
+    augment: tuple[str, ...] = ()  # per-batch training transforms (tasks/engine/augment.py)
+    crop_padding: int = 4  # augment "crop": zero padding on each side
+    augment_seed: int = 0  # each batch's draws come from (seed, epoch, batch)
 
     def normalized(self) -> TrainingOptions:
         """Knobs the chosen schedule ignores at their defaults: they stay out of cache keys."""
@@ -40,6 +44,8 @@ class TrainingOptions:
             early_stopping_min_delta=self.early_stopping_min_delta
             if self.early_stopping_patience
             else plain.early_stopping_min_delta,
+            crop_padding=self.crop_padding if "crop" in self.augment else plain.crop_padding,
+            augment_seed=self.augment_seed if self.augment else plain.augment_seed,
         )
 
     @property

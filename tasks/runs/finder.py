@@ -59,6 +59,7 @@ class ModelRun:
     # config.json's, which may be relative to a folder predict can't know.
     data: str = SYNTHETIC
     cache: str = DEFAULT_CACHE_DIR
+    classes: tuple[str, ...] = ()  # the names of the class ids (an image folder's folders)
 
     @property
     def loss(self) -> str:
@@ -71,7 +72,8 @@ class ModelRun:
         with."""
         schema = {"features": self.features, "targets": self.targets, "loss": self.loss}
         schema["spec"] = dataclasses.asdict(self.spec)
-        return schema | ({"categories": self.categories} if self.categories else {})
+        schema |= {"categories": self.categories} if self.categories else {}
+        return schema | ({"classes": self.classes} if self.classes else {})
 
 
 def is_complete(folder: Path) -> bool:
@@ -236,6 +238,7 @@ def read_run(folder: Path) -> ModelRun:
             name: tuple(str(value) for value in values)
             for name, values in columns.get("categories", {}).items()
         }
+        classes = tuple(str(name) for name in columns.get("classes", ()))
         if not isinstance(config.get("loss"), str):  # how outputs become predictions
             raise ValueError(f"{CONFIG} names no loss")
         spec_json = json.loads((folder / SPEC).read_text())
@@ -258,6 +261,7 @@ def read_run(folder: Path) -> ModelRun:
         model_digest(weights_digest, spec_json, columns, config["loss"]),
         data,
         cache,
+        classes,
     )
     rebuilt_model(run, weights)
     return run

@@ -37,6 +37,7 @@ COLUMNS = "columns.json"  # the model's input and output columns, by name, for p
 # The architecture (a ModelSpec): with model.safetensors, all predict rebuilds the model from.
 # Predict never loads model.pt2: torch.export.load runs code an archive can carry.
 SPEC = "spec.json"
+SOURCE = "source"  # a copy of the project's own code the run used (its model, loss, …)
 # The Prefect artifact that records where a train flow run's folder is, absolute, so that
 # `--model prefect.flow-run.<id>` names that folder whatever the caller's working directory;
 # with the digest of the model the run exported there (`model_digest`), so that the id never

@@ -764,3 +764,45 @@ def test_a_file_edited_while_it_is_read_is_not_vouched_for(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120
     )
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_a_library_class_among_the_inputs_counts_by_version_whatever_else_is_loaded(tmp_path):
+    """A value of torch's class among a stage's inputs (a dtype in a dataclass) counts by
+    torch's version. Read as source, torch's __init__ imports by computed names, which made
+    the key count every editable module loaded: the same config keyed apart in a `trainflow`
+    process, a `python flows/train_flow.py` one and one under a sitecustomize."""
+    script = textwrap.dedent(
+        """
+        import importlib, json, sys
+        import torch
+        import trainflow.tasks.engine.fit as fit
+        from trainflow.tasks.cache.keys import keyed
+        from value_module import Value
+
+        if sys.argv[1] == "more":  # an editable module, loaded but reached by nothing
+            importlib.import_module("extra_" + "module")
+        key, code = keyed("s", fit.train_model, {"value": Value(torch.int64)})
+        print(json.dumps([key, [s.module for s in code.sources]]))
+        """
+    )
+    (tmp_path / "value_module.py").write_text(
+        "import dataclasses\nimport torch\n\n\n@dataclasses.dataclass\nclass Value:\n"
+        "    dtype: torch.dtype\n    cache_key: str = 'fixed'\n"
+    )
+    (tmp_path / "extra_module.py").write_text("VALUE = 1\n")
+    (tmp_path / "check.py").write_text(script)
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "check.py", which],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for which in ("plain", "more")
+    ]
+    (plain_key, plain_modules), (more_key, more_modules) = runs
+    assert "value_module" in plain_modules and "torch" not in plain_modules
+    assert "extra_module" not in more_modules and plain_key == more_key

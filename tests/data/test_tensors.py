@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import trainflow.tasks.data.sources
+from trainflow.tasks.build_model import build_model
 from trainflow.tasks.data.tensors import Dataset, load_dataset, synthetic
 from trainflow.tasks.errors import InputError
 
@@ -129,11 +130,20 @@ def test_csv_via_memory_url():
 
 def test_npz_1d_arrays_become_columns(tmp_path):
     path = tmp_path / "d.npz"
-    np.savez(path, x=np.arange(4.0), y=np.arange(4) * 2)
+    np.savez(path, x=np.arange(4.0), y=np.arange(4) * 2.0)
     data = load_dataset(str(path))
     assert data.x.shape == data.y.shape == (4, 1)
     assert data.x.dtype == data.y.dtype == torch.float32
     assert torch.equal(data.y[:, 0], torch.tensor([0.0, 2.0, 4.0, 6.0]))
+
+
+def test_an_integer_y_of_one_value_per_row_is_int64_class_ids(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.arange(4.0), y=np.array([[0], [2], [1], [2]], dtype=np.int32))
+    data = load_dataset(str(path))
+    assert data.y.dtype == torch.int64 and data.y.shape == (4,)
+    assert data.y.tolist() == [0, 2, 1, 2]
+    assert data.n_targets == 1 and data.target_names == ("y",)
 
 
 def test_npz_2d_arrays(tmp_path):
@@ -149,7 +159,7 @@ def test_npz_2d_arrays(tmp_path):
 def test_torch_dict_of_tensors(tmp_path, suffix):
     path = tmp_path / f"d{suffix}"
     x = torch.arange(6, dtype=torch.float64).reshape(3, 2)
-    torch.save({"x": x, "y": torch.tensor([1, 2, 3])}, path)
+    torch.save({"x": x, "y": torch.tensor([1.0, 2.0, 3.0])}, path)
     data = load_dataset(str(path))
     assert torch.equal(data.x, x.float())
     assert data.y.shape == (3, 1)
@@ -297,12 +307,20 @@ def test_arrays_float32_cannot_hold_are_one_line_naming_row_and_column(tmp_path,
     timestamps = np.ones((5, 2), dtype=np.int64)
     timestamps[3, 1] = 1_700_000_000_000_000_001
     save(timestamps, np.ones(5))
-    assert_one_line_error(
-        path, "x, row 3, column 1: the integer 1700000000000000001 is not exact in float32"
-    )
+    # Integer x is kept as stored (a model of one's own may take ids); a built-in model, which
+    # computes in float32, refuses it at build-model with the same line.
+    data = load_dataset(path)
+    assert data.x.dtype == torch.int64 and int(data.x[3, 1]) == 1_700_000_000_000_000_001
+    why = "x, row 3, column 1: the integer 1700000000000000001 is not exact in float32"
+    assert why in data.unfit_for_float32 and path in data.unfit_for_float32
+    with pytest.raises(InputError, match=why) as info:
+        build_model.fn(
+            name="linear", n_inputs=2, n_outputs=1, hidden=(), activation="relu", seed=0, data=data
+        )
+    assert "\n" not in str(info.value)
     save(np.ones(5), np.array([1.0, 2.0, 1e300, 1.0, 1.0]))
     assert_one_line_error(path, "y, row 2, column 0: 1e+300 is beyond float32's range")
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
     exact = np.array([16_777_216, 30_000_000, -(2**60)], dtype=np.int64)
     save(exact, np.ones(3))
-    assert load_dataset(path).x[:, 0].tolist() == [16_777_216.0, 30_000_000.0, -(2.0**60)]
+    assert load_dataset(path).unfit_for_float32 == ""
