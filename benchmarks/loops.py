@@ -124,8 +124,8 @@ SEED_SCALE = Scale("seed", 100, 1, "linear", (), 16, 0.1, 300, rounds=20)
 MLP_SCALE = Scale("mlp", 1_000_000, 32, "mlp", (64, 64), 256, 0.01, 3, rounds=3)
 # A user's CNN on images: steps of milliseconds, where what a framework adds per step is small
 # beside the kernels; more rounds than the MLP's, each shorter, for a steady median. Without
-# the flow's row: its progress line and checkpoint clock are the MLP scale's noise, and its
-# measurements are better spent on rounds.
+# the flow's row: its progress line and checkpoint clock are noise already at the MLP scale,
+# and its measurements are better spent on rounds.
 CNN_SCALE = Scale(
     "cnn",
     rows=12_000,

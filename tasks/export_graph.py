@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -166,10 +167,7 @@ def write_outputs(
     Returns the digest of the model written (`model_digest`). `sources`: the project's code
     the run used, by its path in the project, copied under source/."""
     with writing(f"the run folder {str(run_dir)!r}"):
-        for relative, text in (sources or {}).items():
-            path = run_dir / SOURCE / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            files.atomic_write(path, text)
+        write_sources(run_dir / SOURCE, sources or {})
         metrics = metrics_record(trained)
         final = {f"final/{name}": value for name, value in final_values(trained).items()}
         files.atomic_write(run_dir / GRAPH_EVENTS, exported.graph_events)
@@ -189,6 +187,19 @@ def write_outputs(
     # As the files read back: tuples are JSON lists.
     spec, columns = json.loads(json.dumps(spec)), json.loads(json.dumps(columns))
     return model_digest(xxhash.xxh3_128_hexdigest(weights), spec, columns, config["loss"])
+
+
+def write_sources(folder: Path, sources: dict[str, bytes]) -> None:
+    """`sources` under `folder`, and nothing else: a folder, or a link, left there by an
+    earlier run into this run folder is replaced, never followed out of it."""
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    for relative, text in sources.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(path, text)
 
 
 def thinned(values: list[float], max_rows: int = MAX_TABLE_ROWS) -> list[int]:

@@ -80,4 +80,7 @@ def _load_image_folder(
     size = (image_size[0], image_size[1]) if image_size else None
     layout = images.folder_identity(folder) if cache_enabled() else None
     entry = cache_entry("load-tensors", image_dataset, folder=layout, image_size=size)
-    return entry.resolve(Dataset, lambda: image_dataset(folder, size, get_run_logger().info))
+    # Decoded from the bytes the key was made of, or refused (a file rewritten meanwhile).
+    digests = {relative: digest for relative, _, digest in layout["files"]} if layout else None
+    log = get_run_logger().info
+    return entry.resolve(Dataset, lambda: image_dataset(folder, size, log, digests))

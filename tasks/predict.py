@@ -152,10 +152,9 @@ def scoring_folder(root: str, run: ModelRun) -> ImageFolder:
     where = f"image folder {root!r}"
     if len(run.spec.sample_shape) != 3 or run.spec.input_dtype != "uint8":
         raise InputError(f"{where}: the model was not trained on images")
-    flat = sorted(
-        entry.name for entry in os.scandir(root) if entry.is_file() and entry.name[0] != "."
-    )
-    if flat:
+    entries = [entry for entry in os.scandir(root) if entry.name[0] != "."]
+    flat = sorted(entry.name for entry in entries if entry.is_file())
+    if flat and not any(entry.is_dir() for entry in entries):
         return images.ImageFolder(root, (), tuple((name, -1) for name in flat))
     folder = images.scan_image_folder(root)
     unknown = [name for name in folder.classes if name not in class_names(run)]
@@ -165,6 +164,16 @@ def scoring_folder(root: str, run: ModelRun) -> ImageFolder:
             f"{where}: class folder {unknown[0]!r} is not a class the model knows ({known})"
         )
     return folder
+
+
+def check_class_ids(y: Tensor, n_classes: int, source: str) -> None:
+    outside = ((y < 0) | (y >= n_classes)).nonzero()
+    if len(outside):
+        row = int(outside[0])
+        raise InputError(
+            f"data file {source!r}: y, row {row} is class {int(y[row])}, but the model knows "
+            f"classes 0 to {n_classes - 1}"
+        )
 
 
 def class_names(run: ModelRun) -> tuple[str, ...]:
@@ -177,13 +186,12 @@ def image_rows(folder: ImageFolder, run: ModelRun) -> tuple[Tensor, Tensor | Non
     their class ids in the model's numbering (None for images without a class folder)."""
     from trainflow.tasks.data import images
 
-    size = run.spec.sample_shape[1], run.spec.sample_shape[2]
-    x, _ = images.decode_images(folder, size)
-    if x.shape[1:] != run.spec.sample_shape:
-        raise InputError(
-            f"image folder {folder.root!r}: its images have {x.shape[1]} channel(s), the model "
-            f"takes {run.spec.sample_shape[0]}"
-        )
+    channels, height, width = run.spec.sample_shape
+    if channels not in (1, 3):
+        raise InputError(f"image folder {folder.root!r}: the model takes {channels} channels")
+    # As the model takes them: its size, and its channels (a colour image to luminance for a
+    # grayscale model, a gray one repeated into R, G and B for a colour one).
+    x, _ = images.decode_images(folder, (height, width), channels=channels)
     if not folder.classes:
         return x, None
     names = class_names(run)
@@ -254,6 +262,8 @@ def score_rows(
 
     outputs = apply_model(rebuilt_model(run), features(), batch_size, device)
     y = torch.cat(targets) if targets else None
+    if y is not None and y.dtype == torch.int64 and run.spec.n_classes:
+        check_class_ids(y, run.spec.n_classes, source)
     return Scores(outputs, metrics(outputs, y, run.loss) if y is not None else {}, files)
 
 

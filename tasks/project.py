@@ -114,6 +114,11 @@ def lookup(kind: str, name: str) -> Registered | None:
 def load(item: Registered) -> Any:
     """The registered object, imported from the project folder (and only from there)."""
     top = item.module.split(".")[0]
+    if top in sys.stdlib_module_names:  # it would replace the standard library's everywhere
+        raise InputError(
+            f"{item.describe()}: {top!r} is a standard-library module's name; rename the "
+            "project's module"
+        )
     with _IMPORTING:
         loaded = sys.modules.get(top)
         origin = _location(loaded) if loaded is not None else None

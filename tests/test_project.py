@@ -265,11 +265,21 @@ def test_a_module_already_imported_from_elsewhere_is_refused_even_if_the_project
     # The project's own json.py: the json already imported is the standard library's.
     write(tmp_path / "json.py", "def dumps(value):\n    return 'project'\n")
     _project(tmp_path, "metrics", "dumps", "json:dumps")
-    with pytest.raises(InputError, match="already imported"):
+    with pytest.raises(InputError, match="standard-library module's name"):
         load(lookup("metrics", "dumps"))
     import json
 
     assert json.dumps(1) == "1"
+
+
+def test_a_project_module_named_like_a_standard_library_one_is_refused_imported_or_not(tmp_path):
+    """Its import would replace the standard library's module for the whole process, and the
+    cache once keyed it by the Python version instead of its text."""
+    assert "tabnanny" not in sys.modules  # a standard-library module nothing here imports
+    write(tmp_path / "tabnanny.py", "def build(spec):\n    return None\n")
+    _project(tmp_path, "models", "shadow", "tabnanny:build")
+    one_line_error("tabnanny", "standard-library", call=lambda: load(lookup("models", "shadow")))
+    assert "tabnanny" not in sys.modules
 
 
 def test_a_module_that_is_not_in_the_project_folder_is_refused(tmp_path):

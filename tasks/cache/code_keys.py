@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import sys
+import sysconfig
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -245,8 +246,12 @@ class _Walk:
                 self._root_module(name)
 
     def _root_module(self, name: str) -> None:
-        if name.partition(".")[0] in sys.stdlib_module_names:
+        if _is_stdlib(name):
             return  # a builtin's or the standard library's: the Python version counts for it
+        # Importing `a.b.c` runs a/__init__.py and a/b/__init__.py first: their code too.
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            self.visit(".".join(parts[:i]), optional=False)
         module = sys.modules.get(name) or _import_spec(name)
         if module is None:
             self.missing.add(name)
@@ -260,7 +265,7 @@ class _Walk:
         if name in self.seen:
             return
         top = name.partition(".")[0]
-        if top in sys.stdlib_module_names or top == "__future__":
+        if _is_stdlib(name):
             return  # the Python version counts for it
         if _is_library(top) and (pin := _pin(top)) is not None:
             self.libraries.add(pin)
@@ -373,6 +378,27 @@ def _import_spec(name: str) -> importlib.machinery.ModuleSpec | None:
         return importlib.machinery.PathFinder.find_spec(name, list(locations))
     except (ImportError, ValueError, AttributeError):
         return None
+
+
+# Where the standard library lives: a module named like one of its modules but found
+# elsewhere (a project's `mailbox.py`) is code of its own, read like any other.
+_STDLIB_DIRS = tuple(
+    {os.path.realpath(sysconfig.get_paths()[key]) + os.sep for key in ("stdlib", "platstdlib")}
+)
+
+
+def _is_stdlib(name: str) -> bool:
+    """Whether `name` is the standard library's (or a builtin), by where it is, not its name."""
+    top = name.partition(".")[0]
+    if top not in sys.stdlib_module_names and top != "__future__":
+        return False
+    module = sys.modules.get(top)
+    if module is not None:
+        origin = getattr(module, "__file__", None)
+    else:
+        spec = _import_spec(top)
+        origin = spec.origin if spec is not None and spec.has_location else None
+    return origin is None or os.path.realpath(origin).startswith(_STDLIB_DIRS)
 
 
 def _read_file(path: str) -> bytes | None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -148,6 +151,8 @@ def decode_images(
     folder: ImageFolder,
     image_size: tuple[int, int] | None = None,
     progress: Callable[[str], None] | None = None,
+    digests: Mapping[str, str] | None = None,
+    channels: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Every image, decoded once, as one uint8 N×C×H×W tensor in `folder.files` order, and
     their int64 class ids.
@@ -159,13 +164,19 @@ def decode_images(
     TIFF) gives its first frame; EXIF orientation is not applied, as in torchvision's loader.
     Without `image_size` every image must have the same size; with (H, W), each one of another
     size is resized to it (bilinear, after conversion to 8 bits).
+
+    `digests` (relative path → `folder_identity`'s digest): each image is decoded from bytes
+    read once and hashed, and bytes other than the key's are refused: a file rewritten between
+    the key and the decoding never stores its new pixels under the old key. `channels` forces
+    C (predict: the model's).
     """
     total = len(folder.files)
     image_size = _checked_size(image_size, f"image folder {folder.root!r}")
     if not total:
         raise InputError(f"image folder {folder.root!r}: no images")
     clock = _Progress(progress, total)
-    channels, size = _shape(folder, image_size, clock)
+    found, size = _shape(folder, image_size, clock)
+    channels = channels or found
     height, width = size
     needed = total * channels * height * width
     available = available_memory()
@@ -181,7 +192,8 @@ def decode_images(
     slots = images.numpy()
     for i, (relative, _) in enumerate(folder.files):
         path = folder.path(relative)
-        _put(_decoded(path, image_size, channels), slots[i], path, size)
+        expected = digests.get(relative) if digests is not None else None
+        _put(_decoded(path, image_size, channels, expected), slots[i], path, size)
         clock.step("decoding images", i + 1)
     clock.finish("decoding images")
     labels = torch.tensor([label for _, label in folder.files], dtype=torch.int64)
@@ -236,10 +248,19 @@ def _shape(
     return (1 if grayscale else 3), image_size or first[1]
 
 
-def _decoded(path: str, image_size: tuple[int, int] | None, channels: int) -> np.ndarray:
-    """The image's 8-bit pixels, H×W (channels 1) or H×W×3."""
+def _decoded(
+    path: str, image_size: tuple[int, int] | None, channels: int, digest: str | None = None
+) -> np.ndarray:
+    """The image's 8-bit pixels, H×W (channels 1) or H×W×3; with `digest`, from bytes that
+    hash to it."""
     try:
-        with Image.open(path) as opened:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"image file {path!r}: {_reason(exc)}") from None
+    if digest is not None and xxhash.xxh3_128_hexdigest(data) != digest:
+        raise InputError(f"image file {path!r}: changed while being read; run again")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             image = _eight_bit(opened, channels)
             if image_size is not None and (image.height, image.width) != image_size:

@@ -306,7 +306,8 @@ class MappedDataset:
     feature_names: tuple[str, ...]
     target_names: tuple[str, ...]
     # An array file's integer x that float32 can't hold: why (tensors.py's Dataset, the same).
-    unfit_for_float32: str = ""
+    # None, not "": Prefect links inputs to a stage by the ids inside its output (tensors.py).
+    unfit_for_float32: str | None = None
     cache_key: str = field(default="", compare=False)
 
     def to_cache_file(self) -> tuple[str, dict[str, Any]]:
@@ -327,7 +328,7 @@ class MappedDataset:
         if len(table.x.row) == 1 and table.x.cols != len(meta["feature_names"]):
             raise ValueError("x's width does not match the feature names")
         names = tuple(meta["feature_names"]), tuple(meta["target_names"])
-        return cls(table, *names, meta.get("unfit_for_float32", ""))
+        return cls(table, *names, meta.get("unfit_for_float32"))
 
     def __len__(self) -> int:
         return len(self.table)
@@ -351,7 +352,7 @@ class MappedDataset:
     # Numbers only on this path (tasks/data/stream.py refuses text columns): no categories.
     categories: ClassVar[dict[str, tuple[str, ...]]] = {}
     category_slots: ClassVar[tuple[tuple[int, int], ...]] = ()
-    classes: ClassVar[tuple[str, ...]] = ()
+    classes: ClassVar[tuple[str, ...] | None] = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

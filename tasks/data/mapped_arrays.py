@@ -67,10 +67,10 @@ def convert_arrays(file: DataFile, suffix: str, scratch: Scratch) -> MappedDatas
             row = arrays.x_shape[1:] or (1,)
             y_row = () if y.ndim == 1 else tuple(y.shape[1:])
             writer = MappedWriter(scratch.path, x=Layout(x_dtype, row), y=Layout(y.dtype, y_row))
-            unfit, bad = "", _NonFinite()
+            unfit, bad = None, _NonFinite()
             for start, block in arrays.blocks():
                 x, why = array_x(real_tensor(block, "x", where), where, start)
-                unfit = unfit or why
+                unfit = unfit or why or None
                 bad.add("x", x, start)
                 writer.append(x.reshape(len(x), *row), y[start : start + len(x)])
             bad.add("y", y, 0)
@@ -90,7 +90,7 @@ def _kept_dtype(stored: torch.dtype) -> torch.dtype:
     """What `array_x` turns a block of `stored` into (the file's layout is fixed up front)."""
     if stored == torch.bool:
         return torch.uint8
-    if stored == torch.float64:
+    if stored == torch.float64 or (stored.is_floating_point and stored not in KEPT_X_DTYPES):
         return torch.float32
     return stored if stored in KEPT_X_DTYPES else torch.int64
 
@@ -161,6 +161,8 @@ _SAFETENSORS_DTYPES = {
     "U32": torch.uint32,
     "U64": torch.uint64,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -231,7 +233,8 @@ def _torch(path: str, where: str) -> Arrays:
         isinstance(loaded.get(key), Tensor) for key in ("x", "y")
     ):
         raise InputError(f"{where}: expected a dict with tensors 'x' and 'y'")
-    x = loaded["x"]
+    x = real_tensor(loaded["x"], "x", where)
+    real_tensor(loaded["y"], "y", where)
     return Arrays(tuple(x.shape), x.dtype, loaded["y"].clone(), lambda a, b: x[a:b].clone())
 
 

@@ -52,10 +52,12 @@ class Dataset:
     # Per categorical feature column, its vocabulary: x holds 1 + a value's index in it, or
     # UNKNOWN. The file's values after load-tensors, the training rows' after the split.
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
-    classes: tuple[str, ...] = ()  # the class names of y's ids (an image folder's folders)
+    # None where there is nothing, not () or "": Prefect links a later task's input to this
+    # stage by the id of any value inside its output, and () and "" are one object each.
+    classes: tuple[str, ...] | None = None  # the class names of y's ids (an image folder's)
     # Integer x that float32 can't hold exactly: why, in one line. A model of the user's own
     # may take the ids as stored; the built-in ones compute in float32 and refuse such data.
-    unfit_for_float32: str = ""
+    unfit_for_float32: str | None = None
     cache_key: str = field(default="", compare=False)
 
     def to_cache(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -63,7 +65,7 @@ class Dataset:
             "feature_names": list(self.feature_names),
             "target_names": list(self.target_names),
             "categories": {name: list(values) for name, values in self.categories.items()},
-            "classes": list(self.classes),
+            "classes": list(self.classes or ()),
             "unfit_for_float32": self.unfit_for_float32,
         }
 
@@ -76,8 +78,8 @@ class Dataset:
             tuple(meta["feature_names"]),
             tuple(meta["target_names"]),
             categories,
-            tuple(meta.get("classes", ())),
-            meta.get("unfit_for_float32", ""),
+            tuple(meta["classes"]) if meta.get("classes") else None,
+            meta.get("unfit_for_float32"),
         )
 
     def __len__(self) -> int:
@@ -135,19 +137,21 @@ def synthetic(n_samples: int = 100, seed: int = 42, noise: float = 0.1) -> Datas
 
 
 def is_image_folder(source: str) -> bool:
-    """A local folder: the class folders of images (tasks/data/images.py)."""
-    return "://" not in source and os.path.isdir(source)
+    """A local folder: the class folders of images (tasks/data/images.py). One named like a
+    data file (`data.csv/`) is a mistaken path, which the file readers refuse as a folder."""
+    return "://" not in source and suffix_of(source) not in EXTENSIONS and os.path.isdir(source)
 
 
 def image_dataset(
     folder: ImageFolder,
     image_size: tuple[int, int] | None = None,
     progress: Callable[[str], None] | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> Dataset:
     """An image folder as uint8 x (N×C×H×W) and int64 class ids, with the class names."""
     from trainflow.tasks.data.images import decode_images  # Pillow: for image folders only
 
-    x, y = decode_images(folder, image_size, progress)
+    x, y = decode_images(folder, image_size, progress, digests)
     return _checked(x, y, (), (), folder.root, classes=folder.classes)
 
 
@@ -430,6 +434,8 @@ def array_x(x: Tensor, where: str, first_row: int = 0) -> tuple[Tensor, str]:
         x = x.to(torch.uint8)
     elif x.dtype == torch.float64:
         x = _as_float32(x, "x", where, first_row)
+    elif x.is_floating_point() and x.dtype not in KEPT_X_DTYPES:  # float8: float32 holds it
+        x = x.to(torch.float32)
     elif x.dtype not in KEPT_X_DTYPES:  # uint16/32/64: int64 holds them, and torch works on it
         x = _as_int64(x, "x", where)
     unfit = ""
@@ -461,6 +467,8 @@ def real_tensor(array: np.ndarray | Tensor, name: str, where: str) -> Tensor:
         tensor = None
     if tensor is None or tensor.is_complex():
         raise InputError(f"{where}: array {name!r} is not real-valued numbers")
+    if tensor.layout != torch.strided:
+        raise InputError(f"{where}: array {name!r} is sparse; save it dense")
     return tensor
 
 
@@ -521,7 +529,7 @@ def _checked(
     targets: tuple[str, ...],
     source: str,
     categories: dict[str, tuple[str, ...]] | None = None,
-    classes: tuple[str, ...] = (),
+    classes: tuple[str, ...] | None = None,
 ) -> Dataset:
     """x: N×F columns, or N×… samples (array files); y: N×T targets, or N int64 class ids."""
     where = f"data file {source!r}" if source else "synthetic data"
@@ -549,4 +557,6 @@ def _checked(
         features = tuple(f"x{i}" for i in range(x.shape[1])) if x.ndim == 2 else ("x",)
     if not targets:
         targets = ("y",) if y.ndim == 1 else tuple(f"y{i}" for i in range(y.shape[1]))
-    return Dataset(x.contiguous(), y.contiguous(), features, targets, categories or {}, classes)
+    return Dataset(
+        x.contiguous(), y.contiguous(), features, targets, categories or {}, classes or None
+    )

@@ -59,7 +59,7 @@ def output_width(loss: str, y: Tensor, source: str = "") -> int:
             row = int((ids != ids.round()).nonzero()[0])
             raise InputError(
                 f"{where}--loss cross_entropy needs class ids 0, 1, 2, …; "
-                f"y, row {row} is {float(ids[row])!r}"
+                f"y, row {row} is {float(ids[row]):g}"
             )
         if bool((ids < 0).any()):
             row = int((ids < 0).nonzero()[0])

@@ -238,11 +238,16 @@ def read_run(folder: Path) -> ModelRun:
             name: tuple(str(value) for value in values)
             for name, values in columns.get("categories", {}).items()
         }
-        classes = tuple(str(name) for name in columns.get("classes", ()))
+        classes = columns.get("classes", [])
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError("classes must be a list of names")
+        classes = tuple(classes)
         if not isinstance(config.get("loss"), str):  # how outputs become predictions
             raise ValueError(f"{CONFIG} names no loss")
         spec_json = json.loads((folder / SPEC).read_text())
         spec = spec_from_json(spec_json)
+        if classes and len(classes) != spec.n_classes:
+            raise ValueError(f"{len(classes)} class names for {spec.n_classes} classes")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(
             f"--model {folder}: unreadable {CONFIG}, {COLUMNS} or {SPEC} ({exc})"

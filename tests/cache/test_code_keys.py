@@ -806,3 +806,43 @@ def test_a_library_class_among_the_inputs_counts_by_version_whatever_else_is_loa
     (plain_key, plain_modules), (more_key, more_modules) = runs
     assert "value_module" in plain_modules and "torch" not in plain_modules
     assert "extra_module" not in more_modules and plain_key == more_key
+
+
+def test_a_module_named_like_a_standard_library_one_but_elsewhere_is_read(tmp_path, monkeypatch):
+    """A project's `mailbox.py` is its own code, not the standard library's: keyed by its text,
+    not by the Python version (an edit of it once hit a stale entry)."""
+    (tmp_path / "mailbox.py").write_text("WIDTH = 4\n")
+    (tmp_path / "uses_mailbox.py").write_text(
+        "import mailbox\n\n\ndef build():\n    return mailbox.WIDTH\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = sys.modules.pop("mailbox", None)
+    try:
+        module = importlib.import_module("uses_mailbox")
+        sources = {s.module: s.path for s in code_keys.code_key(module.build).sources}
+        assert sources.get("mailbox") == str(tmp_path / "mailbox.py")
+    finally:
+        _forget("uses_mailbox")
+        _forget("mailbox")
+        if saved is not None:
+            sys.modules["mailbox"] = saved
+    # The standard library's own stays out, counted by the Python version.
+    import email.message
+
+    assert "email" not in {s.module for s in code_keys.code_key(email.message).sources}
+
+
+def test_the_packages_above_a_root_module_are_its_code_too(tmp_path, monkeypatch):
+    """Importing `pkgm.model` runs pkgm/__init__.py first (which may patch torch): reached
+    from a model in `pkgm.model` that never imports its own package, it is in the key."""
+    package = tmp_path / "pkgm"
+    package.mkdir()
+    (package / "__init__.py").write_text("SCALE = 0.01\n")
+    (package / "model.py").write_text("def build():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module("pkgm.model")
+        modules = {s.module for s in code_keys.code_key(module.build).sources}
+        assert {"pkgm", "pkgm.model"} <= modules
+    finally:
+        _forget("pkgm")

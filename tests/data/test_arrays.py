@@ -71,7 +71,7 @@ def test_int64_token_ids_n_by_t_stay_int64(tmp_path, fmt):
     data = load_dataset(save(tmp_path, fmt, x=x, y=torch.ones(5)))
     assert data.x.dtype == torch.int64 and torch.equal(data.x, x)
     assert data.input_shape == (7,) and data.input_dtype == "int64" and data.n_features == 7
-    assert data.unfit_for_float32 == ""
+    assert data.unfit_for_float32 is None
 
 
 @pytest.mark.parametrize(
@@ -242,3 +242,15 @@ def test_nd_integer_x_float32_cannot_hold_is_flagged_for_the_builtin_models(tmp_
     data = load_dataset(save(tmp_path, "npz", x=x, y=torch.ones(3)))
     assert data.x.dtype == torch.int64  # kept for a model of one's own
     assert "x, row 1, element 2" in data.unfit_for_float32
+
+
+def test_float8_x_becomes_float32_exactly_and_a_sparse_array_is_one_line(tmp_path):
+    x = torch.tensor([[0.75, 2.5, 0.75]] * 4).to(torch.float8_e4m3fn)
+    path = tmp_path / "f8.pt"
+    torch.save({"x": x, "y": torch.zeros(4)}, path)
+    data = load_dataset(str(path))
+    assert data.x.dtype == torch.float32 and data.x[0].tolist() == [0.75, 2.5, 0.75]
+    torch.save({"x": torch.eye(4, 3).to_sparse(), "y": torch.zeros(4)}, path)
+    with pytest.raises(InputError, match="'x' is sparse") as info:
+        load_dataset(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

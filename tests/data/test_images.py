@@ -361,3 +361,28 @@ def test_a_single_file_decodes_as_it_does_in_its_folder(tmp_path, image_size, gr
     for i, path in enumerate(paths):
         single = decode_image_file(str(path), image_size, channels)
         assert single.dtype == torch.uint8 and torch.equal(single, x[i])
+
+
+def test_an_image_rewritten_after_its_key_was_made_is_refused_not_stored(tmp_path):
+    """The key hashes every file; the decode reads each file once more. A file rewritten in
+    between (same size, other pixels) must not be decoded under the old key's digests."""
+    root = rgb_folder(tmp_path / "images")
+    folder = scan_image_folder(str(root))
+    digests = {relative: digest for relative, _, digest in folder_identity(folder)["files"]}
+    x, _ = decode_images(folder, digests=digests)  # the bytes the key was made of: fine
+    save(root / "dog/b.png", noise(4, 4, seed=99))
+    message = input_error(
+        decode_images, folder, None, None, digests, prefix="image file", fragments=("b.png",)
+    )
+    assert "changed while being read" in message
+    again, _ = decode_images(folder)  # without digests (no cache): the new pixels
+    assert not torch.equal(again, x)
+
+
+def test_channels_can_be_forced_as_a_model_takes_them(tmp_path):
+    root = rgb_folder(tmp_path / "images")
+    folder = scan_image_folder(str(root))
+    gray, _ = decode_images(folder, channels=1)
+    assert gray.shape[1] == 1
+    for i, (relative, _) in enumerate(folder.files):
+        assert torch.equal(gray[i], decode_image_file(str(root / relative), None, 1))

@@ -140,7 +140,7 @@ def test_the_mapped_file_holds_the_in_memory_tensors_bit_for_bit(
         assert getattr(data, name) == getattr(expected, name), name
     assert data.feature_names == expected.feature_names
     assert data.target_names == expected.target_names
-    assert data.unfit_for_float32 == expected.unfit_for_float32 == ""
+    assert data.unfit_for_float32 == expected.unfit_for_float32 is None
     assert len(data) == len(expected) == N
 
     rows = torch.randperm(N, generator=torch.Generator().manual_seed(7))

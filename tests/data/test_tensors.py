@@ -323,4 +323,4 @@ def test_arrays_float32_cannot_hold_are_one_line_naming_row_and_column(tmp_path,
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
     exact = np.array([16_777_216, 30_000_000, -(2**60)], dtype=np.int64)
     save(exact, np.ones(3))
-    assert load_dataset(path).unfit_for_float32 == ""
+    assert load_dataset(path).unfit_for_float32 is None
