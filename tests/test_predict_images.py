@@ -47,6 +47,7 @@ def _image(path: Path, mode: str = "RGB", seed: int = 0) -> None:
         (["only"], "1 class names for 3 classes"),
         ("abc", "classes must be a list of names"),
         (["a", None, "c"], "classes must be a list of names"),
+        (["a", "a", "b"], "a class name appears twice"),
     ],
 )
 def test_class_names_that_do_not_fit_the_model_are_one_line(tmp_path, classes, why):

@@ -338,3 +338,21 @@ def test_an_error_in_the_users_module_is_one_line_naming_file_and_entry(tmp_path
         call=lambda: load(item),
     )
     assert "second line" not in message
+
+
+def test_the_run_folders_copy_holds_every_project_module_the_key_counts(tmp_path):
+    """Not the registered module alone: the packages above it and the helpers it imports, as
+    imported (a helper's edit retrains, so the copy must show it)."""
+    from trainflow.tasks.engine.registered import project_sources
+
+    top = unique()
+    write(tmp_path / top / "__init__.py", "X = 1\n")
+    write(tmp_path / top / "b" / "c.py", "from . import d\n\n\ndef build(spec):\n    return d.H\n")
+    write(tmp_path / top / "b" / "d.py", "H = 8\n")
+    _project(tmp_path, "models", "deep", f"{top}.b.c:build")
+    sources = project_sources([("models", "deep"), ("losses", "mse")])
+    assert sources == {
+        f"{top}/__init__.py": b"X = 1\n",
+        f"{top}/b/c.py": (tmp_path / top / "b" / "c.py").read_bytes(),
+        f"{top}/b/d.py": b"H = 8\n",
+    }

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainflow.tasks.cache.code_keys import code_fingerprint, plugin_loaded
+from trainflow.tasks.cache.code_keys import code_fingerprint, code_key, plugin_loaded
 from trainflow.tasks.cache.imported import source_of
 from trainflow.tasks.project import Registered, load, lookup
 
@@ -33,26 +33,30 @@ def registered_code(kind: str, name: str) -> dict[str, Any] | None:
     return {"target": item.target, "code": code_fingerprint(obj, sys.modules[item.module])}
 
 
-def source_file(item: Registered) -> tuple[str, bytes] | None:
-    """The registered module's source as this process compiled it, and its path in the
-    project: the run folder keeps a copy beside the weights. None for a module in no file."""
-    load_registered(item)
-    module = sys.modules[item.module]
-    imported = source_of(module)
-    if imported is None or not imported.path.endswith(".py"):
-        return None
-    try:
-        where = Path(imported.path).resolve().relative_to(Path(item.root).resolve())
-    except ValueError:
-        return None
-    return where.as_posix(), imported.text
+def source_files(item: Registered) -> dict[str, bytes]:
+    """The project's code the registered object reaches (its module, the packages above it, the
+    helpers it imports), as this process compiled it, by path in the project: what the run
+    folder keeps beside the weights; the same modules its cache key counts."""
+    obj = load_registered(item)
+    root = Path(item.root).resolve()
+    found: dict[str, bytes] = {}
+    for source in code_key(obj, sys.modules[item.module]).sources:
+        module = sys.modules.get(source.module)
+        imported = source_of(module) if module is not None else None
+        if imported is None or not imported.path.endswith(".py"):
+            continue
+        try:
+            where = Path(imported.path).resolve().relative_to(root)
+        except ValueError:  # not the project's: trainflow's, or an installed library's
+            continue
+        found[where.as_posix()] = imported.text
+    return found
 
 
 def project_sources(named: list[tuple[str, str]]) -> dict[str, bytes]:
-    """The source of each (kind, name) the project registers, by its path in the project."""
+    """The project code of each (kind, name) the project registers, by its path in the project."""
     sources: dict[str, bytes] = {}
     for kind, name in named:
-        item = registered(kind, name)
-        if item is not None and (found := source_file(item)) is not None:
-            sources[found[0]] = found[1]
+        if (item := registered(kind, name)) is not None:
+            sources |= source_files(item)
     return sources

@@ -248,6 +248,8 @@ def read_run(folder: Path) -> ModelRun:
         spec = spec_from_json(spec_json)
         if classes and len(classes) != spec.n_classes:
             raise ValueError(f"{len(classes)} class names for {spec.n_classes} classes")
+        if len(set(classes)) != len(classes):
+            raise ValueError("a class name appears twice")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(
             f"--model {folder}: unreadable {CONFIG}, {COLUMNS} or {SPEC} ({exc})"
