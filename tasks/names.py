@@ -10,6 +10,9 @@ ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("mse", "l1", "huber", "cross_entropy", "bce_with_logits")
+# The dtypes an array file's x is kept in, as stored (tasks/data/tensors.py), by name as
+# spec.json writes them; the model's front casts them per batch (tasks/engine/models.py).
+STORED_X_DTYPES = ("float32", "float16", "bfloat16", "uint8", "int8", "int16", "int32", "int64")
 # Per-batch training augmentations on the device (tasks/engine/augment.py): a random crop of
 # the zero-padded image, a horizontal flip.
 AUGMENTATIONS = ("crop", "flip")

@@ -29,6 +29,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from torch import Tensor, nn
 
 from trainflow.tasks.cache.stage import (
+    StageEntry,
     cache_enabled,
     cache_entry,
     cache_mode,
@@ -355,40 +356,9 @@ def score(
     `source` None: the data the run was trained on."""
     source = source or run.data
     device_type = resolve_device(device).type
-    if source == SYNTHETIC:
-        recipe = {k: run.config[k] for k in ("n_samples", "data_seed", "noise")}
-        entry = cache_entry(
-            "score",
-            score_rows,
-            weights=run.weights_digest,
-            model=run.schema,
-            plugin=model_code(run.spec.name),
-            data=recipe,
-            batch_size=batch_size,
-            device=device_type,
-        )
-        return entry.resolve(Scores, lambda: score_rows(run, None, batch_size, device))
-    if is_image_folder(source):
-        from trainflow.tasks.data import images  # Pillow: for image folders only
 
-        folder = scoring_folder(source, run)
-        entry = cache_entry(
-            "score",
-            score_rows,
-            weights=run.weights_digest,
-            model=run.schema,
-            plugin=model_code(run.spec.name),
-            data=images.folder_identity(folder) if cache_enabled() else None,
-            batch_size=batch_size,
-            device=device_type,
-        )
-        return entry.resolve(
-            Scores, lambda: score_rows(run, None, batch_size, device, folder=folder)
-        )
-    check_format(source, ())
-    with DataFile(source) as file:  # a remote file is fetched once, for the key and the rows
-        data = file.identity(identity) if cache_enabled() else None
-        entry = cache_entry(
+    def entry(data: object) -> StageEntry:
+        return cache_entry(
             "score",
             score_rows,
             weights=run.weights_digest,
@@ -398,7 +368,22 @@ def score(
             batch_size=batch_size,
             device=device_type,
         )
-        return entry.resolve(Scores, lambda: score_rows(run, file, batch_size, device))
+
+    if source == SYNTHETIC:
+        recipe = {k: run.config[k] for k in ("n_samples", "data_seed", "noise")}
+        return entry(recipe).resolve(Scores, lambda: score_rows(run, None, batch_size, device))
+    if is_image_folder(source):
+        from trainflow.tasks.data import images  # Pillow: for image folders only
+
+        folder = scoring_folder(source, run)
+        layout = images.folder_identity(folder) if cache_enabled() else None
+        return entry(layout).resolve(
+            Scores, lambda: score_rows(run, None, batch_size, device, folder=folder)
+        )
+    check_format(source, ())
+    with DataFile(source) as file:  # a remote file is fetched once, for the key and the rows
+        data = file.identity(identity) if cache_enabled() else None
+        return entry(data).resolve(Scores, lambda: score_rows(run, file, batch_size, device))
 
 
 @task(name="write-predictions")

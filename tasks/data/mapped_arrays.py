@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import math
-import pickle
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -18,7 +17,13 @@ import torch
 from torch import Tensor
 
 from trainflow.tasks.cache.stage import StageEntry, cache_entry, warn
-from trainflow.tasks.data.mapped import Layout, MappedDataset, MappedTable, MappedWriter, Scratch
+from trainflow.tasks.data.mapped import (
+    Layout,
+    MappedDataset,
+    MappedTable,
+    MappedWriter,
+    Scratch,
+)
 from trainflow.tasks.data.sources import DataFile
 from trainflow.tasks.data.tensors import (
     KEPT_X_DTYPES,
@@ -27,6 +32,7 @@ from trainflow.tasks.data.tensors import (
     check_array_shapes,
     non_finite,
     real_tensor,
+    torch_arrays,
 )
 from trainflow.tasks.errors import InputError
 
@@ -212,30 +218,17 @@ def _npz(f: IO[bytes], where: str, stack: ExitStack) -> Arrays:
     return Arrays(tuple(shape), x_dtype, real_tensor(y, "y", where), read_rows)
 
 
+LEGACY_TORCH = (
+    "too big for memory, and a torch.save file of the legacy format can't be read a block at "
+    "a time; save it again with torch.save's default format, or as .safetensors"
+)
+
+
 def _torch(path: str, where: str) -> Arrays:
-    try:
-        # weights_only: tensors and plain containers only; mmap: the storages stay on disk.
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise InputError(
-            f"{where}: holds objects that need unpickling code; "
-            "save a plain dict of tensors {'x': ..., 'y': ...}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile):
-        if not zipfile.is_zipfile(path):
-            raise InputError(
-                f"{where}: too big for memory, and a torch.save file of the legacy format "
-                "can't be read a block at a time; save it again with torch.save's default "
-                "format, or as .safetensors"
-            ) from None
-        raise InputError(f"{where}: not a readable torch.save file") from None
-    if not isinstance(loaded, dict) or not all(
-        isinstance(loaded.get(key), Tensor) for key in ("x", "y")
-    ):
-        raise InputError(f"{where}: expected a dict with tensors 'x' and 'y'")
-    x = real_tensor(loaded["x"], "x", where)
-    real_tensor(loaded["y"], "y", where)
-    return Arrays(tuple(x.shape), x.dtype, loaded["y"].clone(), lambda a, b: x[a:b].clone())
+    x, y = torch_arrays(path, where, mmap=True, unreadable=LEGACY_TORCH)
+    x = real_tensor(x, "x", where)
+    real_tensor(y, "y", where)
+    return Arrays(tuple(x.shape), x.dtype, y.clone(), lambda a, b: x[a:b].clone())
 
 
 def _require(names: set[str], where: str) -> None:
@@ -250,16 +243,22 @@ def _require(names: set[str], where: str) -> None:
 def load_mapped_arrays(file: DataFile, suffix: str, data: object) -> MappedDataset | object:
     """load-tensors on the memory-mapped path for an array file: a hit maps the cached file; a
     miss converts the file into the cache's blob folder, adopted when the entry is kept."""
-    entry: StageEntry = cache_entry(
-        "load-tensors", convert_arrays, data=data, format=suffix, layout="mapped"
-    )
+    entry = cache_entry("load-tensors", convert_arrays, data=data, format=suffix, layout="mapped")
+    return keep_mapped(entry, file.url, lambda scratch: convert_arrays(file, suffix, scratch))
+
+
+def keep_mapped(
+    entry: StageEntry, url: str, convert: Callable[[Scratch], MappedDataset]
+) -> MappedDataset | object:
+    """load-tensors on the memory-mapped path: a hit maps the cached file; a miss converts
+    into the cache's blob folder (`convert(scratch)`), adopted when the entry is kept."""
     hit = entry.load(MappedDataset)
     if hit is not None:
         return entry.cached(hit)
     store = entry.store
     if store is not None and not store.local:
         # A map needs a local file: this run converts into a temporary folder, uncached.
-        warn(f"the memory-mapped copy of {file.url!r} is not kept in a remote cache")
+        warn(f"the memory-mapped copy of {url!r} is not kept in a remote cache")
         entry = StageEntry(entry.key)
     folder = store.path("blobs") if store is not None and store.local else None
-    return entry.keep(convert_arrays(file, suffix, Scratch(folder)))
+    return entry.keep(convert(Scratch(folder)))

@@ -4,6 +4,7 @@ one-line errors as the whole-file read) into a memory-mapped safetensors file.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import IO, Protocol
 
@@ -11,8 +12,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from trainflow.tasks.cache.stage import StageEntry, cache_entry, warn
-from trainflow.tasks.data.mapped import MappedDataset, MappedTable, MappedWriter, Scratch
+from trainflow.tasks.cache.stage import StageEntry, cache_entry
+from trainflow.tasks.data.mapped import (
+    MappedDataset,
+    MappedTable,
+    MappedWriter,
+    Scratch,
+)
+from trainflow.tasks.data.mapped_arrays import keep_mapped
 from trainflow.tasks.data.sources import DataFile
 from trainflow.tasks.data.tables import (
     CSV_BYTES_PER_ROW,
@@ -159,13 +166,5 @@ def load_mapped(
         features=features,
         layout="mapped",
     )
-    hit = entry.load(MappedDataset)
-    if hit is not None:
-        return entry.cached(hit)
-    store = entry.store
-    if store is not None and not store.local:
-        # A map needs a local file: this run converts into a temporary folder, uncached.
-        warn(f"the memory-mapped copy of {file.url!r} is not kept in a remote cache")
-        entry = StageEntry(entry.key)
-    folder = store.path("blobs") if store is not None and store.local else None
-    return entry.keep(convert_to_map(file, suffix, target, features, Scratch(folder)))
+    convert = functools.partial(convert_to_map, file, suffix, target, features)
+    return keep_mapped(entry, file.url, convert)

@@ -34,7 +34,7 @@ from trainflow.tasks.data.tables import (
     unfit_for_float32,
 )
 from trainflow.tasks.errors import InputError
-from trainflow.tasks.names import SYNTHETIC
+from trainflow.tasks.names import STORED_X_DTYPES, SYNTHETIC
 
 ARRAY_FORMATS = (".npz", ".pt", ".pth", ".safetensors")
 EXTENSIONS = (*TABLE_FORMATS, *ARRAY_FORMATS)
@@ -352,21 +352,31 @@ def _from_npz(f: IO[bytes], source: str) -> Dataset:
 
 
 def _from_torch(f: IO[bytes], source: str) -> Dataset:
+    x, y = torch_arrays(f, f"data file {source!r}")
+    return _from_arrays(x, y, source)
+
+
+def torch_arrays(
+    f: IO[bytes] | str, where: str, mmap: bool = False, unreadable: str = ""
+) -> tuple[Tensor, Tensor]:
+    """A torch.save file's tensors x and y; `mmap`: its storages left on disk (a zip-format file
+    only: `unreadable` says why another can't be read)."""
     try:
         # weights_only: tensors and plain containers only, never a pickled object's code.
-        loaded = torch.load(f, map_location="cpu", weights_only=True)
+        loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise InputError(
-            f"data file {source!r}: holds objects that need unpickling code; "
+            f"{where}: holds objects that need unpickling code; "
             "save a plain dict of tensors {'x': ..., 'y': ...}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile):
-        raise InputError(f"data file {source!r}: not a readable torch.save file") from None
+        why = unreadable if mmap and not zipfile.is_zipfile(f) else "not a readable torch.save file"
+        raise InputError(f"{where}: {why}") from None
     if not isinstance(loaded, Mapping) or not all(
         isinstance(loaded.get(key), Tensor) for key in ("x", "y")
     ):
-        raise InputError(f"data file {source!r}: expected a dict with tensors 'x' and 'y'")
-    return _from_arrays(loaded["x"], loaded["y"], source)
+        raise InputError(f"{where}: expected a dict with tensors 'x' and 'y'")
+    return loaded["x"], loaded["y"]
 
 
 def _from_safetensors(f: IO[bytes], source: str) -> Dataset:
@@ -389,18 +399,8 @@ def _from_safetensors(f: IO[bytes], source: str) -> Dataset:
     return _from_arrays(loaded["x"], loaded["y"], source)
 
 
-# The dtypes x is kept in as stored; any other real dtype becomes one of them (below). The
-# model's front casts them (tasks/engine/models.py, INPUT_DTYPES: the same list).
-KEPT_X_DTYPES = (
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-)
+# The dtypes x is kept in as stored; any other real dtype becomes one of them (below).
+KEPT_X_DTYPES = tuple(getattr(torch, name) for name in STORED_X_DTYPES)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from trainflow.tasks.cache.code_keys import code_fingerprint, plugin_loaded
 from trainflow.tasks.engine.registered import load_registered, registered, registered_code
 from trainflow.tasks.errors import InputError
-from trainflow.tasks.names import ACTIVATIONS, MODEL_ENTRY_POINTS
+from trainflow.tasks.names import ACTIVATIONS, MODEL_ENTRY_POINTS, STORED_X_DTYPES
 from trainflow.tasks.project import Registered
 from trainflow.tasks.rules import model_names
 
@@ -68,20 +68,8 @@ class ModelSpec:
         return torch.int64
 
 
-# The dtypes x may be stored in (tasks/data/tensors.py), by name as spec.json writes them.
-INPUT_DTYPES = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-    )
-}
+# The dtypes x may be stored in, by name as spec.json writes them.
+INPUT_DTYPES = {name: getattr(torch, name) for name in STORED_X_DTYPES}
 
 
 def stored_dtype(name: str) -> torch.dtype:
