@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +182,9 @@ def class_names(run: ModelRun) -> tuple[str, ...]:
     return run.classes or tuple(str(i) for i in range(run.spec.n_classes))
 
 
-def image_rows(folder: ImageFolder, run: ModelRun) -> tuple[Tensor, Tensor | None]:
+def image_rows(
+    folder: ImageFolder, run: ModelRun, digests: Mapping[str, str] | None = None
+) -> tuple[Tensor, Tensor | None]:
     """The folder's images decoded as training decoded them, at the size the model takes, and
     their class ids in the model's numbering (None for images without a class folder)."""
     from trainflow.tasks.data import images
@@ -192,7 +194,7 @@ def image_rows(folder: ImageFolder, run: ModelRun) -> tuple[Tensor, Tensor | Non
         raise InputError(f"image folder {folder.root!r}: the model takes {channels} channels")
     # As the model takes them: its size, and its channels (a colour image to luminance for a
     # grayscale model, a gray one repeated into R, G and B for a colour one).
-    x, _ = images.decode_images(folder, (height, width), channels=channels)
+    x, _ = images.decode_images(folder, (height, width), None, digests, channels)
     if not folder.classes:
         return x, None
     names = class_names(run)
@@ -240,6 +242,7 @@ def score_rows(
     device: str,
     rows_per_block: int = ROWS_PER_BLOCK,
     folder: ImageFolder | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> Scores:
     """Outputs for every row; what stays in memory is the outputs and the targets, not the
     features (README: "Batch prediction", its limit). `folder`: an image folder instead."""
@@ -247,7 +250,7 @@ def score_rows(
     source = file.url if file is not None else folder.root if folder else SYNTHETIC
     files: tuple[str, ...] = ()
     if folder is not None:
-        blocks: Iterable[tuple[Tensor, Tensor | None]] = [image_rows(folder, run)]
+        blocks: Iterable[tuple[Tensor, Tensor | None]] = [image_rows(folder, run, digests)]
         files = tuple(relative for relative, _ in folder.files)
     else:
         blocks = row_blocks(file, run, rows_per_block)
@@ -377,8 +380,11 @@ def score(
 
         folder = scoring_folder(source, run)
         layout = images.folder_identity(folder) if cache_enabled() else None
+        # Decoded from the bytes the key was made of, or refused (a file rewritten meanwhile).
+        digests = {relative: digest for relative, _, digest in layout["files"]} if layout else None
         return entry(layout).resolve(
-            Scores, lambda: score_rows(run, None, batch_size, device, folder=folder)
+            Scores,
+            lambda: score_rows(run, None, batch_size, device, folder=folder, digests=digests),
         )
     check_format(source, ())
     with DataFile(source) as file:  # a remote file is fetched once, for the key and the rows

@@ -95,3 +95,17 @@ def test_the_source_copy_replaces_what_is_there_and_never_follows_a_link_out(tmp
     assert (run_dir / "source" / "pkg" / "part.py").read_bytes() == b"B = 2\n"
     write_sources(run_dir / "source", {"other.py": b"C = 3\n"})  # a later run's code only
     assert sorted(p.name for p in (run_dir / "source").iterdir()) == ["other.py"]
+
+
+def test_an_image_rewritten_after_the_score_key_was_made_is_refused(tmp_path):
+    """predict's key hashes every image, and the decode must use those bytes or none."""
+    from trainflow.tasks.data.images import folder_identity
+
+    run = read_run(_run_folder(tmp_path / "run"))
+    _image(tmp_path / "data" / "cat" / "a.png")
+    folder = scoring_folder(str(tmp_path / "data"), run)
+    digests = {relative: digest for relative, _, digest in folder_identity(folder)["files"]}
+    image_rows(folder, run, digests)
+    _image(tmp_path / "data" / "cat" / "a.png", seed=5)
+    with pytest.raises(InputError, match="changed while being read"):
+        image_rows(folder, run, digests)
