@@ -58,9 +58,11 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import machine
@@ -297,18 +299,10 @@ def plain_model(scale: Scale) -> nn.Sequential:
     """The architecture written out in torch: trainflow's weights load into it by name."""
     if scale.model == "linear":
         return nn.Sequential(nn.Linear(scale.features, 1))
-    if scale.model == "bench_cnn":
-        channels, height, width = scale.image
-        return nn.Sequential(
-            nn.Conv2d(channels, 16, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * (height // 4) * (width // 4), scale.classes),
-        )
+    if scale.model in PROJECT_MODELS:  # the user's own module, as their own loop runs it
+        module = types.ModuleType(f"{scale.model}_model")
+        exec(PROJECT_MODELS[scale.model], module.__dict__)
+        return module.build(SimpleNamespace(input_shape=scale.image, n_outputs=scale.classes))
     sizes = (scale.features, *scale.hidden)
     layers: list[nn.Module] = []
     for fan_in, fan_out in itertools.pairwise(sizes):

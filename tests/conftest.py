@@ -22,6 +22,18 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread: tiny batches on a shared 2-core machine, where a second thread only
+    adds contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
     """URL of a Prefect server shared by every test that runs a flow (started once: ~20 s)."""

@@ -356,3 +356,29 @@ def test_the_run_folders_copy_holds_every_project_module_the_key_counts(tmp_path
         f"{top}/b/c.py": (tmp_path / top / "b" / "c.py").read_bytes(),
         f"{top}/b/d.py": b"H = 8\n",
     }
+
+
+def test_a_project_moved_to_another_folder_keys_its_code_as_before(tmp_path, monkeypatch):
+    """The key counts the registered target and the code's text, never where the project
+    lies: a moved or re-cloned project hits the entries it made."""
+    from trainflow.tasks.engine.registered import registered_code
+
+    module = unique()
+    keys = []
+    for place in ("here", "moved"):
+        root = tmp_path / place
+        write(
+            root / f"{module}.py",
+            "from torch import nn\n\n\ndef build(spec):\n    return nn.ReLU()\n",
+        )
+        _project(root, "models", "net", f"{module}:build")
+        monkeypatch.chdir(root)
+        keys.append(registered_code("models", "net"))
+        del sys.modules[module]
+    assert keys[0] == keys[1] and keys[0]["target"] == f"{module}:build"
+    write(
+        tmp_path / "moved" / f"{module}.py",
+        "from torch import nn\n\n\ndef build(spec):\n    return nn.Tanh()\n",
+    )
+    keys.append(registered_code("models", "net"))
+    assert keys[2]["code"] != keys[1]["code"]  # and an edit there still misses

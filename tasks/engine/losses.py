@@ -19,8 +19,7 @@ _ELEMENTWISE: dict[str, Callable[[], LossFn]] = {
     "bce_with_logits": nn.BCEWithLogitsLoss,
 }
 LOSSES = (*_ELEMENTWISE, "cross_entropy")
-ELEMENTWISE = tuple(_ELEMENTWISE)
-CLASSIFICATION = ("cross_entropy", "bce_with_logits")
+ELEMENTWISE = tuple(_ELEMENTWISE)  # losses that compare each output with its target
 
 
 def make_loss(name: str, targets: torch.dtype = torch.float32) -> LossFn:

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trainflow.tasks.engine.losses import ELEMENTWISE
+
 CLASSIFICATION = ("cross_entropy", "bce_with_logits")
-ELEMENTWISE = ("mse", "l1", "huber", "bce_with_logits")
 HOST_VALUES = 128  # a regression split's outputs, at most, for its metrics to be summed on the host
 
 

@@ -16,20 +16,11 @@ from trainflow.flows.train_flow import train_flow
 
 from ..conftest import REPO
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = pytest.mark.usefixtures("prefect_api", "one_thread")
 
 TABLE = REPO / "tests" / "fixtures" / "scaled_binary.csv"
 ROWS = np.loadtxt(TABLE, delimiter=",", skiprows=1, dtype=np.float32)
 CLASSIFIER = {"data": str(TABLE), "loss": "bce_with_logits", "optimizer": "adam", "lr": 0.01}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches: on a shared 2-core machine torch's second thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(tmp_path, name, **fields):

@@ -26,14 +26,7 @@ from trainflow.tasks.engine.models import initial_model, instantiate, model_spec
 from trainflow.tasks.engine.options import TrainingOptions
 from trainflow.tasks.errors import InputError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches: torch's extra threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(n: int, width: int, seed: int = 0) -> torch.Tensor:

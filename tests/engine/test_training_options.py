@@ -22,17 +22,10 @@ from trainflow.tasks.errors import InputError
 
 from ..conftest import REPO
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
 TABLE = REPO / "tests" / "fixtures" / "scaled_binary.csv"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches: on a shared 2-core machine torch's second thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(
